@@ -1,0 +1,25 @@
+# The README's commands. PYTHON must be a Python 3.11 interpreter.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_ARCHIVE := data/demo/cell_images_demo.zip
+
+.PHONY: install demo test bench
+
+# Re-installs only when pyproject.toml changed since the last install.
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/imgclf demo-data $(DEMO_ARCHIVE)
+	$(BIN)/imgclf run --set data.url=$(DEMO_ARCHIVE) --set data.sha256=
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/bench_cache.py

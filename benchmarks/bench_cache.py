@@ -1,0 +1,135 @@
+"""Cache stage speed and memory against the seed notebook's ways, measured in one run.
+
+Builds (once, then reuses) a malaria-sized set: 27,558 PNG cells of 100-200 px in two class
+folders, like the NIH archive after extraction. Then, each in a fresh process so peak memory
+is its own:
+  ours        validate's manifest -> our cache stage (all cores, libspng, workers write a memmap)
+  cv2-loop    the seed notebook: for each file cv2.imread, cvtColor(BGR2RGB), resize, append
+  tf-dir      one pass of tf.keras.utils.image_dataset_from_directory at the same size
+Prints images/s, peak RSS (the process and its workers) and each rate as a ratio to the
+cv2 loop measured in the same run. Targets: ours >= 2x the cv2 loop, peak < 1 GB at 64x64.
+
+    python benchmarks/bench_cache.py [--images 27558] [--size 64] [--data DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_set(data: Path, images: int) -> Path:
+    """Returns a folder of class folders with `images` PNGs in all, made once."""
+    import cv2
+    import numpy as np
+
+    from tasks.demo_data import CLASSES, _cell
+
+    done = data / f".complete-{images}"
+    if done.exists():
+        return data
+    rng = np.random.default_rng(0)
+    started = time.perf_counter()
+    for index in range(images):
+        label = CLASSES[index % 2]
+        folder = data / label
+        folder.mkdir(parents=True, exist_ok=True)
+        rgb = _cell(rng, label == "Parasitized")
+        cv2.imwrite(str(folder / f"C{index % 200}P{index % 97}_cell_{index:06d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    done.touch()
+    print(f"built {images} PNGs in {data} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    return data
+
+
+def peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, workers) / 1024
+
+
+def run_ours(data: Path, size: int) -> dict:
+    from tasks.cache import cache
+    from tasks.params import PrepareParams, ValidateParams
+    from tasks.validate import validate
+
+    work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
+    manifest = validate(ValidateParams(), data, work / "manifest.csv")
+    started = time.perf_counter()
+    result = cache(PrepareParams(image_size=size), manifest, data, work / "cache")
+    return {"seconds": time.perf_counter() - started, "images": result.decoded}
+
+
+def run_cv2_loop(data: Path, size: int) -> dict:
+    import cv2
+    import numpy as np
+
+    started = time.perf_counter()
+    images, labels = [], []
+    for label in sorted(os.listdir(data)):
+        folder = data / label
+        if not folder.is_dir():
+            continue
+        for name in sorted(os.listdir(folder)):
+            try:
+                image = cv2.imread(str(folder / name))
+                image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+                images.append(cv2.resize(image, (size, size)))
+                labels.append(label)
+            except Exception:
+                continue
+    np.array(images)
+    return {"seconds": time.perf_counter() - started, "images": len(images)}
+
+
+def run_tf_dir(data: Path, size: int) -> dict:
+    import tensorflow as tf
+
+    started = time.perf_counter()
+    dataset = tf.keras.utils.image_dataset_from_directory(
+        str(data), image_size=(size, size), batch_size=32, shuffle=False, verbose=False
+    )
+    count = sum(int(images.shape[0]) for images, _ in dataset)
+    return {"seconds": time.perf_counter() - started, "images": count}
+
+
+METHODS = {"ours": run_ours, "cv2-loop": run_cv2_loop, "tf-dir": run_tf_dir}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=27_558)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--data", type=Path, default=ROOT / "benchmarks" / ".data" / "cells")
+    parser.add_argument("--only", choices=list(METHODS), help=argparse.SUPPRESS)  # one method, in a child
+    args = parser.parse_args()
+    if args.only:
+        figures = METHODS[args.only](args.data, args.size)
+        print(json.dumps(figures | {"peak_rss_mb": peak_rss_mb()}))
+        return
+    build_set(args.data, args.images)
+    results = {}
+    for name in METHODS:
+        child = [sys.executable, __file__, "--only", name, "--size", str(args.size), "--data", str(args.data)]
+        output = subprocess.run(child, check=True, capture_output=True, text=True, env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"})
+        results[name] = json.loads(output.stdout.strip().splitlines()[-1])
+    baseline = results["cv2-loop"]["images"] / results["cv2-loop"]["seconds"]
+    print(f"cache benchmark: {args.images} PNGs of 100-200 px -> {args.size}x{args.size}, {os.cpu_count()} cores")
+    print(f"{'method':<10} {'images':>7} {'seconds':>8} {'images/s':>9} {'vs cv2-loop':>12} {'peak RSS MB':>12}")
+    for name, figures in results.items():
+        rate = figures["images"] / figures["seconds"]
+        print(f"{name:<10} {figures['images']:>7} {figures['seconds']:>8.1f} {rate:>9.0f} {rate / baseline:>11.2f}x "
+              f"{figures['peak_rss_mb']:>12.0f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

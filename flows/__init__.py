@@ -1,0 +1,1 @@
+"""imgclf entry points: the Prefect flow and the command line over the stage functions."""

@@ -1,0 +1,72 @@
+"""`imgclf`: the command line. Parsing and printing only; every command calls a function the tests call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tasks.download import DownloadError
+from tasks.extract import ExtractError
+from tasks.params import ParamsError, load_params, parse_override
+from tasks.split import SplitError
+from tasks.stages import STAGES, Layout, run_stage
+
+# Errors whose message already says what is wrong: printed as one line, no traceback.
+EXPECTED_ERRORS = (ParamsError, DownloadError, ExtractError, SplitError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgclf",
+        description="Folder-per-class image archive -> clean, cached, split dataset (download, "
+        "extract, validate, cache, split), by stage or as one Prefect flow.",
+    )
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    stage = commands.add_parser("stage", help="run one stage (what dvc.yaml calls)")
+    stage.add_argument("name", choices=list(STAGES), help="stage to run")
+
+    run = commands.add_parser("run", help="run the whole pipeline as a Prefect flow (no server needed)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a param by dotted key, e.g. --set prepare.image_size=32; repeatable")  # fmt: skip
+
+    demo = commands.add_parser("demo-data", help="write the offline, malaria-like demo archive")
+    demo.add_argument("out", type=Path, help="the zip to write, e.g. data/demo/cell_images_demo.zip")
+    demo.add_argument("--per-class", type=int, default=200, help="valid images per class (default 200)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command != "run":  # in a flow run, Prefect's handlers show the stage logs
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("imgclf").addHandler(handler)
+    logging.getLogger("imgclf").setLevel(logging.INFO)
+    try:
+        if args.command == "stage":
+            output = run_stage(args.name, load_params(args.params), Layout(Path(".")))
+            print(output)
+        elif args.command == "run":
+            overrides = dict(parse_override(item) for item in args.overrides)
+            load_params(args.params, overrides)  # bad params stop here, before Prefect starts
+            from flows.pipeline import pipeline
+
+            for name, output in pipeline(overrides=overrides, params_path=args.params).items():
+                print(f"{name:<10} {output}")
+        elif args.command == "demo-data":
+            from tasks.demo_data import make_demo_archive
+
+            print(make_demo_archive(args.out, per_class=args.per_class, seed=args.seed))
+    except EXPECTED_ERRORS as exc:
+        print(f"imgclf: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ParamsError) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Stage extract: a zip or tar(.gz) archive -> `data/extracted/`, safely.
+
+Entries that would land outside the target (absolute paths, `..`), links, devices and OS
+junk are never written; each is a row of `data/extract_skipped.csv` with its reason. The
+uncompressed total is capped by `data.max_extract_bytes`, both as declared and as actually
+written, so a zip bomb stops the stage. Files go to a temporary directory that replaces
+`data/extracted/` only when every entry is written. A single top folder (`cell_images/`)
+is stripped, so the class folders sit at the root and their names are the labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from tasks.files import CHUNK, atomic_dir, atomic_file
+from tasks.params import DataParams
+
+log = logging.getLogger("imgclf")
+
+JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+JUNK_DIRS = {"__macosx"}
+
+
+class ExtractError(RuntimeError):
+    """The archive cannot be extracted; the message names the archive and the reason."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str  # as written in the archive
+    parts: tuple[str, ...]  # its path, split on / and \
+    size: int  # declared uncompressed size
+    kind: str  # file | dir | symlink | hardlink | device
+    member: object  # ZipInfo or TarInfo, to open it
+
+
+def extract(data: DataParams, archive: Path, out_dir: Path, skipped_csv: Path) -> Path:
+    """Returns `out_dir`, filled with the archive's safe regular files; refusals go to `skipped_csv`."""
+    with _open_archive(archive) as (entries, open_member):
+        keep, skipped = _sort_entries(entries)
+        declared = sum(entry.size for entry, _ in keep)
+        if declared > data.max_extract_bytes:
+            raise ExtractError(
+                f"{archive}: declares {declared} uncompressed bytes, over data.max_extract_bytes "
+                f"({data.max_extract_bytes}); nothing was extracted"
+            )
+        written = 0
+        with atomic_dir(out_dir) as temp:
+            for entry, relative in keep:
+                target = temp.joinpath(*relative)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open_member(entry) as reader, open(target, "wb") as writer:
+                    while chunk := reader.read(CHUNK):
+                        written += len(chunk)
+                        if written > data.max_extract_bytes:
+                            raise ExtractError(
+                                f"{archive}: expands past data.max_extract_bytes ({data.max_extract_bytes}) "
+                                f"at {entry.name!r} (a zip bomb?); nothing was kept"
+                            )
+                        writer.write(chunk)
+    with atomic_file(skipped_csv, newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["entry", "reason"])
+        writer.writerows(sorted(skipped))
+    reasons: dict[str, int] = {}
+    for _, reason in skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    log.info("extract: %d files into %s; skipped %s", len(keep), out_dir, reasons or "none")
+    return out_dir
+
+
+@contextmanager
+def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
+    # Sniff the bytes, not the extension: a renamed archive still opens.
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            yield [_zip_entry(info) for info in zf.infolist()], lambda e: zf.open(e.member)
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tf:
+            yield [_tar_entry(info) for info in tf.getmembers()], lambda e: _tar_reader(tf, e)
+    elif not archive.is_file():
+        raise ExtractError(f"{archive}: no such archive (run the download stage first)")
+    else:
+        raise ExtractError(f"{archive}: not a zip or tar archive")
+
+
+def _split(name: str) -> tuple[str, ...]:
+    return tuple(part for part in re.split(r"[/\\]", name) if part not in ("", "."))
+
+
+def _zip_entry(info: zipfile.ZipInfo) -> Entry:
+    # Unix zips keep st_mode in the high bits; many tools store permissions only (no type).
+    file_type = stat.S_IFMT(info.external_attr >> 16)
+    if info.is_dir():
+        kind = "dir"
+    elif file_type == stat.S_IFLNK:
+        kind = "symlink"
+    elif file_type not in (0, stat.S_IFREG):
+        kind = "device"
+    else:
+        kind = "file"
+    return Entry(info.filename, _split(info.filename), info.file_size, kind, info)
+
+
+def _tar_entry(info: tarfile.TarInfo) -> Entry:
+    if info.isdir():
+        kind = "dir"
+    elif info.issym():
+        kind = "symlink"
+    elif info.islnk():
+        kind = "hardlink"
+    elif info.isfile():
+        kind = "file"
+    else:
+        kind = "device"
+    return Entry(info.name, _split(info.name), info.size, kind, info)
+
+
+def _tar_reader(tf: tarfile.TarFile, entry: Entry) -> IO[bytes]:
+    reader = tf.extractfile(entry.member)  # type: ignore[arg-type]
+    assert reader is not None  # only regular files reach here
+    return reader
+
+
+def _refusal(entry: Entry) -> str | None:
+    if entry.kind in ("symlink", "hardlink", "device"):
+        return entry.kind
+    if entry.name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", entry.name):
+        return "absolute_path"
+    if ".." in entry.parts:
+        return "path_traversal"
+    if not entry.parts:
+        return "empty_name"
+    return None
+
+
+def _is_junk(parts: tuple[str, ...]) -> bool:
+    lowered = [part.lower() for part in parts]
+    return (
+        any(part in JUNK_DIRS for part in lowered)
+        or lowered[-1] in JUNK_NAMES
+        or parts[-1].startswith("._")  # macOS AppleDouble resource forks
+    )
+
+
+def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ...]]], list[tuple[str, str]]]:
+    """Returns (files to write with their relative parts, (entry, reason) rows of what is skipped)."""
+    skipped: list[tuple[str, str]] = []
+    files: list[Entry] = []
+    for entry in entries:
+        reason = _refusal(entry)
+        if reason is None and entry.kind == "dir":
+            continue
+        if reason is None and _is_junk(entry.parts):
+            reason = "os_junk"
+        if reason is None:
+            files.append(entry)
+        else:
+            skipped.append((entry.name, reason))
+    # Strip single top folders (cell_images/) so class folders sit at the root; never
+    # the class folder itself (every file keeps a folder above it).
+    prefix: tuple[str, ...] = ()
+    while files and all(len(e.parts) >= len(prefix) + 3 for e in files):
+        tops = {e.parts[len(prefix)] for e in files}
+        if len(tops) != 1:
+            break
+        prefix += (tops.pop(),)
+    # Some mirrors nest a second full copy (cell_images/cell_images/): it is not a class.
+    classes = {e.parts[len(prefix)] for e in files}
+    nested_copy = prefix[-1] if prefix and prefix[-1] in classes and len(classes) > 1 else None
+    keep: list[tuple[Entry, tuple[str, ...]]] = []
+    seen: set[tuple[str, ...]] = set()
+    for entry in files:
+        relative = entry.parts[len(prefix) :]
+        if relative[0] == nested_copy:
+            skipped.append((entry.name, "nested_copy"))
+        elif relative in seen:
+            skipped.append((entry.name, "duplicate_entry"))
+        else:
+            seen.add(relative)
+            keep.append((entry, relative))
+    return keep, skipped

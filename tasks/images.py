@@ -1,0 +1,139 @@
+"""Image reading shared by validate, cache and predict: judge a file, decode it, resize it.
+
+Pillow judges (it is strict: truncation and broken streams raise) and decodes the unusual
+modes; plain 8-bit RGB/gray PNGs, the bulk of real sets, take libspng, which gives the same
+pixels ~1.3x faster. Every decoded image is normalised to uint8 RGB (or gray), upright per
+its EXIF orientation, alpha dropped.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyspng
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# We enforce validate.max_pixels ourselves, from the header, before any decoding.
+Image.MAX_IMAGE_PIXELS = None
+
+SUPPORTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
+
+# Image formats Pillow cannot open, so "unsupported format" is told apart from "not an image".
+_OTHER_IMAGE_SIGNATURES = (
+    (4, b"ftypheic"), (4, b"ftypheix"), (4, b"ftypmif1"), (4, b"ftypavif"),
+    (0, b"\xff\x0a"), (0, b"\x00\x00\x00\x0cJXL "), (0, b"8BPS"), (0, b"<svg"), (0, b"<?xml"),
+)  # fmt: skip
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What validate learns of a file: `reason` is empty when the image is usable."""
+
+    reason: str
+    detail: str = ""
+    format: str = ""
+    mode: str = ""
+    width: int = 0
+    height: int = 0
+
+
+def judge(data: bytes, max_pixels: int) -> Verdict:
+    """Returns the verdict on an image file's bytes, decoding it fully unless the header rules it out."""
+    if not data:
+        return Verdict("empty")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        if any(data[offset : offset + len(sig)] == sig for offset, sig in _OTHER_IMAGE_SIGNATURES):
+            return Verdict("unsupported_format", "not readable by Pillow")
+        return Verdict("not_an_image")
+    except Exception as exc:  # Pillow raises many types on a broken header
+        return Verdict("corrupt", f"header: {exc}")
+    header = dict(format=image.format or "", mode=image.mode, width=image.width, height=image.height)
+    if image.format not in SUPPORTED_FORMATS:
+        return Verdict("unsupported_format", image.format or "", **header)
+    if image.width * image.height > max_pixels:
+        return Verdict("too_large", f"{image.width}x{image.height} > validate.max_pixels", **header)
+    try:
+        image.load()
+    except OSError as exc:
+        reason = "truncated" if "truncated" in str(exc) else "corrupt"
+        return Verdict(reason, str(exc), **header)
+    except Exception as exc:
+        return Verdict("corrupt", str(exc), **header)
+    return Verdict("", **header)
+
+
+def _plain_png(data: bytes) -> bool:
+    # IHDR sits at a fixed offset: bit depth at byte 24, colour type at 25 (0 gray, 2 RGB).
+    # Transparency and EXIF orientation take the Pillow path (a false hit there costs only speed).
+    return (
+        len(data) > 26
+        and data.startswith(PNG_SIGNATURE)
+        and data[24] == 8
+        and data[25] in (0, 2)
+        and b"tRNS" not in data
+        and b"eXIf" not in data
+    )
+
+
+def decode(data: bytes, channels: int, draft_size: int | None = None) -> np.ndarray:
+    """Returns the image as a uint8 array (height, width, channels), RGB or gray.
+
+    `draft_size` lets JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping both
+    sides at least that many pixels: far less work when the target is much smaller.
+    """
+    if _plain_png(data):
+        rgb = pyspng.load(data)
+        if rgb.ndim == 2:
+            rgb = np.repeat(rgb[:, :, None], 3, axis=2)
+        rgb = rgb[:, :, :3]
+    else:
+        rgb = _decode_with_pillow(data, draft_size)
+    if channels == 1:
+        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)[:, :, None]
+    return np.ascontiguousarray(rgb)
+
+
+def _decode_with_pillow(data: bytes, draft_size: int | None) -> np.ndarray:
+    image = Image.open(io.BytesIO(data))
+    if draft_size and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit gray: keep the high byte, as Pillow's 8-bit modes and OpenCV do.
+        gray = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
+def resize(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """Returns `image` at (height, width) = `size`: stretched, padded (letterbox) or centre-cropped."""
+    height, width = size
+    h0, w0 = image.shape[:2]
+    if mode == "stretch":
+        new_h, new_w = height, width
+    else:
+        scale = min(height / h0, width / w0) if mode == "pad" else max(height / h0, width / w0)
+        new_h, new_w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
+    shrinking = new_h <= h0 and new_w <= w0
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interpolation).reshape(new_h, new_w, -1)
+    if mode == "stretch":
+        return resized
+    out = np.zeros((height, width, image.shape[2]), dtype=np.uint8)
+    if mode == "pad":
+        top, left = (height - new_h) // 2, (width - new_w) // 2
+        out[top : top + new_h, left : left + new_w] = resized
+    else:
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        out[:] = resized[top : top + height, left : left + width]
+    return out

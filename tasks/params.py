@@ -1,0 +1,162 @@
+"""Typed configuration: `params.yaml` parsed once into frozen objects.
+
+Every knob lives in `params.yaml`, grouped by stage; each stage receives only its own
+section. Unknown keys and bad values fail at load time with the dotted key's name, before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MALARIA_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
+
+
+class ParamsError(ValueError):
+    """A bad params file or override; the message is one line naming the dotted key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(_Section):
+    url: str = MALARIA_URL
+    sha256: str | None = None
+    max_extract_bytes: int = Field(default=2_000_000_000, gt=0)
+    retries: int = Field(default=5, ge=0)
+    retry_backoff: float = Field(default=1.0, ge=0)
+    timeout: float = Field(default=60.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url_not_empty(cls, url: str) -> str:
+        if not url.strip():
+            raise ValueError("must not be empty")
+        return url.strip()
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha256_hex(cls, value: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        text = str(value).strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise ValueError("must be 64 hex digits (or empty for no check)")
+        return text
+
+
+class ValidateParams(_Section):
+    max_pixels: int = Field(default=50_000_000, gt=0)
+
+
+class PrepareParams(_Section):
+    image_size: tuple[int, int] = (64, 64)
+    resize: Literal["stretch", "pad", "crop"] = "stretch"
+    channels: Literal[1, 3] = 3
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square_or_pair(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = (value, value)
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError("must be an int or [height, width]")
+        if any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 for v in value):
+            raise ValueError("sizes must be positive integers")
+        return tuple(value)
+
+
+class SplitParams(_Section):
+    test: float = Field(default=0.15, ge=0, lt=1)
+    val: float = Field(default=0.15, ge=0, lt=1)
+    seed: int = 42
+    group_pattern: str | None = None
+
+    @field_validator("group_pattern", mode="before")
+    @classmethod
+    def _regex_with_group(cls, value: Any) -> str | None:
+        if value is None or value == "":
+            return None
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regex: {exc}") from None
+        if compiled.groups < 1:
+            raise ValueError("needs a capturing group, e.g. ^(C\\d+P\\d+)")
+        return value
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> SplitParams:
+        if self.test + self.val >= 1:
+            raise ValueError(f"test + val must be below 1 (got {self.test} + {self.val})")
+        return self
+
+
+# The section is named for its stage; as a field it shadows the deprecated
+# BaseModel.validate classmethod, which nothing here calls.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+    class Params(_Section):
+        data: DataParams = DataParams()
+        validate: ValidateParams = ValidateParams()
+        prepare: PrepareParams = PrepareParams()
+        split: SplitParams = SplitParams()
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Returns (dotted key, value) from `key=value`; the value is read as YAML (`5`, `[64, 48]`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    return key.strip(), (yaml.safe_load(raw) if raw.strip() else None)
+
+
+def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = tree
+    *parents, leaf = dotted.split(".")
+    walked: list[str] = []
+    for part in parents:
+        walked.append(part)
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ParamsError(f"{'.'.join(walked)}: is a value, cannot set {dotted}")
+    node[leaf] = value
+
+
+def _one_line(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        dotted = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{dotted}: {message}" if dotted else message)
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Returns the typed params from `path` (missing file: all defaults) with dotted overrides applied."""
+    path = Path(path)
+    tree: Any = {}
+    if path.exists():
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        _apply_override(tree, dotted, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ParamsError(_one_line(str(path), exc)) from None

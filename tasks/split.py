@@ -1,0 +1,140 @@
+"""Stage split: the manifest's valid images -> `data/split.csv` (path, label, split).
+
+Stratified by label and seeded: per class, each split holds its fraction of the images
+within one image. With `split.group_pattern` (a regex whose first group is read from the
+file name, e.g. the malaria patient id), whole groups go to one split, so no patient's cells
+sit on both sides; stratification is then best-effort and the achieved fractions are logged.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from tasks.files import atomic_file
+from tasks.manifest import read_valid_rows
+from tasks.params import SplitParams
+
+log = logging.getLogger("imgclf")
+
+SPLITS = ("train", "val", "test")
+
+
+class SplitError(ValueError):
+    """The data cannot be split as asked; the message names the class or group."""
+
+
+def _round(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+def _fractions(params: SplitParams) -> dict[str, float]:
+    return {"train": 1 - params.val - params.test, "val": params.val, "test": params.test}
+
+
+def _stratified(params: SplitParams, rows: list[dict]) -> list[str]:
+    rng = np.random.default_rng(params.seed)
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for index, row in enumerate(rows):
+        by_label[row["label"]].append(index)
+    assigned = [""] * len(rows)
+    for label in sorted(by_label):
+        members = by_label[label]
+        n = len(members)
+        sizes = {name: max(1, _round(n * fraction)) if fraction > 0 else 0
+                 for name, fraction in _fractions(params).items() if name != "train"}  # fmt: skip
+        needed = 1 + sum(1 for size in sizes.values() if size)
+        if n - sum(sizes.values()) < 1:
+            raise SplitError(
+                f"split: class {label!r} has {n} image(s); split.val={params.val} and "
+                f"split.test={params.test} need at least {needed} with one left for training"
+            )
+        order = [members[i] for i in rng.permutation(n)]
+        start = 0
+        for name in ("test", "val"):
+            for index in order[start : start + sizes[name]]:
+                assigned[index] = name
+            start += sizes[name]
+        for index in order[start:]:
+            assigned[index] = "train"
+    return assigned
+
+
+def _grouped(params: SplitParams, rows: list[dict], groups: list[str]) -> list[str]:
+    labels = sorted({row["label"] for row in rows})
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    names = sorted(members)
+    if len(names) < sum(1 for f in _fractions(params).values() if f > 0):
+        raise SplitError(f"split: split.group_pattern found only {len(names)} group(s); too few for train/val/test")
+    counts = {g: np.array([sum(rows[i]["label"] == lab for i in members[g]) for lab in labels]) for g in names}
+    totals = sum(counts.values())
+    targets = {name: fraction * totals for name, fraction in _fractions(params).items()}
+    filled = {name: np.zeros(len(labels)) for name in SPLITS}
+    # Biggest groups first (hardest to place); ties in a seeded random order.
+    rng = np.random.default_rng(params.seed)
+    shuffled = [names[i] for i in rng.permutation(len(names))]
+    ordered = sorted(shuffled, key=lambda g: -counts[g].sum())
+    assigned = [""] * len(rows)
+    for group in ordered:
+        # The split whose per-label squared shortfall this group reduces most.
+        def cost(name: str) -> float:
+            after = filled[name] + counts[group] - targets[name]
+            before = filled[name] - targets[name]
+            return float((after**2).sum() - (before**2).sum())
+
+        best = min((name for name in SPLITS if targets[name].sum() > 0), key=cost)
+        filled[best] += counts[group]
+        for index in members[group]:
+            assigned[index] = best
+    return assigned
+
+
+def group_of(pattern: re.Pattern[str], path: str) -> str:
+    """Returns the pattern's first group in the file name, or the whole path when it does not match."""
+    match = pattern.search(path.rsplit("/", 1)[-1])
+    return match.group(1) if match else path
+
+
+def split(params: SplitParams, manifest_csv: Path, split_csv: Path) -> Path:
+    """Returns `split_csv`, with each valid image of the manifest assigned to train, val or test."""
+    rows = read_valid_rows(manifest_csv)
+    if not rows:
+        raise SplitError(f"split: {manifest_csv} has no valid images")
+    columns = ["path", "label", "split"]
+    if params.group_pattern:
+        pattern = re.compile(params.group_pattern)
+        groups = [group_of(pattern, row["path"]) for row in rows]
+        unmatched = sum(1 for group, row in zip(groups, rows) if group == row["path"])
+        if unmatched:
+            log.warning("split: %d file name(s) do not match split.group_pattern; each is its own group", unmatched)
+        assigned = _grouped(params, rows, groups)
+        columns.append("group")
+    else:
+        groups = []
+        assigned = _stratified(params, rows)
+    with atomic_file(split_csv, newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for index, row in enumerate(rows):
+            writer.writerow([row["path"], row["label"], assigned[index]] + ([groups[index]] if groups else []))
+    log.info("%s", summary(rows, assigned))
+    return split_csv
+
+
+def summary(rows: list[dict], assigned: list[str]) -> str:
+    """Returns the achieved split sizes and fractions, per label."""
+    per_label = Counter(row["label"] for row in rows)
+    cells = Counter((row["label"], name) for row, name in zip(rows, assigned))
+    lines = [f"split: {len(rows)} images"]
+    for label in sorted(per_label):
+        parts = [f"{name} {cells[label, name]} ({cells[label, name] / per_label[label]:.3f})" for name in SPLITS]
+        lines.append(f"  {label}: " + ", ".join(parts))
+    return "\n".join(lines)

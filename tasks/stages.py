@@ -1,0 +1,89 @@
+"""The stage registry: each stage's name, in pipeline order, bound to the project's file layout.
+
+`imgclf stage NAME` (what dvc.yaml runs) and the Prefect flow both call these; each hands
+the stage function its own params section and the standard paths below. Stages talk only
+through these files, as DVC sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.cache import cache
+from tasks.download import archive_path, download
+from tasks.extract import extract
+from tasks.files import ShardMap, process_pool_map
+from tasks.params import Params
+from tasks.split import split
+from tasks.validate import validate
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage's outputs live, below the project root."""
+
+    root: Path
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def extracted_dir(self) -> Path:
+        return self.root / "data" / "extracted"
+
+    @property
+    def extract_skipped_csv(self) -> Path:
+        return self.root / "data" / "extract_skipped.csv"
+
+    @property
+    def manifest_csv(self) -> Path:
+        return self.root / "data" / "manifest.csv"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "data" / "cache"
+
+    @property
+    def split_csv(self) -> Path:
+        return self.root / "data" / "split.csv"
+
+
+Stage = Callable[[Params, Layout, ShardMap], object]
+
+
+def _download(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    return download(p.data, at.raw_dir)
+
+
+def _extract(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    return extract(p.data, archive_path(p.data, at.raw_dir), at.extracted_dir, at.extract_skipped_csv)
+
+
+def _validate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    return validate(p.validate, at.extracted_dir, at.manifest_csv, map_shards)
+
+
+def _cache(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    return cache(p.prepare, at.manifest_csv, at.extracted_dir, at.cache_dir, map_shards).path
+
+
+def _split(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    return split(p.split, at.manifest_csv, at.split_csv)
+
+
+# Pipeline order: dvc.yaml and the flow follow it (tests/test_pipeline_sync.py checks).
+STAGES: dict[str, Stage] = {
+    "download": _download,
+    "extract": _extract,
+    "validate": _validate,
+    "cache": _cache,
+    "split": _split,
+}
+
+
+def run_stage(name: str, params: Params, layout: Layout, map_shards: ShardMap = process_pool_map) -> object:
+    """Runs one stage by name and returns its output path."""
+    return STAGES[name](params, layout, map_shards)
