@@ -30,15 +30,29 @@ class SplitError(ValueError):
     """The data cannot be split as asked; the message names the class or group."""
 
 
-def _round(x: float) -> int:
-    return math.floor(x + 0.5)
-
-
 def _fractions(params: SplitParams) -> dict[str, float]:
     return {"train": 1 - params.val - params.test, "val": params.val, "test": params.test}
 
 
+def allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """Returns split sizes summing to n, each within one of n * fraction (largest remainders)."""
+    exact = {name: n * fraction for name, fraction in fractions.items()}
+    sizes = {name: math.floor(value) for name, value in exact.items()}
+    # Ties (to float noise) go to a split that would otherwise stay empty.
+    by_remainder = sorted(
+        exact, key=lambda name: (-round(exact[name] - sizes[name], 9), sizes[name] > 0, SPLITS.index(name))
+    )
+    for name in by_remainder[: n - sum(sizes.values())]:
+        sizes[name] += 1
+    return sizes
+
+
+def _fits(n: int, fractions: dict[str, float]) -> bool:
+    return all(size > 0 for name, size in allocate(n, fractions).items() if fractions[name] > 0)
+
+
 def _stratified(params: SplitParams, rows: list[dict]) -> list[str]:
+    fractions = _fractions(params)
     rng = np.random.default_rng(params.seed)
     by_label: dict[str, list[int]] = defaultdict(list)
     for index, row in enumerate(rows):
@@ -46,23 +60,18 @@ def _stratified(params: SplitParams, rows: list[dict]) -> list[str]:
     assigned = [""] * len(rows)
     for label in sorted(by_label):
         members = by_label[label]
-        n = len(members)
-        sizes = {name: max(1, _round(n * fraction)) if fraction > 0 else 0
-                 for name, fraction in _fractions(params).items() if name != "train"}  # fmt: skip
-        needed = 1 + sum(1 for size in sizes.values() if size)
-        if n - sum(sizes.values()) < 1:
+        if not _fits(len(members), fractions):
+            needed = next(n for n in range(1, 10_000) if _fits(n, fractions))
             raise SplitError(
-                f"split: class {label!r} has {n} image(s); split.val={params.val} and "
-                f"split.test={params.test} need at least {needed} with one left for training"
+                f"split: class {label!r} has {len(members)} image(s); split.val={params.val} and "
+                f"split.test={params.test} need at least {needed} per class"
             )
-        order = [members[i] for i in rng.permutation(n)]
+        order = [members[i] for i in rng.permutation(len(members))]
         start = 0
-        for name in ("test", "val"):
-            for index in order[start : start + sizes[name]]:
+        for name, size in allocate(len(members), fractions).items():
+            for index in order[start : start + size]:
                 assigned[index] = name
-            start += sizes[name]
-        for index in order[start:]:
-            assigned[index] = "train"
+            start += size
     return assigned
 
 
