@@ -1,0 +1,58 @@
+"""Shared fixtures: a small demo archive and its extracted, validated form, built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.demo_data import make_demo_archive
+from tasks.extract import extract
+from tasks.params import DataParams, ValidateParams
+from tasks.validate import validate
+
+REPO = Path(__file__).resolve().parents[1]
+PER_CLASS = 30
+
+
+def in_process(fn, shards):
+    """A ShardMap that runs shards one after another in this process (fast for small tests)."""
+    return map(fn, shards)
+
+
+@pytest.fixture(scope="session")
+def demo_zip(tmp_path_factory) -> Path:
+    return make_demo_archive(tmp_path_factory.mktemp("demo") / "cell_images_demo.zip", per_class=PER_CLASS)
+
+
+@pytest.fixture(scope="session")
+def _validated_demo(tmp_path_factory, demo_zip) -> Path:
+    root = tmp_path_factory.mktemp("validated")
+    extract(DataParams(url=str(demo_zip)), demo_zip, root / "extracted", root / "extract_skipped.csv")
+    validate(ValidateParams(), root / "extracted", root / "manifest.csv", in_process)
+    return root
+
+
+@pytest.fixture
+def validated_demo(tmp_path, _validated_demo) -> Path:
+    """A fresh copy of data/ after extract and validate of the demo archive: extracted/, manifest.csv."""
+    root = tmp_path / "data"
+    shutil.copytree(_validated_demo, root)
+    return root
+
+
+@pytest.fixture
+def cli_env(tmp_path) -> dict[str, str]:
+    """Environment for running `imgclf`, `dvc` and Prefect as subprocesses, isolated in tmp_path."""
+    venv_bin = str(Path(sys.executable).parent)
+    return os.environ | {
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }  # fmt: skip

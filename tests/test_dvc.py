@@ -1,0 +1,58 @@
+"""`dvc repro` in a real git + DVC repo: runs every stage, then nothing, then only what a change touches."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
+
+
+@pytest.fixture
+def project(tmp_path, demo_zip, cli_env) -> Path:
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(url=str(demo_zip), sha256=None)
+    params["prepare"]["image_size"] = 16
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    sh(["git", "init", "-q"], root, cli_env)
+    sh(["dvc", "init", "-q"], root, cli_env)
+    sh(["git", "add", "-A"], root, cli_env)
+    sh(["git", "commit", "-qm", "init"], root, cli_env)
+    return root
+
+
+def test_repro_runs_all_then_nothing_then_only_what_a_param_touches(project, cli_env):
+    first = sh(["dvc", "repro"], project, cli_env)
+    assert ran(first) == ["download", "extract", "validate", "cache", "split"]
+    assert (project / "data" / "split.csv").exists()
+
+    again = sh(["dvc", "repro"], project, cli_env)
+    assert ran(again) == []
+    assert "up to date" in sh(["dvc", "status"], project, cli_env)
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prepare"]["image_size"] = 24
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    changed = sh(["dvc", "repro"], project, cli_env)
+    assert ran(changed) == ["cache"]
+    assert "up to date" in sh(["dvc", "status"], project, cli_env)

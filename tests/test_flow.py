@@ -1,0 +1,64 @@
+"""`imgclf run`: the Prefect flow (local mode, no server configured) over the demo archive.
+
+The flow, `imgclf stage NAME` and the functions the tests call are one implementation: the
+flow's outputs must equal, byte for byte, those of the stages run one by one.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+from tasks.demo_data import EXPECTED_DUPLICATES, EXPECTED_REJECTED, EXPECTED_SKIPPED, make_demo_archive
+from tasks.stages import STAGES
+from tests.conftest import PER_CLASS
+
+OUTPUTS = ["data/manifest.csv", "data/split.csv", "data/extract_skipped.csv",
+           "data/cache/images.npy", "data/cache/index.csv", "data/cache/meta.json"]  # fmt: skip
+
+
+def imgclf(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["imgclf", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_demo_archive_is_deterministic(tmp_path):
+    first = make_demo_archive(tmp_path / "a.zip", per_class=5).read_bytes()
+    assert make_demo_archive(tmp_path / "b.zip", per_class=5).read_bytes() == first
+    assert make_demo_archive(tmp_path / "c.zip", per_class=5, seed=1).read_bytes() != first
+
+
+def test_flow_runs_the_demo_with_exact_counts_and_matches_the_stage_commands(tmp_path, demo_zip, cli_env):
+    flow_dir, stage_dir = tmp_path / "flow", tmp_path / "stages"
+    overrides = ["--set", f"data.url=file://{demo_zip}", "--set", "data.sha256=", "--set", "prepare.image_size=16"]
+    flow_dir.mkdir()
+    result = imgclf(["run", *overrides], flow_dir, cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Finished in state Completed" in result.stdout + result.stderr
+
+    with open(flow_dir / "data/manifest.csv", newline="") as handle:
+        manifest = list(csv.DictReader(handle))
+    statuses = Counter(row["status"] for row in manifest)
+    assert statuses == {"valid": 2 * PER_CLASS, "rejected": sum(EXPECTED_REJECTED.values()), "duplicate": EXPECTED_DUPLICATES}
+    assert Counter(row["reason"] for row in manifest if row["status"] == "rejected") == EXPECTED_REJECTED
+    with open(flow_dir / "data/extract_skipped.csv", newline="") as handle:
+        assert Counter(row["reason"] for row in csv.DictReader(handle)) == EXPECTED_SKIPPED
+
+    stage_dir.mkdir()
+    (stage_dir / "params.yaml").write_text(
+        f"data:\n  url: file://{demo_zip}\n  sha256:\nprepare:\n  image_size: 16\n"
+    )
+    for name in STAGES:
+        step = imgclf(["stage", name], stage_dir, cli_env)
+        assert step.returncode == 0, step.stderr
+    for output in OUTPUTS:
+        assert (flow_dir / output).read_bytes() == (stage_dir / output).read_bytes(), output
+
+
+def test_flow_stops_on_bad_params_with_one_line(tmp_path, cli_env):
+    result = imgclf(["run", "--set", "split.test=-0.2"], tmp_path, cli_env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "split.test" in result.stderr
+    assert not (tmp_path / "data").exists()
