@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -75,11 +76,15 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 class Progress:
-    """Counts work done: a tqdm bar on a terminal, a log line every 10% otherwise."""
+    """Counts work done: a tqdm bar on a terminal; otherwise a log line at each 10% step,
+    at most one every few seconds (and the last one always)."""
+
+    LOG_EVERY_S = 3.0
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", unit_scale: bool = False):
         self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self._next_percent = 10
+        self._last_log = time.monotonic()
         self._bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -91,11 +96,14 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
             return
-        if self.total:
-            percent = 100 * self.done // self.total
-            if percent >= self._next_percent:
-                log.info("%s: %d%% (%d/%d %s)", self.desc, percent, self.done, self.total, self.unit)
-                self._next_percent = (percent // 10 + 1) * 10
+        if not self.total:
+            return
+        percent = 100 * self.done // self.total
+        now = time.monotonic()
+        if percent >= self._next_percent and (now - self._last_log >= self.LOG_EVERY_S or self.done >= self.total):
+            log.info("%s: %d%% (%d/%d %s)", self.desc, percent, self.done, self.total, self.unit)
+            self._next_percent = (percent // 10 + 1) * 10
+            self._last_log = now
 
     def close(self) -> None:
         if self._bar is not None:
