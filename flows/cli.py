@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise in a terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tasks.download import DownloadError
 from tasks.extract import ExtractError
@@ -20,8 +25,9 @@ EXPECTED_ERRORS = (ParamsError, DownloadError, ExtractError, SplitError, FileNot
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgclf",
-        description="Folder-per-class image archive -> clean, cached, split dataset (download, "
-        "extract, validate, cache, split), by stage or as one Prefect flow.",
+        description="Folder-per-class image archive -> clean, cached, split dataset -> trained, "
+        "evaluated image classifier (download, extract, validate, cache, split, train, evaluate), "
+        "by stage or as one Prefect flow.",
     )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -33,11 +39,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a param by dotted key, e.g. --set prepare.image_size=32; repeatable")  # fmt: skip
 
+    predict = commands.add_parser("predict", help="predict labels of image files or folders with a saved model")
+    predict.add_argument("--model", type=Path, default=Path("models/model.keras"), help="default: models/model.keras")
+    predict.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
+    predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
+
     demo = commands.add_parser("demo-data", help="write the offline, malaria-like demo archive")
     demo.add_argument("out", type=Path, help="the zip to write, e.g. data/demo/cell_images_demo.zip")
     demo.add_argument("--per-class", type=int, default=200, help="valid images per class (default 200)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
+
+
+def result_line(layout: Layout) -> str:
+    """Returns the one line a finished run ends with: the test accuracy, from eval.json."""
+    report = json.loads((layout.metrics_dir / "eval.json").read_text())
+    auc = f", ROC AUC {report['roc_auc']:.4f}" if "roc_auc" in report else ""
+    return f"test accuracy {report['accuracy']:.4f} on {report['n_test']} images (macro F1 {report['macro_f1']:.4f}{auc})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, output in pipeline(overrides=overrides, params_path=args.params).items():
                 print(f"{name:<10} {output}")
+            print(result_line(Layout(Path("."))))
+        elif args.command == "predict":
+            from tasks.predict import predict, write_rows
+
+            write_rows(predict(args.model, args.paths), args.out)
         elif args.command == "demo-data":
             from tasks.demo_data import make_demo_archive
 

@@ -41,8 +41,8 @@ def _cell(rng: np.random.Generator, parasitized: bool) -> np.ndarray:
         for _ in range(int(rng.integers(1, 4))):
             angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.6)
             spot = (int(center[0] + np.cos(angle) * axes[0] * radius), int(center[1] + np.sin(angle) * axes[1] * radius))
-            purple = tuple(int(c) for c in rng.integers((70, 20, 100), (110, 60, 150)))
-            cv2.circle(image, spot, int(rng.integers(5, 10)), purple, thickness=-1)
+            purple = tuple(int(c) for c in rng.integers((50, 10, 90), (90, 40, 130)))
+            cv2.circle(image, spot, int(rng.integers(7, 12)), purple, thickness=-1)
     return cv2.GaussianBlur(image, (3, 3), 0)
 
 

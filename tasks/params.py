@@ -100,6 +100,64 @@ class SplitParams(_Section):
         return self
 
 
+class AugmentParams(_Section):
+    """Random transforms of training batches, as layers at the front of the model (0 disables each)."""
+
+    flip: Literal["horizontal", "vertical", "both", "none"] = "horizontal"
+    rotation: float = Field(default=0.1, ge=0, le=1)  # fraction of a full turn, either way
+    zoom: float = Field(default=0.1, ge=0, lt=1)
+    translation: float = Field(default=0.1, ge=0, lt=1)  # fraction of height and width
+    contrast: float = Field(default=0.0, ge=0, lt=1)
+    brightness: float = Field(default=0.0, ge=0, le=1)
+
+
+class CnnParams(_Section):
+    """The seed notebook's Conv2D/MaxPooling stack: one conv block per entry of `filters`."""
+
+    filters: tuple[int, ...] = (32, 64, 64)
+    kernel_size: int = Field(default=3, gt=0)
+    pool_size: int = Field(default=2, gt=0)
+    padding: Literal["valid", "same"] = "valid"
+    dense_units: int = Field(default=64, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    batch_norm: bool = False
+    separable: bool = False
+
+    @field_validator("filters")
+    @classmethod
+    def _positive_filters(cls, filters: tuple[int, ...]) -> tuple[int, ...]:
+        if not filters or any(f <= 0 for f in filters):
+            raise ValueError("must be a non-empty list of positive ints")
+        return filters
+
+
+TRANSFER_MODELS = ("vgg16", "mobilenet_v3_small", "efficientnet_b0")
+
+
+class TrainParams(_Section):
+    model: Literal["cnn", "vgg16", "mobilenet_v3_small", "efficientnet_b0"] = "cnn"
+    epochs: int = Field(default=10, gt=0)
+    batch_size: int = Field(default=32, gt=0)  # per replica
+    learning_rate: float = Field(default=1e-3, gt=0)
+    seed: int = 42
+    patience: int = Field(default=3, ge=0)  # epochs without val-loss gain before stopping; 0 never stops
+    # Transfer models: imagenet, none, or the path of a local weights file (include_top=False).
+    weights: str = "imagenet"
+    fine_tune_layers: int = Field(default=0, ge=0)  # top base layers unfrozen in phase two; 0 skips it
+    fine_tune_epochs: int = Field(default=5, ge=0)
+    fine_tune_lr: float = Field(default=1e-5, gt=0)
+    class_weight: Literal["none", "balanced"] = "none"
+    precision: Literal["auto", "float32", "mixed_float16"] = "auto"  # auto: mixed_float16 on GPU
+    jit_compile: Literal["auto", "true", "false"] = "auto"  # auto: XLA on GPU
+    strategy: Literal["auto", "mirrored"] = "auto"  # auto: MirroredStrategy when 2+ GPUs
+    cnn: CnnParams = CnnParams()
+
+    @field_validator("jit_compile", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        return str(value).lower() if isinstance(value, bool) else value
+
+
 # The section is named for its stage; as a field it shadows the deprecated
 # BaseModel.validate classmethod, which nothing here calls.
 with warnings.catch_warnings():
@@ -110,6 +168,27 @@ with warnings.catch_warnings():
         validate: ValidateParams = ValidateParams()
         prepare: PrepareParams = PrepareParams()
         split: SplitParams = SplitParams()
+        augment: AugmentParams = AugmentParams()
+        train: TrainParams = TrainParams()
+
+        @model_validator(mode="after")
+        def _model_fits_image_size(self) -> Params:
+            height, width = self.prepare.image_size
+            if self.train.model != "cnn":
+                if min(height, width) < 32:
+                    raise ValueError(f"train.model: {self.train.model} needs prepare.image_size of at least 32")
+                return self
+            cnn = self.train.cnn
+            for side in (height, width):
+                for block in range(len(cnn.filters)):
+                    side = side // cnn.pool_size if block else side
+                    side = side - cnn.kernel_size + 1 if cnn.padding == "valid" else side
+                    if side < 1:
+                        raise ValueError(
+                            f"train.cnn: {len(cnn.filters)} conv blocks (kernel {cnn.kernel_size}, pool {cnn.pool_size}, "
+                            f"padding {cnn.padding}) shrink prepare.image_size {height}x{width} to nothing"
+                        )
+            return self
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:

@@ -50,6 +50,18 @@ class Layout:
     def split_csv(self) -> Path:
         return self.root / "data" / "split.csv"
 
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
 
 Stage = Callable[[Params, Layout, ShardMap], object]
 
@@ -74,6 +86,19 @@ def _split(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     return split(p.split, at.manifest_csv, at.split_csv)
 
 
+def _train(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    from tasks.train import train  # TensorFlow loads only for the stages that need it
+
+    return train(p.train, p.augment, at.cache_dir, at.split_csv, at.model_dir, at.metrics_dir)
+
+
+def _evaluate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    from tasks.evaluate import evaluate
+
+    return evaluate(at.model_dir / "model.keras", at.cache_dir, at.split_csv, at.metrics_dir / "train.json",
+                    at.metrics_dir, at.plots_dir)  # fmt: skip
+
+
 # Pipeline order: dvc.yaml and the flow follow it (tests/test_pipeline_sync.py checks).
 STAGES: dict[str, Stage] = {
     "download": _download,
@@ -81,6 +106,8 @@ STAGES: dict[str, Stage] = {
     "validate": _validate,
     "cache": _cache,
     "split": _split,
+    "train": _train,
+    "evaluate": _evaluate,
 }
 
 

@@ -32,7 +32,8 @@ def project(tmp_path, demo_zip, cli_env) -> Path:
     shutil.copy(REPO / ".gitignore", root)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"].update(url=str(demo_zip), sha256=None)
-    params["prepare"]["image_size"] = 16
+    params["prepare"]["image_size"] = 24
+    params["train"]["epochs"] = 2
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["git", "init", "-q"], root, cli_env)
     sh(["dvc", "init", "-q"], root, cli_env)
@@ -41,18 +42,28 @@ def project(tmp_path, demo_zip, cli_env) -> Path:
     return root
 
 
-def test_repro_runs_all_then_nothing_then_only_what_a_param_touches(project, cli_env):
+def test_repro_runs_all_then_nothing_then_only_what_a_change_touches(project, cli_env):
     first = sh(["dvc", "repro"], project, cli_env)
-    assert ran(first) == ["download", "extract", "validate", "cache", "split"]
-    assert (project / "data" / "split.csv").exists()
+    assert ran(first) == ["download", "extract", "validate", "cache", "split", "train", "evaluate"]
+    assert (project / "metrics" / "eval.json").exists()
 
     again = sh(["dvc", "repro"], project, cli_env)
     assert ran(again) == []
     assert "up to date" in sh(["dvc", "status"], project, cli_env)
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["prepare"]["image_size"] = 24
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    changed = sh(["dvc", "repro"], project, cli_env)
-    assert ran(changed) == ["cache"]
+    set_params(project, prepare={"image_size": 32})
+    assert ran(sh(["dvc", "repro"], project, cli_env)) == ["cache", "train", "evaluate"]
+
+    set_params(project, train={"epochs": 1})
+    assert ran(sh(["dvc", "repro"], project, cli_env)) == ["train", "evaluate"]
     assert "up to date" in sh(["dvc", "status"], project, cli_env)
+
+    shown = sh(["dvc", "metrics", "show", "--json"], project, cli_env)
+    assert '"accuracy"' in shown and '"val_accuracy"' in shown
+
+
+def set_params(project: Path, **sections: dict) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))

@@ -12,11 +12,13 @@ from collections import Counter
 from pathlib import Path
 
 from tasks.demo_data import EXPECTED_DUPLICATES, EXPECTED_REJECTED, EXPECTED_SKIPPED, make_demo_archive
-from tasks.stages import STAGES
 from tests.conftest import PER_CLASS
 
+DATA_STAGES = ["download", "extract", "validate", "cache", "split"]
 OUTPUTS = ["data/manifest.csv", "data/split.csv", "data/extract_skipped.csv",
            "data/cache/images.npy", "data/cache/index.csv", "data/cache/meta.json"]  # fmt: skip
+MODEL_OUTPUTS = ["models/model.keras", "models/labels.json", "metrics/train.json", "metrics/eval.json",
+                 "plots/confusion_matrix.png", "plots/roc.png", "plots/misclassified.png", "plots/training_curves.png"]  # fmt: skip
 
 
 def imgclf(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -31,11 +33,13 @@ def test_demo_archive_is_deterministic(tmp_path):
 
 def test_flow_runs_the_demo_with_exact_counts_and_matches_the_stage_commands(tmp_path, demo_zip, cli_env):
     flow_dir, stage_dir = tmp_path / "flow", tmp_path / "stages"
-    overrides = ["--set", f"data.url=file://{demo_zip}", "--set", "data.sha256=", "--set", "prepare.image_size=16"]
+    overrides = ["--set", f"data.url=file://{demo_zip}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
+                 "--set", "train.epochs=1"]  # fmt: skip
     flow_dir.mkdir()
     result = imgclf(["run", *overrides], flow_dir, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Finished in state Completed" in result.stdout + result.stderr
+    assert "test accuracy" in result.stdout.splitlines()[-1]
 
     with open(flow_dir / "data/manifest.csv", newline="") as handle:
         manifest = list(csv.DictReader(handle))
@@ -47,13 +51,15 @@ def test_flow_runs_the_demo_with_exact_counts_and_matches_the_stage_commands(tmp
 
     stage_dir.mkdir()
     (stage_dir / "params.yaml").write_text(
-        f"data:\n  url: file://{demo_zip}\n  sha256:\nprepare:\n  image_size: 16\n"
+        f"data:\n  url: file://{demo_zip}\n  sha256:\nprepare:\n  image_size: 24\ntrain:\n  epochs: 1\n"
     )
-    for name in STAGES:
+    for name in DATA_STAGES:
         step = imgclf(["stage", name], stage_dir, cli_env)
         assert step.returncode == 0, step.stderr
     for output in OUTPUTS:
         assert (flow_dir / output).read_bytes() == (stage_dir / output).read_bytes(), output
+    for output in MODEL_OUTPUTS:
+        assert (flow_dir / output).stat().st_size > 0, output
 
 
 def test_flow_stops_on_bad_params_with_one_line(tmp_path, cli_env):

@@ -1,0 +1,79 @@
+"""The input pipeline: `tf.data` batches of uint8 images, read from the memory-mapped cache.
+
+The cache is never loaded whole, nor as float32: each batch gathers its rows from the
+`np.memmap` (the OS pages them in and out), so memory stays flat whatever the set's size.
+Shuffling is seeded; rescaling and augmentation live in the model, not here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+
+class DatasetError(ValueError):
+    """The cache and the split disagree; the message names the file and the path."""
+
+
+@dataclass(frozen=True)
+class CachedSet:
+    images: np.ndarray  # memmap (N, height, width, channels) uint8
+    labels: np.ndarray  # (N,) int32 class index, per cache row
+    classes: list[str]  # class names, sorted; index = label value
+    rows: dict[str, np.ndarray]  # split name -> cache rows, in path order
+    paths: list[str]  # cache row -> manifest path
+    meta: dict  # the cache's meta.json
+
+
+def load_cached_set(cache_dir: Path, split_csv: Path) -> CachedSet:
+    """Returns the cache joined with the split: which rows are train, val and test."""
+    images = np.load(cache_dir / "images.npy", mmap_mode="r")
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    with open(cache_dir / "index.csv", newline="", encoding="utf-8") as handle:
+        index = list(csv.DictReader(handle))
+    row_of = {entry["path"]: int(entry["row"]) for entry in index}
+    classes = sorted({entry["label"] for entry in index})
+    labels = np.array([classes.index(entry["label"]) for entry in index], dtype=np.int32)
+    rows: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    with open(split_csv, newline="", encoding="utf-8") as handle:
+        for entry in csv.DictReader(handle):
+            if entry["path"] not in row_of:
+                raise DatasetError(f"{split_csv}: {entry['path']} is not in {cache_dir} (re-run the cache stage)")
+            rows[entry["split"]].append(row_of[entry["path"]])
+    return CachedSet(
+        images=images,
+        labels=labels,
+        classes=classes,
+        rows={name: np.array(sorted(found), dtype=np.int64) for name, found in rows.items()},
+        paths=[entry["path"] for entry in index],
+        meta=meta,
+    )
+
+
+def make_dataset(data: CachedSet, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:
+    """Returns batches of (uint8 images, int32 labels) for one split; reshuffled each epoch when asked."""
+    rows = data.rows[split]
+    height, width, channels = data.images.shape[1:]
+
+    def gather(batch_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Read the memmap in ascending row order (sequential on disk), then restore the batch order.
+        order = np.argsort(batch_rows)
+        images = np.empty((len(batch_rows), height, width, channels), dtype=np.uint8)
+        images[order] = data.images[batch_rows[order]]
+        return images, data.labels[batch_rows]
+
+    def load(batch_rows: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = tf.numpy_function(gather, [batch_rows], [tf.uint8, tf.int32], stateful=False)
+        images.set_shape([None, height, width, channels])
+        labels.set_shape([None])
+        return images, labels
+
+    dataset = tf.data.Dataset.from_tensor_slices(rows)
+    if shuffle:
+        dataset = dataset.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    return dataset.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

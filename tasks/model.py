@@ -1,0 +1,138 @@
+"""The models: the seed notebook's CNN, or a keras.applications base with a pooled head.
+
+Every model takes raw uint8 images: casting, augmentation (active in training only) and the
+model's own preprocessing are its first layers, so they run on the accelerator and the saved
+file predicts on raw pixels. One sigmoid unit for two classes, softmax otherwise.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import layers
+
+from tasks.params import AugmentParams, CnnParams, TrainParams
+
+
+class ModelError(ValueError):
+    """The model cannot be built as asked; the message names the key and the fix."""
+
+
+@keras.saving.register_keras_serializable(package="imgclf")
+class CaffePreprocess(layers.Layer):
+    """VGG16's ImageNet preprocessing: RGB -> BGR, minus the ImageNet channel means (0-255 input)."""
+
+    MEAN_BGR = (103.939, 116.779, 123.68)
+
+    def call(self, inputs):
+        bgr = keras.ops.flip(inputs, axis=-1)
+        return bgr - keras.ops.cast(keras.ops.convert_to_tensor(self.MEAN_BGR), bgr.dtype)
+
+
+# name -> (constructor, preprocessing layer for 0-255 RGB input, or None when built in)
+def _applications() -> dict:
+    apps = keras.applications
+    return {
+        "vgg16": (apps.VGG16, CaffePreprocess, {}),
+        "mobilenet_v3_small": (apps.MobileNetV3Small, None, {"include_preprocessing": True}),
+        "efficientnet_b0": (apps.EfficientNetB0, None, {}),
+    }
+
+
+def augmentation(params: AugmentParams, seed: int) -> list[layers.Layer]:
+    """Returns the random-transform layers the params ask for (inactive outside training)."""
+    found: list[layers.Layer] = []
+    if params.flip != "none":
+        mode = "horizontal_and_vertical" if params.flip == "both" else params.flip
+        found.append(layers.RandomFlip(mode, seed=seed))
+    if params.rotation:
+        found.append(layers.RandomRotation(params.rotation, fill_mode="constant", seed=seed + 1))
+    if params.zoom:
+        found.append(layers.RandomZoom(params.zoom, fill_mode="constant", seed=seed + 2))
+    if params.translation:
+        found.append(layers.RandomTranslation(params.translation, params.translation, fill_mode="constant", seed=seed + 3))
+    if params.contrast:
+        found.append(layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
+    if params.brightness:
+        found.append(layers.RandomBrightness(params.brightness, value_range=(0, 255), seed=seed + 5))
+    return found
+
+
+def _cnn_body(x, params: CnnParams):
+    conv = layers.SeparableConv2D if params.separable else layers.Conv2D
+    for block, filters in enumerate(params.filters):
+        if block:
+            x = layers.MaxPooling2D(params.pool_size)(x)
+        x = conv(filters, params.kernel_size, padding=params.padding, use_bias=not params.batch_norm)(x)
+        if params.batch_norm:
+            x = layers.BatchNormalization()(x)
+        x = layers.Activation("relu")(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(params.dense_units, activation="relu")(x)
+    if params.dropout:
+        x = layers.Dropout(params.dropout)(x)
+    return x
+
+
+def load_base(name: str, weights: str, input_shape: tuple[int, int, int]) -> keras.Model:
+    """Returns the application without its top; `weights` is imagenet, none, or a local file."""
+    constructor, _, options = _applications()[name]
+    if weights == "imagenet":
+        try:
+            return constructor(include_top=False, weights="imagenet", input_shape=input_shape, **options)
+        except Exception as exc:  # keras raises plain Exceptions for a failed fetch
+            raise ModelError(
+                f"train.weights: the imagenet weights of {name} could not be downloaded ({exc}). Offline, "
+                f"fetch the '{name} ... notop' weights file elsewhere and set train.weights to its local path "
+                "(or copy it into ~/.keras/models/), or use train.weights=none"
+            ) from None
+    base = constructor(include_top=False, weights=None, input_shape=input_shape, **options)
+    if weights != "none":
+        try:
+            base.load_weights(weights)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"train.weights: cannot load {weights} into {name}: {exc}") from None
+    return base
+
+
+def build_model(
+    params: TrainParams, augment: AugmentParams, image_size: tuple[int, int], channels: int, n_classes: int
+) -> tuple[keras.Model, keras.Model | None]:
+    """Returns (model, transfer base or None). The model maps uint8 images to class probabilities."""
+    inputs = keras.Input(shape=(*image_size, channels), dtype="uint8", name="image")
+    x = layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> float, 0-255
+    for layer in augmentation(augment, params.seed):
+        x = layer(x)
+    base = None
+    if params.model == "cnn":
+        x = layers.Rescaling(1.0 / 255)(x)
+        x = _cnn_body(x, params.cnn)
+    else:
+        if channels == 1:
+            x = layers.Concatenate()([x, x, x])  # ImageNet bases want three channels
+        _, preprocess, _ = _applications()[params.model]
+        if preprocess is not None:
+            x = preprocess()(x)
+        base = load_base(params.model, params.weights, (*image_size, 3))
+        base.trainable = False
+        # training=False keeps BatchNorm in inference mode, also when fine-tuning later.
+        x = base(x, training=False)
+        x = layers.GlobalAveragePooling2D()(x)
+        x = layers.Dropout(0.2)(x)
+    units, activation = (1, "sigmoid") if n_classes == 2 else (n_classes, "softmax")
+    outputs = layers.Dense(units, activation=activation, dtype="float32", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name=f"imgclf_{params.model}"), base
+
+
+def unfreeze_top(base: keras.Model, count: int) -> None:
+    """Makes the top `count` layers of the base trainable, BatchNorm layers excepted."""
+    base.trainable = True
+    for index, layer in enumerate(base.layers):
+        top = index >= len(base.layers) - count
+        layer.trainable = top and not isinstance(layer, layers.BatchNormalization)
+
+
+def class_probabilities(model: keras.Model, images) -> np.ndarray:
+    """Returns (N, n_classes) probabilities; a one-unit sigmoid model gives [1 - p, p]."""
+    scores = np.asarray(model.predict(images, verbose=0), dtype=np.float64)
+    return np.hstack([1 - scores, scores]) if scores.shape[1] == 1 else scores

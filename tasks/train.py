@@ -1,0 +1,230 @@
+"""Stage train: cache + split -> `models/model.keras`, `models/labels.json`, `metrics/train.json`.
+
+The whole loop is here: pick the devices (MirroredStrategy over GPUs, mixed precision and
+XLA there; plain, deterministic CPU otherwise), feed uint8 batches from the memory-mapped
+cache, fit with early stopping on val loss, back up every epoch so a killed run resumes at
+its last epoch, and log each epoch with dvclive for `dvc plots` and `dvc exp show`. Transfer
+models train their head on a frozen base first, then fine-tune the base's top layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tasks.dataset import CachedSet, load_cached_set, make_dataset
+from tasks.files import atomic_file
+from tasks.model import build_model, unfreeze_top
+from tasks.params import AugmentParams, TrainParams
+
+log = logging.getLogger("imgclf")
+
+
+class TrainError(ValueError):
+    """Training cannot start as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Devices:
+    strategy: tf.distribute.Strategy
+    precision: str
+    jit_compile: bool
+    description: str
+
+
+def choose_devices(params: TrainParams) -> Devices:
+    """Returns the strategy, precision and XLA setting for the devices this process sees."""
+    gpus = tf.config.list_logical_devices("GPU")
+    precision = params.precision if params.precision != "auto" else ("mixed_float16" if gpus else "float32")
+    keras.mixed_precision.set_global_policy(precision)
+    jit = params.jit_compile == "true" or (params.jit_compile == "auto" and bool(gpus))
+    if params.strategy == "mirrored" or len(gpus) > 1:
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy: tf.distribute.Strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        strategy = tf.distribute.get_strategy()
+    if not gpus:
+        # Same seed, same weights: CPU kernels have deterministic variants, at little cost.
+        tf.config.experimental.enable_op_determinism()
+    kind = f"{len(gpus)} GPU" if gpus else "CPU"
+    return Devices(strategy, precision, jit, f"{kind}, {strategy.num_replicas_in_sync} replica(s)")
+
+
+def _compile(model: keras.Model, learning_rate: float, n_classes: int, jit: bool) -> None:
+    binary = n_classes == 2
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=jit,
+    )
+
+
+def _class_weight(data: CachedSet, mode: str) -> dict[int, float] | None:
+    if mode != "balanced":
+        return None
+    counts = np.bincount(data.labels[data.rows["train"]], minlength=len(data.classes))
+    # n_samples / (n_classes * count), as scikit-learn's "balanced".
+    return {i: float(counts.sum() / (len(counts) * c)) for i, c in enumerate(counts) if c}
+
+
+class _Throughput(keras.callbacks.Callback):
+    """Training images per second, per epoch, validation time excluded."""
+
+    def __init__(self, images_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch, self.rates = images_per_epoch, []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._test_seconds = time.perf_counter(), 0.0
+
+    def on_test_begin(self, logs=None):
+        self._test_start = time.perf_counter()
+
+    def on_test_end(self, logs=None):
+        self._test_seconds += time.perf_counter() - self._test_start
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._start - self._test_seconds
+        self.rates.append(self.images_per_epoch / max(seconds, 1e-9))
+
+    def rate(self) -> float:
+        # The first epoch pays for tracing and warm-up.
+        steady = self.rates[1:] or self.rates
+        return float(np.median(steady)) if steady else 0.0
+
+
+def _callbacks(params: TrainParams, backup_dir: Path, live_dir: Path, has_val: bool, throughput) -> list:
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    resuming = backup_dir.exists()
+    found = [
+        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+        DVCLiveCallback(live=Live(str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None)),
+        throughput,
+    ]
+    if params.patience:
+        monitor = "val_loss" if has_val else "loss"
+        found.insert(0, keras.callbacks.EarlyStopping(monitor=monitor, patience=params.patience, restore_best_weights=True))
+    return found
+
+
+def _fit(model, params, data, train_ds, val_ds, epochs: int, backup_dir: Path, live_dir: Path) -> keras.callbacks.History:
+    throughput = _Throughput(len(data.rows["train"]))
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=epochs,
+        class_weight=_class_weight(data, params.class_weight),
+        callbacks=_callbacks(params, backup_dir, live_dir, val_ds is not None, throughput),
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    history.images_per_second = throughput.rate()
+    return history
+
+
+def _resumed_epoch(backup_dir: Path) -> int:
+    try:
+        return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def train(
+    params: TrainParams, augment: AugmentParams, cache_dir: Path, split_csv: Path, model_dir: Path, metrics_dir: Path
+) -> Path:
+    """Returns the path of the saved model, trained on the train split and early-stopped on val."""
+    keras.utils.set_random_seed(params.seed)
+    devices = choose_devices(params)
+    data = load_cached_set(cache_dir, split_csv)
+    if len(data.classes) < 2:
+        raise TrainError(f"train: {cache_dir} holds {len(data.classes)} class(es); a classifier needs two or more")
+    if not len(data.rows["train"]):
+        raise TrainError(f"train: {split_csv} has no train rows")
+    batch = params.batch_size * devices.strategy.num_replicas_in_sync
+    train_ds = make_dataset(data, "train", batch, shuffle=True, seed=params.seed)
+    val_ds = make_dataset(data, "val", batch) if len(data.rows["val"]) else None
+    image_size = tuple(data.meta["image_size"])
+    channels = int(data.meta["channels"])
+    with devices.strategy.scope():
+        model, base = build_model(params, augment, image_size, channels, len(data.classes))
+        _compile(model, params.learning_rate, len(data.classes), devices.jit_compile)
+    log.info("train: %s on %s, %s, %d train / %d val images, batch %d",
+             params.model, devices.description, devices.precision, len(data.rows["train"]), len(data.rows["val"]), batch)  # fmt: skip
+
+    backup_root, live_dir = model_dir / ".backup", metrics_dir / "live"
+    resumed_from = _resumed_epoch(backup_root / "head")
+    started = time.perf_counter()
+    history = _fit(model, params, data, train_ds, val_ds, params.epochs, backup_root / "head", live_dir)
+    epochs, rates = {k: list(map(float, v)) for k, v in history.history.items()}, [history.images_per_second]
+    if base is not None and params.fine_tune_layers and params.fine_tune_epochs:
+        with devices.strategy.scope():
+            unfreeze_top(base, params.fine_tune_layers)
+            _compile(model, params.fine_tune_lr, len(data.classes), devices.jit_compile)
+        tuned = _fit(model, params, data, train_ds, val_ds, params.fine_tune_epochs, backup_root / "fine_tune", live_dir)
+        for key, values in tuned.history.items():
+            epochs.setdefault(key, []).extend(map(float, values))
+        rates.append(tuned.images_per_second)
+    seconds = time.perf_counter() - started
+
+    final = model.evaluate(val_ds if val_ds is not None else train_ds, verbose=0, return_dict=True)
+    model_path = _save(model, data, params, augment, model_dir)
+    report = {
+        "model": params.model,
+        "device": devices.description,
+        "precision": devices.precision,
+        "jit_compile": devices.jit_compile,
+        "n_train": len(data.rows["train"]),
+        "n_val": len(data.rows["val"]),
+        "epochs_run": len(next(iter(epochs.values()), [])),
+        "resumed_from_epoch": resumed_from,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(float(np.mean(rates)), 1),
+        # After restoring the best weights: what the saved model scores on val (train if no val).
+        "val_loss": float(final["loss"]),
+        "val_accuracy": float(final["accuracy"]),
+        "history": epochs,
+    }
+    with atomic_file(metrics_dir / "train.json") as handle:
+        json.dump(report, handle, indent=2)
+    shutil.rmtree(backup_root, ignore_errors=True)
+    log.info("train: %d epochs, %.0f images/s, val accuracy %.4f -> %s",
+             report["epochs_run"], report["images_per_second"], report["val_accuracy"], model_path)  # fmt: skip
+    return model_path
+
+
+def _save(model: keras.Model, data: CachedSet, params: TrainParams, augment: AugmentParams, model_dir: Path) -> Path:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model_path = model_dir / "model.keras"
+    temp = model_dir / f".model.tmp-{os.getpid()}.keras"
+    try:
+        model.save(temp)
+        os.replace(temp, model_path)
+    finally:
+        temp.unlink(missing_ok=True)
+    described = {
+        "classes": data.classes,
+        "image_size": data.meta["image_size"],
+        "channels": data.meta["channels"],
+        "resize": data.meta["resize"],
+        "train": params.model_dump(mode="json"),
+        "augment": augment.model_dump(mode="json"),
+    }
+    with atomic_file(model_dir / "labels.json") as handle:
+        json.dump(described, handle, indent=2)
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    with atomic_file(model_dir / "summary.txt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return model_path
