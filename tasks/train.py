@@ -114,9 +114,10 @@ def _callbacks(params: TrainParams, backup_dir: Path, live_dir: Path, has_val: b
         DVCLiveCallback(live=Live(str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None)),
         throughput,
     ]
-    if params.patience:
-        monitor = "val_loss" if has_val else "loss"
-        found.insert(0, keras.callbacks.EarlyStopping(monitor=monitor, patience=params.patience, restore_best_weights=True))
+    # Keep the best epoch's weights; stop early only when train.patience is set.
+    patience = params.patience or params.epochs + params.fine_tune_epochs
+    monitor = "val_loss" if has_val else "loss"
+    found.insert(0, keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True))
     return found
 
 
@@ -126,6 +127,7 @@ def _fit(model, params, data, train_ds, val_ds, epochs: int, backup_dir: Path, l
         train_ds,
         validation_data=val_ds,
         epochs=epochs,
+        shuffle=False,  # the dataset reshuffles itself, seeded, each epoch
         class_weight=_class_weight(data, params.class_weight),
         callbacks=_callbacks(params, backup_dir, live_dir, val_ds is not None, throughput),
         verbose=1 if sys.stdout.isatty() else 2,
