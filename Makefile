@@ -24,3 +24,4 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_train.py

@@ -62,6 +62,19 @@ def test_repro_runs_all_then_nothing_then_only_what_a_change_touches(project, cl
     assert '"accuracy"' in shown and '"val_accuracy"' in shown
 
 
+def test_experiments_and_plots_see_the_model_stages(project, cli_env):
+    sh(["dvc", "repro"], project, cli_env)
+    sh(["git", "add", "-A"], project, cli_env)
+    sh(["git", "commit", "-qm", "baseline"], project, cli_env)
+    assert ran(sh(["dvc", "exp", "run", "-S", "train.epochs=1"], project, cli_env)) == ["train", "evaluate"]
+    experiments = sh(["dvc", "exp", "show", "--json"], project, cli_env)
+    assert '"epochs": 1' in experiments and '"val_accuracy"' in experiments
+    html = project / "plots-html"
+    sh(["dvc", "plots", "show", "-o", str(html)], project, cli_env)
+    page = (html / "index.html").read_text()
+    assert "confusion.csv" in page and "roc.csv" in page and "loss.tsv" in page
+
+
 def set_params(project: Path, **sections: dict) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in sections.items():
