@@ -216,3 +216,21 @@ def test_a_killed_fit_resumes_at_its_last_epoch(cells, tmp_path, cli_env):
     assert report["resumed_from_epoch"] >= 3
     assert report["resumed_from_epoch"] + report["epochs_run"] == 40
     assert not (project / "models" / ".backup").exists()
+
+
+def test_offline_imagenet_weights_fail_with_one_line_on_how_to_pass_a_file(tmp_path):
+    # The proxy is a closed port on loopback: the fetch fails at once, nothing leaves 127.0.0.1.
+    script = """
+from tasks.model import ModelError, load_base
+try:
+    load_base("mobilenet_v3_small", "imagenet", (32, 32, 3))
+except ModelError as exc:
+    print(exc)
+"""
+    proxy = "http://127.0.0.1:9"
+    env = os.environ | {"KERAS_HOME": str(tmp_path / "keras"), "HTTPS_PROXY": proxy, "https_proxy": proxy,
+                        "HTTP_PROXY": proxy, "http_proxy": proxy, "TF_CPP_MIN_LOG_LEVEL": "3"}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    message = result.stdout.strip().splitlines()[-1]  # after Keras's own "Downloading data from ..."
+    assert message.startswith("train.weights: the imagenet weights of mobilenet_v3_small could not be downloaded")
+    assert "set train.weights to its local path" in message
