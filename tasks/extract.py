@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import lzma
 import re
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +30,9 @@ from tasks.params import DataParams
 log = logging.getLogger("imgclf")
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty zip's end record
+# What the readers raise on a damaged archive (bad CRC, cut short, broken compression).
+BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 JUNK_DIRS = {"__macosx"}
 
 
@@ -46,6 +51,22 @@ class Entry:
 
 def extract(data: DataParams, archive: Path, out_dir: Path, skipped_csv: Path) -> Path:
     """Returns `out_dir`, filled with the archive's safe regular files; refusals go to `skipped_csv`."""
+    try:
+        skipped, kept = _extract(data, archive, out_dir)
+    except BROKEN_ARCHIVE as exc:
+        raise ExtractError(f"{archive}: corrupt archive ({type(exc).__name__}: {exc}); nothing was kept") from None
+    with atomic_file(skipped_csv, newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["entry", "reason"])
+        writer.writerows(sorted(skipped))
+    reasons: dict[str, int] = {}
+    for _, reason in skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    log.info("extract: %d files into %s; skipped %s", kept, out_dir, reasons or "none")
+    return out_dir
+
+
+def _extract(data: DataParams, archive: Path, out_dir: Path) -> tuple[list[tuple[str, str]], int]:
     with _open_archive(archive) as (entries, open_member):
         keep, skipped = _sort_entries(entries)
         declared = sum(entry.size for entry, _ in keep)
@@ -68,28 +89,23 @@ def extract(data: DataParams, archive: Path, out_dir: Path, skipped_csv: Path) -
                                 f"at {entry.name!r} (a zip bomb?); nothing was kept"
                             )
                         writer.write(chunk)
-    with atomic_file(skipped_csv, newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["entry", "reason"])
-        writer.writerows(sorted(skipped))
-    reasons: dict[str, int] = {}
-    for _, reason in skipped:
-        reasons[reason] = reasons.get(reason, 0) + 1
-    log.info("extract: %d files into %s; skipped %s", len(keep), out_dir, reasons or "none")
-    return out_dir
+    return skipped, len(keep)
 
 
 @contextmanager
 def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
-    # Sniff the bytes, not the extension: a renamed archive still opens.
-    if zipfile.is_zipfile(archive):
+    if not archive.is_file():
+        raise ExtractError(f"{archive}: no such archive (run the download stage first)")
+    # Sniff the first bytes, not the extension: a renamed archive still opens. (zipfile's own
+    # test looks at the end of the file, where a tar holding a .zip also ends in one.)
+    with open(archive, "rb") as handle:
+        magic = handle.read(4)
+    if magic in ZIP_MAGIC:
         with zipfile.ZipFile(archive) as zf:
             yield [_zip_entry(info) for info in zf.infolist()], lambda e: zf.open(e.member)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
             yield [_tar_entry(info) for info in tf.getmembers()], lambda e: _tar_reader(tf, e)
-    elif not archive.is_file():
-        raise ExtractError(f"{archive}: no such archive (run the download stage first)")
     else:
         raise ExtractError(f"{archive}: not a zip or tar archive")
 
