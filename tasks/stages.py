@@ -99,18 +99,48 @@ def _evaluate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
                     at.metrics_dir, at.plots_dir)  # fmt: skip
 
 
-# Pipeline order: dvc.yaml and the flow follow it (tests/test_pipeline_sync.py checks).
-STAGES: dict[str, Stage] = {
-    "download": _download,
-    "extract": _extract,
-    "validate": _validate,
-    "cache": _cache,
-    "split": _split,
-    "train": _train,
-    "evaluate": _evaluate,
-}
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage and what it touches, as dvc.yaml declares it (tests/test_pipeline_sync.py checks)."""
+
+    run: Stage
+    inputs: tuple[str, ...]  # project files and folders it reads
+    code: tuple[str, ...]  # the modules it runs
+    params: tuple[str, ...]  # params.yaml keys or sections it reads
+    outs: tuple[str, ...]  # project files and folders it writes, metrics and plots included
+
+
+# Pipeline order: dvc.yaml and the flow follow it.
+STAGES: dict[str, StageSpec] = {
+    "download": StageSpec(_download, (), ("tasks/download.py",), ("data.url", "data.sha256"), ("data/raw",)),
+    "extract": StageSpec(
+        _extract, ("data/raw",), ("tasks/extract.py",), ("data.url", "data.max_extract_bytes"),
+        ("data/extracted", "data/extract_skipped.csv"),
+    ),
+    "validate": StageSpec(
+        _validate, ("data/extracted",), ("tasks/validate.py", "tasks/images.py"), ("validate",), ("data/manifest.csv",)
+    ),
+    "cache": StageSpec(
+        _cache, ("data/manifest.csv", "data/extracted"), ("tasks/cache.py", "tasks/images.py"), ("prepare",),
+        ("data/cache",),
+    ),
+    "split": StageSpec(_split, ("data/manifest.csv",), ("tasks/split.py",), ("split",), ("data/split.csv",)),
+    "train": StageSpec(
+        _train, ("data/cache", "data/split.csv"), ("tasks/train.py", "tasks/model.py", "tasks/dataset.py"),
+        ("train", "augment"),
+        ("models/model.keras", "models/labels.json", "models/summary.txt", "metrics/train.json",
+         "metrics/live/plots/metrics"),
+    ),
+    "evaluate": StageSpec(
+        _evaluate,
+        ("models/model.keras", "models/labels.json", "data/cache", "data/split.csv", "metrics/train.json"),
+        ("tasks/evaluate.py",), (),
+        ("plots/confusion_matrix.png", "plots/misclassified.png", "plots/training_curves.png", "metrics/eval.json",
+         "plots/confusion.csv", "plots/roc.csv", "plots/roc.png"),
+    ),
+}  # fmt: skip
 
 
 def run_stage(name: str, params: Params, layout: Layout, map_shards: ShardMap = process_pool_map) -> object:
     """Runs one stage by name and returns its output path."""
-    return STAGES[name](params, layout, map_shards)
+    return STAGES[name].run(params, layout, map_shards)
