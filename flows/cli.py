@@ -12,14 +12,12 @@ from pathlib import Path
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise in a terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tasks.download import DownloadError
-from tasks.extract import ExtractError
+from tasks.errors import StageError
 from tasks.params import ParamsError, load_params, parse_override
-from tasks.split import SplitError
 from tasks.stages import STAGES, Layout, run_stage
 
 # Errors whose message already says what is wrong: printed as one line, no traceback.
-EXPECTED_ERRORS = (ParamsError, DownloadError, ExtractError, SplitError, FileNotFoundError)
+EXPECTED_ERRORS = (StageError, FileNotFoundError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +33,14 @@ def _parser() -> argparse.ArgumentParser:
     stage = commands.add_parser("stage", help="run one stage (what dvc.yaml calls)")
     stage.add_argument("name", choices=list(STAGES), help="stage to run")
 
-    run = commands.add_parser("run", help="run the whole pipeline as a Prefect flow (no server needed)")
+    run = commands.add_parser(
+        "run", help="run the whole pipeline as a Prefect flow (no server needed); unchanged stages are skipped"
+    )
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a param by dotted key, e.g. --set prepare.image_size=32; repeatable")  # fmt: skip
+
+    serve = commands.add_parser("serve", help="serve the flow from this machine on orchestration.schedule (flow.serve)")
+    serve.add_argument("--name", default="weekly-retrain", help="deployment name (default: weekly-retrain)")
 
     predict = commands.add_parser("predict", help="predict labels of image files or folders with a saved model")
     predict.add_argument("--model", type=Path, default=Path("models/model.keras"), help="default: models/model.keras")
@@ -60,7 +63,7 @@ def result_line(layout: Layout) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command != "run":  # in a flow run, Prefect's handlers show the stage logs
+    if args.command not in ("run", "serve"):  # in a flow run, Prefect's handlers show the stage logs
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logging.getLogger("imgclf").addHandler(handler)
@@ -74,9 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             load_params(args.params, overrides)  # bad params stop here, before Prefect starts
             from flows.pipeline import pipeline
 
-            for name, output in pipeline(overrides=overrides, params_path=args.params).items():
-                print(f"{name:<10} {output}")
+            for name, what in pipeline(overrides=overrides, params_path=args.params).items():
+                print(f"{name:<10} {what}")
             print(result_line(Layout(Path("."))))
+        elif args.command == "serve":
+            load_params(args.params)
+            from flows.pipeline import serve
+
+            serve(args.params, args.name)
         elif args.command == "predict":
             from tasks.predict import predict, write_rows
 

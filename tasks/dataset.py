@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tasks.errors import StageError
 
-class DatasetError(ValueError):
+
+class DatasetError(StageError, ValueError):
     """The cache and the split disagree; the message names the file and the path."""
 
 

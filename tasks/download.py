@@ -20,6 +20,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlparse
 from urllib.request import Request, url2pathname, urlopen
 
+from tasks.errors import StageError
 from tasks.files import CHUNK, Progress, atomic_file, sha256_file
 from tasks.params import DataParams
 
@@ -29,7 +30,7 @@ log = logging.getLogger("imgclf")
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 
 
-class DownloadError(RuntimeError):
+class DownloadError(StageError, RuntimeError):
     """The archive could not be fetched or verified; the message names the URL."""
 
 

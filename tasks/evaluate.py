@@ -18,7 +18,7 @@ import matplotlib
 import numpy as np
 from sklearn import metrics as skm
 
-from tasks.dataset import CachedSet, load_cached_set, make_dataset
+from tasks.dataset import CachedSet, DatasetError, load_cached_set, make_dataset
 from tasks.files import atomic_file
 from tasks.model import class_probabilities
 
@@ -36,7 +36,7 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     data = load_cached_set(cache_dir, split_csv)
     rows = data.rows["test"]
     if not len(rows):
-        raise ValueError(f"evaluate: {split_csv} has no test rows (split.test is 0?)")
+        raise DatasetError(f"evaluate: {split_csv} has no test rows (split.test is 0?)")
     probabilities = class_probabilities(model, make_dataset(data, "test", EVAL_BATCH).map(lambda x, y: x))
     truth, predicted = data.labels[rows], probabilities.argmax(axis=1)
     labels = list(range(len(data.classes)))

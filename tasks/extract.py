@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
+from tasks.errors import StageError
 from tasks.files import CHUNK, atomic_dir, atomic_file
 from tasks.params import DataParams
 
@@ -36,7 +37,7 @@ BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lz
 JUNK_DIRS = {"__macosx"}
 
 
-class ExtractError(RuntimeError):
+class ExtractError(StageError, RuntimeError):
     """The archive cannot be extracted; the message names the archive and the reason."""
 
 

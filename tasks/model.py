@@ -11,10 +11,11 @@ import keras
 import numpy as np
 from keras import layers
 
+from tasks.errors import StageError
 from tasks.params import AugmentParams, CnnParams, TrainParams
 
 
-class ModelError(ValueError):
+class ModelError(StageError, ValueError):
     """The model cannot be built as asked; the message names the key and the fix."""
 
 

@@ -16,10 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.errors import StageError
+
 MALARIA_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError, ValueError):
     """A bad params file or override; the message is one line naming the dotted key."""
 
 
@@ -158,6 +160,22 @@ class TrainParams(_Section):
         return str(value).lower() if isinstance(value, bool) else value
 
 
+class OrchestrationParams(_Section):
+    """How the Prefect flow runs; no stage reads these, so changing them re-runs nothing."""
+
+    task_runner: Literal["threads", "processes", "dask"] = "processes"  # for shard fan-out
+    dask_address: str | None = None  # an existing Dask scheduler; empty: a temporary local cluster
+    dvc_commit: bool = True  # record the run in dvc.lock (in a DVC project)
+    dvc_push: bool = True  # push data and model when a DVC remote is configured
+    git_commit: bool = False  # commit dvc.lock after the run (in a git repo)
+    schedule: str = "0 3 * * 1"  # cron of `imgclf serve` (weekly retrain: Mondays 03:00)
+
+    @field_validator("dask_address", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None
+
+
 # The section is named for its stage; as a field it shadows the deprecated
 # BaseModel.validate classmethod, which nothing here calls.
 with warnings.catch_warnings():
@@ -170,6 +188,7 @@ with warnings.catch_warnings():
         split: SplitParams = SplitParams()
         augment: AugmentParams = AugmentParams()
         train: TrainParams = TrainParams()
+        orchestration: OrchestrationParams = OrchestrationParams()
 
         @model_validator(mode="after")
         def _model_fits_image_size(self) -> Params:

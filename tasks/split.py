@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.errors import StageError
 from tasks.files import atomic_file
 from tasks.manifest import read_valid_rows
 from tasks.params import SplitParams
@@ -26,7 +27,7 @@ log = logging.getLogger("imgclf")
 SPLITS = ("train", "val", "test")
 
 
-class SplitError(ValueError):
+class SplitError(StageError, ValueError):
     """The data cannot be split as asked; the message names the class or group."""
 
 

@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tasks.errors import StageError
 from tasks.dataset import CachedSet, load_cached_set, make_dataset
 from tasks.files import atomic_file
 from tasks.model import build_model, unfreeze_top
@@ -30,7 +31,7 @@ from tasks.params import AugmentParams, TrainParams
 log = logging.getLogger("imgclf")
 
 
-class TrainError(ValueError):
+class TrainError(StageError, ValueError):
     """Training cannot start as asked; the message says why."""
 
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Prefect keeps its database and task results under PREFECT_HOME: one throwaway home per
+# session, set before anything imports Prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="imgclf-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 from tasks.demo_data import make_demo_archive
 from tasks.extract import extract

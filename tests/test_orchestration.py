@@ -1,0 +1,102 @@
+"""The Prefect flow as a DAG: cached like DVC, failing cleanly, resuming at the failed stage, versioned by DVC."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.download import DownloadError
+from tasks.model import ModelError
+from tests.conftest import REPO
+
+prefect_testing = pytest.importorskip("prefect.testing.utilities")
+
+from flows.pipeline import pipeline  # noqa: E402
+from flows.versioning import version_outputs  # noqa: E402
+from tasks.params import OrchestrationParams  # noqa: E402
+from tasks.stages import STAGES, Layout  # noqa: E402
+
+ALL = list(STAGES)
+# Small and quick: the demo at 24x24, one epoch.
+QUICK = {"data.sha256": None, "prepare.image_size": 24, "train.epochs": 1, "train.batch_size": 16}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_testing.prefect_test_harness():
+        yield
+
+
+def ran(outcome: dict[str, str]) -> list[str]:
+    return [name for name, what in outcome.items() if what == "ran"]
+
+
+def run(root: Path, demo_zip: Path, **overrides) -> dict[str, str]:
+    return pipeline(overrides=QUICK | {"data.url": str(demo_zip)} | overrides, root=str(root))
+
+
+def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip):
+    assert ran(run(tmp_path, demo_zip)) == ALL
+    assert ran(run(tmp_path, demo_zip)) == []
+    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2})) == ["train", "evaluate"]
+    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "train", "evaluate"]
+    # A deleted output re-runs its stage; the same bytes come back, so nothing after it re-runs.
+    (tmp_path / "data" / "split.csv").unlink()
+    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2, "prepare.image_size": 32})) == ["split"]
+
+
+def test_failed_stage_fails_the_flow_keeps_earlier_outputs_and_the_next_run_starts_there(tmp_path, demo_zip):
+    bad = {"train.model": "mobilenet_v3_small", "train.weights": str(tmp_path / "missing.weights.h5"),
+           "prepare.image_size": 32}  # fmt: skip
+    with pytest.raises(ModelError, match="train.weights: cannot load"):
+        run(tmp_path, demo_zip, **bad)
+    assert (tmp_path / "data" / "cache" / "images.npy").exists() and (tmp_path / "data" / "split.csv").exists()
+    assert not (tmp_path / "models" / "model.keras").exists()
+    assert ran(run(tmp_path, demo_zip, **{"prepare.image_size": 32})) == ["train", "evaluate"]
+
+
+def test_permanent_download_failure_fails_the_flow_with_the_url(tmp_path):
+    missing = tmp_path / "nowhere" / "cells.zip"
+    with pytest.raises(DownloadError, match=f"{missing}: no such file"):
+        pipeline(overrides=QUICK | {"data.url": str(missing)}, root=str(tmp_path))
+
+
+def test_outside_a_dvc_project_versioning_is_skipped_with_a_reason(tmp_path):
+    said = version_outputs(Layout(tmp_path), OrchestrationParams())
+    assert said == [f"{tmp_path.resolve()} is not a DVC project: skipped versioning"]
+
+
+def git_dvc_project(root: Path, env: dict) -> Path:
+    root.mkdir()
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+def dvc(root: Path, env: dict, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def test_flow_run_in_a_git_dvc_repo_leaves_dvc_status_clean(tmp_path, demo_zip, cli_env, monkeypatch):
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(key, cli_env[key])
+    root = git_dvc_project(tmp_path / "project", cli_env)
+    outcome = run(root, demo_zip, **{"orchestration.git_commit": True})
+    assert ran(outcome) == ALL
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["train"]["epochs"] == 1 and params["data"]["url"] == str(demo_zip)
+    assert "# imgclf: every knob" in (root / "params.yaml").read_text()  # comments kept
+    assert "up to date" in dvc(root, cli_env, "status")
+    assert "Running stage" not in dvc(root, cli_env, "repro")
+    log = subprocess.run(["git", "log", "--format=%s", "-1", "--name-only"], cwd=root, capture_output=True, text=True).stdout
+    assert "imgclf: record pipeline run in dvc.lock" in log and "dvc.lock" in log
