@@ -20,7 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # We enforce validate.max_pixels ourselves, from the header, before any decoding.
 Image.MAX_IMAGE_PIXELS = None
 
-SUPPORTED_FORMATS = {"JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
+# MPO: a JPEG with more pictures (phones, stereo cameras); the first one is used.
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"}
 
 # Image formats Pillow cannot open, so "unsupported format" is told apart from "not an image".
 _OTHER_IMAGE_SIGNATURES = (
@@ -71,20 +72,20 @@ def judge(data: bytes, max_pixels: int) -> Verdict:
 
 
 def _plain_png(data: bytes) -> bool:
-    """True for an 8-bit gray or RGB PNG without transparency or EXIF orientation."""
+    """True for an 8-bit gray or RGB PNG without transparency or orientation metadata."""
     if len(data) < 33 or not data.startswith(PNG_SIGNATURE):
         return False
-    # IHDR comes first: bit depth at byte 24, colour type at 25 (0 gray, 2 RGB). tRNS and
-    # eXIf, which would change the pixels, must come before the first IDAT.
+    # IHDR comes first: bit depth at byte 24, colour type at 25 (0 gray, 2 RGB).
     if data[24] != 8 or data[25] not in (0, 2):
         return False
+    # tRNS changes the pixels; eXIf (before or after IDAT) and iTXt (XMP) may rotate them.
     offset = 8
     while offset + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, offset)
-        if kind == b"IDAT":
-            return True
-        if kind in (b"tRNS", b"eXIf"):
+        if kind in (b"tRNS", b"eXIf", b"iTXt"):
             return False
+        if kind == b"IEND":
+            return True
         offset += 12 + length
     return False
 
@@ -109,7 +110,7 @@ def decode(data: bytes, channels: int, draft_size: int | None = None) -> np.ndar
 
 def _decode_with_pillow(data: bytes, draft_size: int | None) -> np.ndarray:
     image = Image.open(io.BytesIO(data))
-    if draft_size and image.format == "JPEG":
+    if draft_size and image.format in ("JPEG", "MPO"):
         image.draft("RGB", (draft_size, draft_size))
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):

@@ -2,7 +2,7 @@
 
 A file is judged by decoding it, never by its extension. Each row says `valid`, or why not:
 `rejected` with a reason (empty, truncated, not_an_image, unsupported_format, too_large,
-corrupt, no_label, conflicting_labels) or `duplicate` of another valid file under the same
+corrupt, no_label, bad_name, conflicting_labels) or `duplicate` of another valid file under the same
 label. The label is the file's top folder. Raw files are only read.
 """
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tasks.files import Progress, ShardMap, atomic_file, chunked, process_pool_map
-from tasks.images import judge
+from tasks.images import Verdict, judge
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import ValidateParams
 
@@ -48,6 +48,11 @@ def _judge_shard(root: str, max_pixels: int, paths: Sequence[str]) -> list[dict]
         parts = path.split("/")
         label = parts[0] if len(parts) > 1 else ""
         reason = verdict.reason or ("" if label else "no_label")
+        if not _utf8(path):
+            # A name no UTF-8 file can hold (from an old archive): shown escaped, not used.
+            path = os.fsencode(path).decode("utf-8", "backslashreplace")
+            label = label.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            reason, verdict = "bad_name", Verdict("bad_name", "file name is not valid UTF-8")
         rows.append(
             {
                 "path": path,
@@ -64,6 +69,14 @@ def _judge_shard(root: str, max_pixels: int, paths: Sequence[str]) -> list[dict]
             }
         )
     return rows
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _mark_duplicates(rows: list[dict]) -> None:

@@ -1,0 +1,260 @@
+"""Image reading: judge, decode (fast PNG path and Pillow path) and resize."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.images import _plain_png, decode, judge, resize
+
+MAX_PIXELS = 50_000_000
+
+
+def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def pillow_rgb(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def orientation_exif(value: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif.tobytes()
+
+
+# --- decode: shapes and dtypes across modes -------------------------------------------------
+
+H, W = 13, 21
+
+
+def _image_in_mode(mode: str) -> bytes:
+    rgb = Image.fromarray(noise(H, W, seed=1))
+    if mode == "I;16":
+        return encode(Image.fromarray((noise(H, W, channels=1).astype(np.uint16) * 257)), "PNG")
+    if mode == "CMYK":
+        return encode(rgb.convert("CMYK"), "JPEG")
+    return encode(rgb.convert(mode), "PNG")
+
+
+MODES = ["RGB", "L", "LA", "RGBA", "P", "1", "I;16", "CMYK"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_rgb_is_uint8_height_width_3(mode):
+    data = _image_in_mode(mode)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    image = decode(data, 3)
+    assert image.dtype == np.uint8
+    assert image.shape == (H, W, 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_gray_is_uint8_height_width_1(mode):
+    image = decode(_image_in_mode(mode), 1)
+    assert image.dtype == np.uint8
+    assert image.shape == (H, W, 1)
+
+
+def test_decode_rgba_drops_alpha_without_compositing():
+    pixels = np.zeros((4, 6, 4), dtype=np.uint8)
+    pixels[..., :3] = (200, 100, 50)  # fully transparent, but the colour is kept
+    image = decode(encode(Image.fromarray(pixels), "PNG"), 3)
+    assert (image == np.array([200, 100, 50], dtype=np.uint8)).all()
+
+
+def test_decode_cmyk_jpeg_gives_rgb_colours():
+    data = encode(Image.new("CMYK", (16, 8), (0, 255, 255, 0)), "JPEG", quality=95)  # pure red
+    red, green, blue = decode(data, 3)[4, 8].astype(int)
+    assert red > 200 and green < 60 and blue < 60
+
+
+# --- the fast PNG path gives Pillow's pixels ------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 31), (33, 7), (101, 63)])
+def test_fast_png_path_matches_pillow_for_8bit_rgb(size):
+    data = encode(Image.fromarray(noise(*size, seed=size[0])), "PNG")
+    assert _plain_png(data), "expected the fast path to be taken"
+    assert np.array_equal(decode(data, 3), pillow_rgb(data))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (17, 31), (33, 7), (101, 63)])
+def test_fast_png_path_matches_pillow_for_8bit_gray(size):
+    data = encode(Image.fromarray(noise(*size, channels=1, seed=size[1])), "PNG")
+    assert _plain_png(data), "expected the fast path to be taken"
+    assert np.array_equal(decode(data, 3), pillow_rgb(data))
+
+
+def test_fast_png_path_matches_pillow_for_opencv_written_png():
+    pixels = noise(29, 43, seed=9)
+    ok, encoded = cv2.imencode(".png", pixels)
+    data = encoded.tobytes()
+    assert ok and _plain_png(data)
+    assert np.array_equal(decode(data, 3), pillow_rgb(data))
+
+
+def test_gray_png_with_one_channel_keeps_its_exact_values():
+    pixels = noise(19, 23, channels=1, seed=4)
+    assert np.array_equal(decode(encode(Image.fromarray(pixels), "PNG"), 1)[:, :, 0], pixels)
+
+
+def test_png_with_exif_orientation_before_idat_is_decoded_upright():
+    data = encode(Image.fromarray(noise(20, 30, seed=2)), "PNG", exif=orientation_exif(6))
+    assert decode(data, 3).shape == (30, 20, 3)
+
+
+def test_png_with_exif_orientation_after_idat_is_decoded_upright():
+    plain = encode(Image.fromarray(noise(20, 30, seed=2)), "PNG")
+    assert plain.endswith(png_chunk(b"IEND", b""))
+    data = plain[:-12] + png_chunk(b"eXIf", orientation_exif(6)) + plain[-12:]
+    assert decode(data, 3).shape == (30, 20, 3)
+
+
+# --- 16-bit ---------------------------------------------------------------------------------
+
+
+def test_16bit_gray_keeps_the_high_byte():
+    data = encode(Image.fromarray(np.full((5, 7), 0x1234, dtype=np.uint16)), "PNG")
+    assert (decode(data, 3) == 0x12).all()
+    assert (decode(data, 1) == 0x12).all()
+
+
+def test_16bit_rgb_keeps_the_high_byte_per_channel():
+    pixels = np.empty((5, 7, 3), dtype=np.uint16)
+    pixels[...] = (0xAB00, 0x1234, 0x56FF)  # OpenCV order: blue, green, red
+    ok, encoded = cv2.imencode(".png", pixels)
+    assert ok
+    assert (decode(encoded.tobytes(), 3) == np.array([0x56, 0x12, 0xAB], dtype=np.uint8)).all()
+
+
+# --- EXIF orientation and JPEG draft --------------------------------------------------------
+
+
+def test_jpeg_exif_orientation_6_is_rotated_upright():
+    pixels = np.zeros((40, 64, 3), dtype=np.uint8)
+    pixels[:8] = 255  # a white band along the stored top edge
+    data = encode(Image.fromarray(pixels), "JPEG", quality=95, exif=orientation_exif(6))
+    image = decode(data, 3)
+    assert image.shape == (64, 40, 3)
+    # Orientation 6 means "rotate 90 degrees clockwise to view": the top edge becomes the right edge.
+    assert image[:, -4:].mean() > 200
+    assert image[:, :4].mean() < 50
+
+
+def test_draft_size_decodes_large_jpeg_smaller_but_not_below_draft_size():
+    pixels = cv2.resize(noise(12, 16, seed=3), (1600, 1200), interpolation=cv2.INTER_LINEAR)
+    data = encode(Image.fromarray(pixels), "JPEG", quality=85)
+    assert decode(data, 3).shape == (1200, 1600, 3)
+    image = decode(data, 3, draft_size=300)
+    assert image.dtype == np.uint8 and image.shape[2] == 3
+    assert min(image.shape[:2]) >= 300
+    assert image.shape[0] < 1200 and image.shape[1] < 1600
+
+
+# --- resize ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [(20, 30), (64, 48), (7, 90)])
+def test_stretch_gives_exact_size_and_keeps_channel_dim(channels, size):
+    image = noise(37, 53, channels=3, seed=5)[:, :, :channels]
+    out = resize(image, size, "stretch")
+    assert out.shape == (*size, channels) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pad_keeps_aspect_with_black_borders(channels):
+    image = np.full((20, 40, channels), 255, dtype=np.uint8)  # wide: pad above and below
+    out = resize(image, (40, 40), "pad")
+    assert out.shape == (40, 40, channels)
+    assert (out[:10] == 0).all() and (out[30:] == 0).all()
+    assert (out[10:30] == 255).all()
+
+
+def test_pad_tall_image_gets_left_and_right_borders():
+    image = np.full((60, 20, 3), 200, dtype=np.uint8)
+    out = resize(image, (30, 30), "pad")
+    assert (out[:, :10] == 0).all() and (out[:, 20:] == 0).all()
+    assert (out[:, 10:20] == 200).all()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_crop_fills_the_whole_target(channels):
+    image = np.full((20, 40, channels), 255, dtype=np.uint8)
+    out = resize(image, (40, 40), "crop")
+    assert out.shape == (40, 40, channels)
+    assert (out == 255).all()
+
+
+def test_crop_keeps_the_centre():
+    image = np.zeros((10, 30, 3), dtype=np.uint8)
+    image[:, 10:20] = 255  # only the middle third is white
+    out = resize(image, (10, 10), "crop")
+    assert (out == 255).all()
+
+
+@pytest.mark.parametrize("mode", ["stretch", "pad", "crop"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_upscaling_small_image_works(mode, channels):
+    image = np.full((3, 5, channels), 90, dtype=np.uint8)
+    out = resize(image, (64, 48), mode)
+    assert out.shape == (64, 48, channels)
+    assert (out == 90).any()
+
+
+@pytest.mark.parametrize("mode", ["stretch", "pad", "crop"])
+def test_large_downscale_keeps_flat_colour(mode):
+    # The >=2x path (bilinear then area) must not shift a flat image's value.
+    image = np.full((400, 600, 3), 123, dtype=np.uint8)
+    out = resize(image, (50, 75), mode)
+    assert out.shape == (50, 75, 3)
+    assert (out == 123).all()
+
+
+# --- judge ----------------------------------------------------------------------------------
+
+
+def test_judge_accepts_a_good_png_with_its_header_facts():
+    verdict = judge(encode(Image.fromarray(noise(13, 21)), "PNG"), MAX_PIXELS)
+    assert (verdict.reason, verdict.format, verdict.mode, verdict.width, verdict.height) == ("", "PNG", "RGB", 21, 13)
+
+
+def test_judge_rejects_png_with_flipped_byte_in_idat():
+    data = bytearray(encode(Image.fromarray(noise(40, 50, seed=8)), "PNG"))
+    start = data.index(b"IDAT") + 4
+    length = struct.unpack(">I", data[start - 8 : start - 4])[0]
+    data[start + length // 2] ^= 0xFF
+    verdict = judge(bytes(data), MAX_PIXELS)
+    assert verdict.reason in ("truncated", "corrupt"), verdict
+
+
+def test_judge_max_pixels_is_inclusive():
+    data = encode(Image.fromarray(noise(10, 10)), "PNG")
+    assert judge(data, 100).reason == ""
+    assert judge(data, 99).reason == "too_large"
+
+
+def test_judge_accepts_multi_picture_jpeg():
+    frame = Image.fromarray(noise(40, 60, seed=6))
+    data = encode(frame, "MPO", save_all=True, append_images=[frame])
+    assert data[:2] == b"\xff\xd8" and decode(data, 3).shape == (40, 60, 3)
+    assert judge(data, MAX_PIXELS).reason == ""

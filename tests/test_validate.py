@@ -1,0 +1,325 @@
+"""Stage validate: each file under extracted/ becomes one manifest row, judged by its content."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.manifest import MANIFEST_COLUMNS
+from tasks.params import ValidateParams
+from tasks.validate import SHARD_FILES, validate
+
+
+def in_process(fn, shards):
+    """A ShardMap that runs the shards one after another in this process."""
+    return map(fn, shards)
+
+
+def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def png_bytes(height: int = 12, width: int = 20, seed: int = 0) -> bytes:
+    return encode(Image.fromarray(noise(height, width, seed=seed)), "PNG")
+
+
+def jpeg_bytes(height: int = 48, width: int = 64, seed: int = 0) -> bytes:
+    return encode(Image.fromarray(noise(height, width, seed=seed)), "JPEG", quality=90)
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def write(root: Path, rel: str, data: bytes) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def run_validate(root: Path, tmp_path: Path, max_pixels: int = 50_000_000, map_shards=in_process) -> dict[str, dict]:
+    """Runs validate on `root` and returns the manifest's rows keyed by path."""
+    manifest = validate(ValidateParams(max_pixels=max_pixels), root, tmp_path / "manifest.csv", map_shards)
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == MANIFEST_COLUMNS
+        rows = list(reader)
+    by_path = {row["path"]: row for row in rows}
+    assert len(by_path) == len(rows), "a path appears twice in the manifest"
+    return by_path
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    folder = tmp_path / "extracted"
+    folder.mkdir()
+    return folder
+
+
+def assert_rejected(row: dict, reason: str) -> None:
+    assert (row["status"], row["reason"]) == ("rejected", reason), row
+
+
+def assert_valid(row: dict, fmt: str, width: int, height: int) -> None:
+    assert (row["status"], row["reason"]) == ("valid", ""), row
+    assert (row["format"], int(row["width"]), int(row["height"])) == (fmt, width, height), row
+
+
+# --- rejections -----------------------------------------------------------------------------
+
+
+def test_empty_file_is_rejected_as_empty(root, tmp_path):
+    write(root, "cat/empty.png", b"")
+    assert_rejected(run_validate(root, tmp_path)["cat/empty.png"], "empty")
+
+
+def test_truncated_png_is_rejected_with_reason_truncated(root, tmp_path):
+    data = png_bytes(64, 80)
+    write(root, "cat/cut.png", data[: len(data) // 2])
+    row = run_validate(root, tmp_path)["cat/cut.png"]
+    assert_rejected(row, "truncated")
+    assert row["format"] == "PNG"
+
+
+def test_truncated_jpeg_is_rejected_with_reason_truncated(root, tmp_path):
+    data = jpeg_bytes(64, 80)
+    write(root, "cat/cut.jpg", data[: len(data) // 2])
+    row = run_validate(root, tmp_path)["cat/cut.jpg"]
+    assert_rejected(row, "truncated")
+    assert row["format"] == "JPEG"
+
+
+def test_text_file_named_png_is_rejected_as_not_an_image(root, tmp_path):
+    write(root, "cat/x.png", b"just some text, not pixels\n" * 10)
+    assert_rejected(run_validate(root, tmp_path)["cat/x.png"], "not_an_image")
+
+
+def test_psd_signature_is_rejected_as_unsupported_format(root, tmp_path):
+    write(root, "cat/layers.png", b"8BPS\x00\x01" + bytes(64))
+    assert_rejected(run_validate(root, tmp_path)["cat/layers.png"], "unsupported_format")
+
+
+def test_format_pillow_opens_but_not_supported_is_rejected_as_unsupported_format(root, tmp_path):
+    write(root, "cat/a.ppm", encode(Image.fromarray(noise(9, 11)), "PPM"))
+    write(root, "cat/b.ico", encode(Image.fromarray(noise(16, 16)), "ICO"))
+    rows = run_validate(root, tmp_path)
+    assert_rejected(rows["cat/a.ppm"], "unsupported_format")
+    assert rows["cat/a.ppm"]["format"] == "PPM"
+    assert_rejected(rows["cat/b.ico"], "unsupported_format")
+    assert rows["cat/b.ico"]["format"] == "ICO"
+
+
+def test_too_large_image_is_rejected_from_its_header_without_decoding(root, tmp_path):
+    # The IHDR claims 30000x30000 but the pixel data is garbage: decoding would say
+    # truncated/corrupt, so `too_large` proves the verdict came from the header alone.
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"garbage") + png_chunk(b"IEND", b"")
+    write(root, "cat/huge.png", data)
+    row = run_validate(root, tmp_path, max_pixels=100_000_000)["cat/huge.png"]
+    assert_rejected(row, "too_large")
+    assert (int(row["width"]), int(row["height"])) == (30000, 30000)
+
+
+def test_file_outside_any_class_folder_is_rejected_as_no_label(root, tmp_path):
+    write(root, "loose.png", png_bytes())
+    row = run_validate(root, tmp_path)["loose.png"]
+    assert_rejected(row, "no_label")
+    assert row["label"] == ""
+
+
+# --- accepted and normalised ----------------------------------------------------------------
+
+
+def test_grayscale_png_is_valid(root, tmp_path):
+    write(root, "cat/g.png", encode(Image.fromarray(noise(13, 17, channels=1)), "PNG"))
+    row = run_validate(root, tmp_path)["cat/g.png"]
+    assert_valid(row, "PNG", 17, 13)
+    assert row["mode"] == "L"
+
+
+def test_rgba_png_is_valid(root, tmp_path):
+    write(root, "cat/rgba.png", encode(Image.fromarray(noise(13, 17, channels=4)), "PNG"))
+    row = run_validate(root, tmp_path)["cat/rgba.png"]
+    assert_valid(row, "PNG", 17, 13)
+    assert row["mode"] == "RGBA"
+
+
+def test_16bit_grayscale_png_is_valid(root, tmp_path):
+    pixels = (np.arange(13 * 17, dtype=np.uint16).reshape(13, 17) * 300).astype(np.uint16)
+    assert cv2.imwrite(str(write(root, "cat/g16.png", b"")), pixels)
+    row = run_validate(root, tmp_path)["cat/g16.png"]
+    assert_valid(row, "PNG", 17, 13)
+    assert row["mode"].startswith("I")
+
+
+def test_16bit_rgb_png_is_valid(root, tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 65536, (13, 17, 3), dtype=np.uint16)
+    path = write(root, "cat/rgb16.png", b"")
+    assert cv2.imwrite(str(path), pixels)
+    assert path.read_bytes()[24] == 16  # IHDR bit depth: really a 16-bit file
+    assert_valid(run_validate(root, tmp_path)["cat/rgb16.png"], "PNG", 17, 13)
+
+
+def test_palette_png_is_valid(root, tmp_path):
+    write(root, "cat/p.png", encode(Image.fromarray(noise(13, 17)).convert("P"), "PNG"))
+    row = run_validate(root, tmp_path)["cat/p.png"]
+    assert_valid(row, "PNG", 17, 13)
+    assert row["mode"] == "P"
+
+
+def test_cmyk_jpeg_is_valid(root, tmp_path):
+    write(root, "cat/cmyk.jpg", encode(Image.new("CMYK", (17, 13), (10, 200, 30, 0)), "JPEG"))
+    row = run_validate(root, tmp_path)["cat/cmyk.jpg"]
+    assert_valid(row, "JPEG", 17, 13)
+    assert row["mode"] == "CMYK"
+
+
+def test_upper_case_extensions_are_valid(root, tmp_path):
+    write(root, "cat/A.PNG", png_bytes(12, 20))
+    write(root, "cat/B.JPG", jpeg_bytes(48, 64))
+    rows = run_validate(root, tmp_path)
+    assert_valid(rows["cat/A.PNG"], "PNG", 20, 12)
+    assert_valid(rows["cat/B.JPG"], "JPEG", 64, 48)
+
+
+def test_non_ascii_file_name_is_valid_and_kept_in_manifest(root, tmp_path):
+    write(root, "세포/세포.png", png_bytes(12, 20))
+    row = run_validate(root, tmp_path)["세포/세포.png"]
+    assert_valid(row, "PNG", 20, 12)
+    assert row["label"] == "세포"
+
+
+def test_jpeg_misnamed_png_is_judged_by_content(root, tmp_path):
+    write(root, "cat/photo.png", jpeg_bytes(48, 64))
+    assert_valid(run_validate(root, tmp_path)["cat/photo.png"], "JPEG", 64, 48)
+
+
+def test_label_is_top_folder_for_nested_files(root, tmp_path):
+    write(root, "cat/batch1/deep/a.png", png_bytes())
+    row = run_validate(root, tmp_path)["cat/batch1/deep/a.png"]
+    assert (row["label"], row["status"]) == ("cat", "valid")
+
+
+def test_file_name_not_utf8_does_not_crash_validate(root, tmp_path):
+    write(root, "cat/good.png", png_bytes(seed=1))
+    (root / "cat").joinpath(os.fsdecode(b"caf\xe9.png")).write_bytes(png_bytes(seed=2))
+    rows = run_validate(root, tmp_path)
+    assert len(rows) == 2
+    assert rows["cat/good.png"]["status"] == "valid"
+    assert (rows["cat/caf\\xe9.png"]["status"], rows["cat/caf\\xe9.png"]["reason"]) == ("rejected", "bad_name")
+
+
+# --- duplicates -----------------------------------------------------------------------------
+
+
+def test_exact_duplicate_under_one_label_keeps_first_path_valid(root, tmp_path):
+    data = png_bytes(seed=5)
+    write(root, "cat/b_second.png", data)
+    write(root, "cat/a_first.png", data)
+    rows = run_validate(root, tmp_path)
+    assert rows["cat/a_first.png"]["status"] == "valid"
+    dup = rows["cat/b_second.png"]
+    assert (dup["status"], dup["reason"]) == ("duplicate", "duplicate")
+    assert "cat/a_first.png" in dup["detail"]
+
+
+def test_same_bytes_under_two_labels_are_both_rejected_as_conflicting_labels(root, tmp_path):
+    data = png_bytes(seed=6)
+    write(root, "cat/x.png", data)
+    write(root, "dog/y.png", data)
+    write(root, "dog/other.png", png_bytes(seed=7))
+    rows = run_validate(root, tmp_path)
+    assert_rejected(rows["cat/x.png"], "conflicting_labels")
+    assert_rejected(rows["dog/y.png"], "conflicting_labels")
+    assert rows["dog/other.png"]["status"] == "valid"
+
+
+# --- manifest as a whole --------------------------------------------------------------------
+
+
+def mixed_tree(root: Path) -> dict[str, bytes]:
+    """A little of everything: valid, rejected, duplicate, nested, unlabelled."""
+    files = {
+        "cat/a.png": png_bytes(seed=1),
+        "cat/a_copy.png": png_bytes(seed=1),
+        "cat/sub/b.jpg": jpeg_bytes(seed=2),
+        "cat/empty.png": b"",
+        "dog/c.png": png_bytes(seed=3),
+        "dog/notes.txt": b"hello\n",
+        "dog/cut.png": png_bytes(40, 40, seed=4)[:100],
+        "root.png": png_bytes(seed=5),
+    }
+    for rel, data in files.items():
+        write(root, rel, data)
+    return files
+
+
+def test_manifest_has_one_row_per_file(root, tmp_path):
+    files = mixed_tree(root)
+    rows = run_validate(root, tmp_path)
+    assert sorted(rows) == sorted(files)
+
+
+def test_reason_is_empty_exactly_for_valid_rows(root, tmp_path):
+    mixed_tree(root)
+    rows = run_validate(root, tmp_path)
+    statuses = {row["status"] for row in rows.values()}
+    assert statuses == {"valid", "rejected", "duplicate"}
+    for row in rows.values():
+        assert (row["reason"] == "") == (row["status"] == "valid"), row
+
+
+def test_sha256_and_bytes_match_the_file(root, tmp_path):
+    files = mixed_tree(root)
+    rows = run_validate(root, tmp_path)
+    for rel, data in files.items():
+        assert rows[rel]["sha256"] == hashlib.sha256(data).hexdigest(), rel
+        assert int(rows[rel]["bytes"]) == len(data), rel
+
+
+def test_raw_files_are_unchanged_by_validate(root, tmp_path):
+    files = mixed_tree(root)
+    before = {rel: ((root / rel).read_bytes(), (root / rel).stat().st_mtime_ns) for rel in files}
+    run_validate(root, tmp_path)
+    after = {rel: ((root / rel).read_bytes(), (root / rel).stat().st_mtime_ns) for rel in files}
+    assert after == before
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == sorted(files)
+
+
+def test_process_pool_gives_same_manifest_as_in_process(root, tmp_path):
+    # More than one shard, so the default map really fans out to worker processes.
+    for i in range(SHARD_FILES + 40):
+        label = ("cat", "dog", "owl")[i % 3]
+        data = b"" if i % 50 == 7 else png_bytes(4, 5, seed=i % 200)
+        write(root, f"{label}/{i:04d}.png", data)
+    pooled = validate(ValidateParams(), root, tmp_path / "pooled.csv")
+    serial = validate(ValidateParams(), root, tmp_path / "serial.csv", in_process)
+    assert pooled.read_bytes() == serial.read_bytes()
+    with open(pooled, newline="", encoding="utf-8") as handle:
+        assert len(list(csv.DictReader(handle))) == SHARD_FILES + 40
+
+
+def test_missing_folder_raises_file_not_found_naming_it(tmp_path):
+    missing = tmp_path / "no_such_extracted"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        validate(ValidateParams(), missing, tmp_path / "manifest.csv", in_process)
+    assert not (tmp_path / "manifest.csv").exists()
