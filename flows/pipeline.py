@@ -69,18 +69,30 @@ def _workers_report_here() -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = previous
 
 
-def prefect_map(orchestration: OrchestrationParams) -> ShardMap:
-    """Returns a ShardMap that runs each shard as a task on the configured task runner."""
+class PrefectShards:
+    """A ShardMap that runs shards as tasks on the configured task runner, started once per flow run.
 
-    def map_shards(fn: Callable[[Any], Any], shards: Sequence[Any]) -> Iterator[Any]:
-        if not shards:
+    One shard (a small set) runs inline: starting workers would cost more than it saves.
+    """
+
+    def __init__(self, orchestration: OrchestrationParams):
+        self.orchestration = orchestration
+        self._stack = contextlib.ExitStack()
+        self._runner = None
+
+    def __call__(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> Iterator[Any]:
+        if len(shards) <= 1:
+            yield from map(fn, shards)
             return
-        with _workers_report_here(), _task_runner(orchestration) as runner:
-            futures = [runner.submit(run_shard, {"fn": fn, "shard": shard}) for shard in shards]
-            for future in futures:
-                yield future.result()
+        if self._runner is None:
+            self._stack.enter_context(_workers_report_here())
+            self._runner = self._stack.enter_context(_task_runner(self.orchestration))
+        futures = [self._runner.submit(run_shard, {"fn": fn, "shard": shard}) for shard in shards]
+        for future in futures:
+            yield future.result()
 
-    return map_shards
+    def close(self) -> None:
+        self._stack.close()
 
 
 @task(persist_result=True)
@@ -159,7 +171,15 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
         write_overrides(layout.root / params_path, overrides)
         logger.info("wrote %s into %s (as `dvc exp run -S` does)", ", ".join(overrides), params_path)
     prints = Fingerprints(layout.root)
-    map_shards = prefect_map(params.orchestration)
+    with contextlib.closing(PrefectShards(params.orchestration)) as map_shards:
+        outcome = _run_stages(params, layout, prints, map_shards)
+    logger.info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
+    publish_artifacts(layout, outcome)
+    version_outputs(layout, params.orchestration)
+    return outcome
+
+
+def _run_stages(params: Params, layout: Layout, prints: Fingerprints, map_shards: ShardMap) -> dict[str, str]:
     outcome: dict[str, str] = {}
     for name, spec in STAGES.items():
         key = cache_key(name, spec, params, layout, prints)
@@ -177,9 +197,6 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
             outcome[name] = "ran"
             _record_outputs(name, key, spec, layout, prints)
         prints.save()
-    logger.info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
-    publish_artifacts(layout, outcome)
-    version_outputs(layout, params.orchestration)
     return outcome
 
 

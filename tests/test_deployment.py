@@ -96,3 +96,28 @@ def test_served_flow_runs_through_the_api_with_overrides_and_artifacts(tmp_path,
     assert flow_run.name == "imgclf-train.epochs=2"
     assert json.loads((project / "metrics" / "train.json").read_text())["epochs_run"] == 2  # the override took
     assert json.loads((project / "metrics" / "eval.json").read_text())["n_test"] > 0
+
+
+def test_prefect_yaml_deploys_the_weekly_retrain_to_a_process_pool(tmp_path, prefect_server):
+    api, env = prefect_server
+    repo = Path(__file__).resolve().parents[1]
+    env = env | {"IMGCLF_HOME": str(repo)}
+    created = subprocess.run(["prefect", "work-pool", "create", "imgclf-process", "--type", "process"],
+                             cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = subprocess.run(["prefect", "--no-prompt", "deploy", "--name", "weekly-retrain"],
+                              cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    with prefect_settings.temporary_settings(updates={prefect_settings.PREFECT_API_URL: api}):
+        import asyncio
+
+        from prefect import get_client
+
+        async def deployment():
+            async with get_client() as client:
+                return await client.read_deployment_by_name("imgclf-pipeline/weekly-retrain")
+
+        found = asyncio.run(deployment())
+    assert found.work_pool_name == "imgclf-process"
+    assert found.schedules[0].schedule.cron == load_params(repo / "params.yaml").orchestration.schedule
+    assert found.parameters["overrides"] == {}

@@ -100,3 +100,35 @@ def test_flow_run_in_a_git_dvc_repo_leaves_dvc_status_clean(tmp_path, demo_zip, 
     assert "Running stage" not in dvc(root, cli_env, "repro")
     log = subprocess.run(["git", "log", "--format=%s", "-1", "--name-only"], cwd=root, capture_output=True, text=True).stdout
     assert "imgclf: record pipeline run in dvc.lock" in log and "dvc.lock" in log
+
+
+def test_transient_download_failures_are_retried_and_the_flow_succeeds(tmp_path, demo_zip):
+    import http.server
+    import threading
+
+    payload, requests = demo_zip.read_bytes(), []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            if len(requests) <= 2:
+                self.send_error(503, "busy")
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/cells.zip"
+        outcome = pipeline(overrides=QUICK | {"data.url": url, "data.retry_backoff": 0.01}, root=str(tmp_path))
+    finally:
+        server.shutdown()
+    assert ran(outcome) == ALL
+    assert len(requests) == 3
+    assert (tmp_path / "data" / "raw" / "cells.zip").read_bytes() == payload
