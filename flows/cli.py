@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the flow from this machine on orchestration.schedule (flow.serve)")
     serve.add_argument("--name", default="weekly-retrain", help="deployment name (default: weekly-retrain)")
 
+    remote = commands.add_parser("remote", help="make s3://bucket/prefix the DVC remote (endpoint from s3.endpoint_url)")
+    remote.add_argument("uri", help="s3://bucket/prefix")
+
     predict = commands.add_parser("predict", help="predict labels of image files or folders with a saved model")
     predict.add_argument("--model", type=Path, default=Path("models/model.keras"), help="default: models/model.keras")
     predict.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
@@ -85,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import serve
 
             serve(args.params, args.name)
+        elif args.command == "remote":
+            from flows.versioning import configure_remote
+
+            for line in configure_remote(Layout(Path(".")), args.uri, load_params(args.params).s3):
+                print(line)
         elif args.command == "predict":
             from tasks.predict import predict, write_rows
 

@@ -94,6 +94,14 @@ class PrefectShards:
     def close(self) -> None:
         self._stack.close()
 
+    # The stage task's parameters include this object, and a process-pool runner pickles them
+    # with each shard's context: only the settings travel, never the live runner.
+    def __getstate__(self) -> dict:
+        return {"orchestration": self.orchestration}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["orchestration"])
+
 
 @task(persist_result=True)
 def stage_task(name: str, params: Params, layout: Layout, map_shards: ShardMap) -> str:

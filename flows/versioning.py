@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -11,10 +12,13 @@ from typing import Any
 
 from tasks.errors import StageError
 from tasks.files import atomic_file
-from tasks.params import OrchestrationParams
-from tasks.stages import Layout
+from tasks.params import OrchestrationParams, S3Params
+from tasks.s3 import parse_uri
+from tasks.layout import Layout
 
 log = logging.getLogger("imgclf")
+
+REMOTE = "storage"
 
 
 class VersioningError(StageError):
@@ -52,6 +56,25 @@ def write_overrides(params_file: Path, overrides: Mapping[str, Any]) -> None:
         node[leaf] = value
     with atomic_file(params_file) as handle:
         yaml.dump(tree, handle)
+
+
+def configure_remote(layout: Layout, uri: str, s3: S3Params) -> list[str]:
+    """Makes `uri` (s3://bucket/prefix) the project's default DVC remote, endpoint and region included.
+
+    Only where it is goes into `.dvc/config`; credentials stay in boto3's chain (environment,
+    profile, role), as `dvc push` and `dvc pull` read them.
+    """
+    parse_uri(uri)
+    if not is_dvc_project(layout):
+        raise VersioningError(f"{layout.root.resolve()}: not a DVC project (run `dvc init` first)")
+    _run(_dvc("remote", "add", "--default", "--force", REMOTE, uri), layout)
+    done = [f"DVC remote {REMOTE!r} -> {uri} (default)"]
+    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    for option, value in (("endpointurl", endpoint), ("region", s3.region)):
+        if value:
+            _run(_dvc("remote", "modify", REMOTE, option, value), layout)
+            done.append(f"{option} {value}")
+    return _say(done)
 
 
 def version_outputs(layout: Layout, orchestration: OrchestrationParams) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import multiprocessing
 import os
 import shutil
 import sys
@@ -128,5 +129,8 @@ def process_pool_map(fn: Callable[[T], R], shards: Sequence[T]) -> Iterator[R]:
     if workers <= 1:
         yield from map(fn, shards)
         return
-    with ProcessPoolExecutor(max_workers=workers, initializer=_single_threaded_worker) as pool:
+    # forkserver, not fork: forking a process that runs threads (Prefect's, TensorFlow's) can
+    # deadlock the child; a clean server process forks the workers instead.
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_threaded_worker) as pool:
         yield from pool.map(fn, shards)

@@ -160,6 +160,31 @@ class TrainParams(_Section):
         return str(value).lower() if isinstance(value, bool) else value
 
 
+class S3Params(_Section):
+    """Where S3 is: boto3's credential chain supplies who you are (never put keys here)."""
+
+    endpoint_url: str | None = None  # an S3-compatible store; empty: AWS (or AWS_ENDPOINT_URL)
+    region: str | None = None
+
+    @field_validator("endpoint_url", "region", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None
+
+
+class PublishParams(_Section):
+    s3_uri: str | None = None  # s3://bucket/prefix for each run's model, metrics, plots; empty: no publishing
+
+    @field_validator("s3_uri", mode="before")
+    @classmethod
+    def _s3_or_nothing(cls, value: Any) -> Any:
+        if not value:
+            return None
+        if not str(value).startswith("s3://") or len(str(value)) <= len("s3://"):
+            raise ValueError("must be s3://bucket/prefix, or empty")
+        return str(value).rstrip("/")
+
+
 class OrchestrationParams(_Section):
     """How the Prefect flow runs; no stage reads these, so changing them re-runs nothing."""
 
@@ -188,6 +213,8 @@ with warnings.catch_warnings():
         split: SplitParams = SplitParams()
         augment: AugmentParams = AugmentParams()
         train: TrainParams = TrainParams()
+        s3: S3Params = S3Params()
+        publish: PublishParams = PublishParams()
         orchestration: OrchestrationParams = OrchestrationParams()
 
         @model_validator(mode="after")

@@ -15,59 +15,17 @@ from tasks.cache import cache
 from tasks.download import archive_path, download
 from tasks.extract import extract
 from tasks.files import ShardMap, process_pool_map
+from tasks.layout import Layout
 from tasks.params import Params
 from tasks.split import split
 from tasks.validate import validate
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each stage's outputs live, below the project root."""
-
-    root: Path
-
-    @property
-    def raw_dir(self) -> Path:
-        return self.root / "data" / "raw"
-
-    @property
-    def extracted_dir(self) -> Path:
-        return self.root / "data" / "extracted"
-
-    @property
-    def extract_skipped_csv(self) -> Path:
-        return self.root / "data" / "extract_skipped.csv"
-
-    @property
-    def manifest_csv(self) -> Path:
-        return self.root / "data" / "manifest.csv"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "data" / "cache"
-
-    @property
-    def split_csv(self) -> Path:
-        return self.root / "data" / "split.csv"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def metrics_dir(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def plots_dir(self) -> Path:
-        return self.root / "plots"
 
 
 Stage = Callable[[Params, Layout, ShardMap], object]
 
 
 def _download(p: Params, at: Layout, map_shards: ShardMap) -> Path:
-    return download(p.data, at.raw_dir)
+    return download(p.data, at.raw_dir, p.s3)
 
 
 def _extract(p: Params, at: Layout, map_shards: ShardMap) -> Path:
@@ -110,6 +68,15 @@ class StageSpec:
     outs: tuple[str, ...]  # project files and folders it writes, metrics and plots included
 
 
+def _publish(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    from tasks.publish import publish  # boto3 loads only when publishing
+
+    return publish(p.publish, p.s3, at, at.metrics_dir / "publish.json")
+
+
+PLOTS = ("plots/confusion_matrix.png", "plots/misclassified.png", "plots/training_curves.png", "plots/confusion.csv",
+         "plots/roc.csv", "plots/roc.png")  # fmt: skip
+
 # Pipeline order: dvc.yaml and the flow follow it.
 STAGES: dict[str, StageSpec] = {
     "download": StageSpec(_download, (), ("tasks/download.py",), ("data.url", "data.sha256"), ("data/raw",)),
@@ -135,8 +102,13 @@ STAGES: dict[str, StageSpec] = {
         _evaluate,
         ("models/model.keras", "models/labels.json", "data/cache", "data/split.csv", "metrics/train.json"),
         ("tasks/evaluate.py",), (),
-        ("plots/confusion_matrix.png", "plots/misclassified.png", "plots/training_curves.png", "metrics/eval.json",
-         "plots/confusion.csv", "plots/roc.csv", "plots/roc.png"),
+        ("metrics/eval.json", *PLOTS),
+    ),
+    "publish": StageSpec(
+        _publish,
+        ("models/model.keras", "models/labels.json", "models/summary.txt", "metrics/train.json", "metrics/eval.json",
+         *PLOTS, "data/manifest.csv", "data/split.csv", "data/extract_skipped.csv"),
+        ("tasks/publish.py", "tasks/report.py", "tasks/s3.py"), ("publish",), ("metrics/publish.json",),
     ),
 }  # fmt: skip
 

@@ -105,14 +105,28 @@ class _Throughput(keras.callbacks.Callback):
         return float(np.median(steady)) if steady else 0.0
 
 
-def _callbacks(params: TrainParams, backup_dir: Path, live_dir: Path, has_val: bool, throughput) -> list:
+def _live(live_dir: Path, resume: bool):
+    """Returns a dvclive logger; in a git repo with no commit yet it logs without DVC's experiment view."""
     from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    class RepoTolerantLive(Live):
+        def _init_dvc(self):
+            try:
+                super()._init_dvc()
+            except SCMError as exc:  # dvclive reads the current commit, and there is none
+                log.warning("train: dvclive: %s; per-epoch metrics are still written to %s", exc, live_dir)
+
+    return RepoTolerantLive(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+
+
+def _callbacks(params: TrainParams, backup_dir: Path, live_dir: Path, has_val: bool, throughput) -> list:
     from dvclive.keras import DVCLiveCallback
 
     resuming = backup_dir.exists()
     found = [
         keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
-        DVCLiveCallback(live=Live(str(live_dir), resume=resuming, save_dvc_exp=False, dvcyaml=None)),
+        DVCLiveCallback(live=_live(live_dir, resuming)),
         throughput,
     ]
     # Keep the best epoch's weights; stop early only when train.patience is set.

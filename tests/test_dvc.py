@@ -44,7 +44,7 @@ def project(tmp_path, demo_zip, cli_env) -> Path:
 
 def test_repro_runs_all_then_nothing_then_only_what_a_change_touches(project, cli_env):
     first = sh(["dvc", "repro"], project, cli_env)
-    assert ran(first) == ["download", "extract", "validate", "cache", "split", "train", "evaluate"]
+    assert ran(first) == ["download", "extract", "validate", "cache", "split", "train", "evaluate", "publish"]
     assert (project / "metrics" / "eval.json").exists()
 
     again = sh(["dvc", "repro"], project, cli_env)
@@ -52,10 +52,10 @@ def test_repro_runs_all_then_nothing_then_only_what_a_change_touches(project, cl
     assert "up to date" in sh(["dvc", "status"], project, cli_env)
 
     set_params(project, prepare={"image_size": 32})
-    assert ran(sh(["dvc", "repro"], project, cli_env)) == ["cache", "train", "evaluate"]
+    assert ran(sh(["dvc", "repro"], project, cli_env)) == ["cache", "train", "evaluate", "publish"]
 
     set_params(project, train={"epochs": 1})
-    assert ran(sh(["dvc", "repro"], project, cli_env)) == ["train", "evaluate"]
+    assert ran(sh(["dvc", "repro"], project, cli_env)) == ["train", "evaluate", "publish"]
     assert "up to date" in sh(["dvc", "status"], project, cli_env)
 
     shown = sh(["dvc", "metrics", "show", "--json"], project, cli_env)
@@ -66,7 +66,7 @@ def test_experiments_and_plots_see_the_model_stages(project, cli_env):
     sh(["dvc", "repro"], project, cli_env)
     sh(["git", "add", "-A"], project, cli_env)
     sh(["git", "commit", "-qm", "baseline"], project, cli_env)
-    assert ran(sh(["dvc", "exp", "run", "-S", "train.epochs=1"], project, cli_env)) == ["train", "evaluate"]
+    assert ran(sh(["dvc", "exp", "run", "-S", "train.epochs=1"], project, cli_env)) == ["train", "evaluate", "publish"]
     experiments = sh(["dvc", "exp", "show", "--json"], project, cli_env)
     assert '"epochs": 1' in experiments and '"val_accuracy"' in experiments
     html = project / "plots-html"

@@ -43,8 +43,9 @@ def run(root: Path, demo_zip: Path, **overrides) -> dict[str, str]:
 def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip):
     assert ran(run(tmp_path, demo_zip)) == ALL
     assert ran(run(tmp_path, demo_zip)) == []
-    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2})) == ["train", "evaluate"]
-    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "train", "evaluate"]
+    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2})) == ["train", "evaluate", "publish"]
+    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "train", "evaluate",
+                                                                                             "publish"]  # fmt: skip
     # A deleted output re-runs its stage; the same bytes come back, so nothing after it re-runs.
     (tmp_path / "data" / "split.csv").unlink()
     assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2, "prepare.image_size": 32})) == ["split"]
@@ -57,7 +58,7 @@ def test_failed_stage_fails_the_flow_keeps_earlier_outputs_and_the_next_run_star
         run(tmp_path, demo_zip, **bad)
     assert (tmp_path / "data" / "cache" / "images.npy").exists() and (tmp_path / "data" / "split.csv").exists()
     assert not (tmp_path / "models" / "model.keras").exists()
-    assert ran(run(tmp_path, demo_zip, **{"prepare.image_size": 32})) == ["train", "evaluate"]
+    assert ran(run(tmp_path, demo_zip, **{"prepare.image_size": 32})) == ["train", "evaluate", "publish"]
 
 
 def test_permanent_download_failure_fails_the_flow_with_the_url(tmp_path):
@@ -132,3 +133,21 @@ def test_transient_download_failures_are_retried_and_the_flow_succeeds(tmp_path,
     assert ran(outcome) == ALL
     assert len(requests) == 3
     assert (tmp_path / "data" / "raw" / "cells.zip").read_bytes() == payload
+
+
+@pytest.mark.parametrize("runner", ["processes", "threads"])
+def test_shards_fan_out_on_the_task_runner_with_the_same_bytes(tmp_path, runner):
+    from tasks.demo_data import make_demo_archive
+
+    # 524 files and 520 images: several validate and cache shards, so the runner really fans out.
+    archive = make_demo_archive(tmp_path / "big.zip", per_class=260)
+    overrides = QUICK | {"data.url": str(archive), "orchestration.task_runner": runner}
+    assert ran(pipeline(overrides=overrides, root=str(tmp_path / "flow"))) == ALL
+    for name in ("download", "extract", "validate", "cache", "split"):
+        run_stage_directly = STAGES[name].run
+        from tasks.files import process_pool_map
+        from tasks.params import load_params
+
+        run_stage_directly(load_params(tmp_path / "none.yaml", overrides), Layout(tmp_path / "direct"), process_pool_map)
+    for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
+        assert (tmp_path / "flow" / output).read_bytes() == (tmp_path / "direct" / output).read_bytes(), output

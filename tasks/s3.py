@@ -1,0 +1,98 @@
+"""S3 access shared by download (s3:// sources) and publish: clients, URIs, and errors in one line.
+
+Credentials come from boto3's standard chain (environment, shared profile, instance or
+task role); `s3.endpoint_url` (or AWS_ENDPOINT_URL) points at an S3-compatible store. No
+message here ever carries a credential: errors are rebuilt from the AWS error code alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from tasks.errors import StageError
+from tasks.params import S3Params
+
+
+class S3Error(StageError):
+    """An S3 request failed for a reason retrying will not fix; the message names the URI."""
+
+
+class S3Transient(Exception):
+    """An S3 request failed for a reason that may pass (network, throttling, 5xx)."""
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" if self.key else f"s3://{self.bucket}"
+
+    def child(self, *parts: str) -> S3Uri:
+        return S3Uri(self.bucket, "/".join(p.strip("/") for p in (self.key, *parts) if p.strip("/")))
+
+
+def parse_uri(uri: str) -> S3Uri:
+    """Returns bucket and key of `s3://bucket/key` (the key may be empty: a bucket or prefix)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise S3Error(f"{uri}: not an s3://bucket/key URI")
+    return S3Uri(parsed.netloc, parsed.path.lstrip("/"))
+
+
+def client(params: S3Params):
+    """Returns a boto3 S3 client for the configured endpoint, with boto3's credential chain."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = params.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    # Retries here are ours (explain_error sorts transient from permanent), so botocore's are few.
+    config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=params.region, config=config)
+
+
+# AWS error code -> what it means for the user.
+_PERMANENT = {
+    "NoSuchBucket": "no such bucket",
+    "NoSuchKey": "no such key",
+    "404": "no such key",
+    "NotFound": "not found",
+    "AccessDenied": "access denied (the credentials lack permission)",
+    "403": "access denied (the credentials lack permission)",
+    "AllAccessDisabled": "access denied",
+    "InvalidAccessKeyId": "bad credentials (unknown access key id)",
+    "SignatureDoesNotMatch": "bad credentials (the secret does not match the access key id)",
+    "InvalidToken": "bad credentials (invalid session token)",
+    "ExpiredToken": "bad credentials (expired session token)",
+    "InvalidBucketName": "invalid bucket name",
+}
+_TRANSIENT = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "500", "502", "503", "504", "Throttling"}
+
+
+def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:
+    """Returns the exception to raise for a boto3/botocore failure: S3Error (one line) or S3Transient."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
+    )
+
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _TRANSIENT:
+            return S3Transient(f"{uri}: {code}")
+        meaning = _PERMANENT.get(code) or f"S3 error {code or 'unknown'}"
+        return S3Error(f"{uri}: {meaning}")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return S3Error(f"{uri}: no AWS credentials found (environment, shared profile or instance/task role)")
+    if isinstance(exc, EndpointConnectionError):
+        return S3Transient(f"{uri}: cannot reach the S3 endpoint")
+    if isinstance(exc, (ConnectionClosedError, ReadTimeoutError, ConnectionError, TimeoutError)):
+        return S3Transient(f"{uri}: connection broke ({type(exc).__name__})")
+    return S3Error(f"{uri}: {type(exc).__name__}")
