@@ -50,3 +50,16 @@ def test_layout_paths_are_registry_outputs():
     for path in (layout.raw_dir, layout.extracted_dir, layout.extract_skipped_csv, layout.manifest_csv,
                  layout.cache_dir, layout.split_csv, layout.model_dir / "model.keras"):  # fmt: skip
         assert path.as_posix() in outs
+
+
+def test_prefect_yaml_deployments_run_the_flow_with_valid_overrides():
+    from tasks.params import load_params
+
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert {d["name"] for d in deployments} == {"weekly-retrain", "cloud-weekly"}
+    default_cron = load_params(REPO / "params.yaml").orchestration.schedule
+    for deployment in deployments:
+        module, function = deployment["entrypoint"].split(":")
+        assert (REPO / module).is_file() and f"def {function}(" in (REPO / module).read_text()
+        load_params(REPO / "params.yaml", deployment["parameters"]["overrides"])  # raises on a bad key or value
+        assert deployment["schedules"][0]["cron"] == default_cron
