@@ -151,3 +151,65 @@ def test_shards_fan_out_on_the_task_runner_with_the_same_bytes(tmp_path, runner)
         run_stage_directly(load_params(tmp_path / "none.yaml", overrides), Layout(tmp_path / "direct"), process_pool_map)
     for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
         assert (tmp_path / "flow" / output).read_bytes() == (tmp_path / "direct" / output).read_bytes(), output
+
+
+@pytest.fixture
+def dask_cluster():
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                       dashboard_address=None, silence_logs=40)  # fmt: skip
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, dask_cluster):
+    from tasks.demo_data import make_demo_archive
+
+    archive = make_demo_archive(tmp_path / "big.zip", per_class=260)
+    base = QUICK | {"data.url": str(archive)}
+    on_dask = base | {"orchestration.task_runner": "dask", "orchestration.dask_address": dask_cluster.scheduler_address}
+    assert ran(pipeline(overrides=on_dask, root=str(tmp_path / "dask"))) == ALL
+    assert ran(pipeline(overrides=base, root=str(tmp_path / "local"))) == ALL
+    for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
+        assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output
+
+
+def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_cluster):
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+
+    from tasks.demo_data import make_demo_archive
+
+    archive = make_demo_archive(tmp_path / "big.zip", per_class=260)
+    with Client(dask_cluster) as client:
+        pids = client.run(os.getpid)
+    killed: list[str] = []
+
+    def kill_a_busy_worker() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            for task in list(dask_cluster.scheduler.tasks.values()):
+                worker = task.processing_on
+                if worker is not None and worker.address in pids:
+                    os.kill(pids[worker.address], signal.SIGKILL)
+                    killed.append(worker.address)
+                    return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=kill_a_busy_worker, daemon=True)
+    watcher.start()
+    overrides = QUICK | {"data.url": str(archive), "orchestration.task_runner": "dask",
+                         "orchestration.dask_address": dask_cluster.scheduler_address}  # fmt: skip
+    outcome = pipeline(overrides=overrides, root=str(tmp_path / "dask"))
+    watcher.join(timeout=5)
+    assert killed, "no shard was seen running on a worker"
+    assert ran(outcome) == ALL
+    assert ran(pipeline(overrides=QUICK | {"data.url": str(archive)}, root=str(tmp_path / "local"))) == ALL
+    for output in ("data/manifest.csv", "data/cache/images.npy"):
+        assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output
