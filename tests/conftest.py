@@ -24,6 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 30
 
 
+def noise(height: int, width: int, channels: int = 3, seed: int = 0):
+    """Returns random uint8 pixels (height, width[, channels])."""
+    import numpy as np
+
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def encode(image, fmt: str, **kwargs) -> bytes:
+    """Returns a Pillow image saved in `fmt`, as bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
 def in_process(fn, shards):
     """A ShardMap that runs shards one after another in this process (fast for small tests)."""
     return map(fn, shards)

@@ -12,19 +12,9 @@ import pytest
 from PIL import Image
 
 from tasks.images import _plain_png, decode, judge, resize
+from tests.conftest import encode, noise
 
 MAX_PIXELS = 50_000_000
-
-
-def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-    shape = (height, width, channels) if channels > 1 else (height, width)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
 
 
 def png_chunk(kind: bytes, payload: bytes) -> bytes:

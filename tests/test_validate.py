@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import os
 import re
 import struct
@@ -19,22 +18,7 @@ from PIL import Image
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import ValidateParams
 from tasks.validate import SHARD_FILES, validate
-
-
-def in_process(fn, shards):
-    """A ShardMap that runs the shards one after another in this process."""
-    return map(fn, shards)
-
-
-def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:
-    shape = (height, width, channels) if channels > 1 else (height, width)
-    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-
-
-def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
+from tests.conftest import encode, in_process, noise
 
 
 def png_bytes(height: int = 12, width: int = 20, seed: int = 0) -> bytes:
