@@ -49,6 +49,14 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"data": {"sha256": "abc"}}, "data.sha256"),
         ({"data": {"max_extract_bytes": -1}}, "data.max_extract_bytes"),
         ({"validate": {"max_pixels": 0}}, "validate.max_pixels"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"model": "resnet"}}, "train.model"),
+        ({"train": {"cnn": {"filters": []}}}, "train.cnn.filters"),
+        ({"augment": {"flip": "sideways"}}, "augment.flip"),
+        ({"prepare": {"image_size": 16}}, "train.cnn: 3 conv blocks"),
+        ({"train": {"model": "vgg16"}, "prepare": {"image_size": 24}}, "train.model: vgg16 needs prepare.image_size"),
+        ({"publish": {"s3_uri": "bucket/prefix"}}, "publish.s3_uri"),
+        ({"orchestration": {"task_runner": "spark"}}, "orchestration.task_runner"),
     ],
 )
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path, tree, dotted):
