@@ -78,4 +78,8 @@ def make_dataset(data: CachedSet, split: str, batch_size: int, shuffle: bool = F
     dataset = tf.data.Dataset.from_tensor_slices(rows)
     if shuffle:
         dataset = dataset.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    options = tf.data.Options()
+    # Across hosts, each worker takes its share of every batch (there are no files to split).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dataset = dataset.with_options(options)
     return dataset.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -151,7 +151,8 @@ class TrainParams(_Section):
     class_weight: Literal["none", "balanced"] = "none"
     precision: Literal["auto", "float32", "mixed_float16"] = "auto"  # auto: mixed_float16 on GPU
     jit_compile: Literal["auto", "true", "false"] = "auto"  # auto: XLA on GPU
-    strategy: Literal["auto", "mirrored"] = "auto"  # auto: MirroredStrategy when 2+ GPUs
+    # auto: MirroredStrategy when 2+ GPUs; multi_worker: MultiWorkerMirroredStrategy over TF_CONFIG's hosts
+    strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
     cnn: CnnParams = CnnParams()
 
     @field_validator("jit_compile", mode="before")

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from tasks.errors import StageError
 from tasks.dataset import CachedSet, load_cached_set, make_dataset
 from tasks.files import atomic_file
 from tasks.model import build_model, unfreeze_top
+from tasks.multi_worker import fit_multi_worker, local_scores
 from tasks.params import AugmentParams, TrainParams
 
 log = logging.getLogger("imgclf")
@@ -41,10 +43,30 @@ class Devices:
     precision: str
     jit_compile: bool
     description: str
+    multi_worker: bool = False
+    chief: bool = True  # writes the model, metrics and backups: the only process, or TF_CONFIG's chief
+
+
+def is_chief(tf_config: str | None) -> bool:
+    """True for TF_CONFIG's chief, or worker 0 of a cluster without one, or without TF_CONFIG."""
+    if not tf_config:
+        return True
+    config = json.loads(tf_config)
+    task = config.get("task", {})
+    if "chief" in config.get("cluster", {}):
+        return task.get("type") == "chief"
+    return task.get("type") in (None, "worker") and int(task.get("index", 0)) == 0
 
 
 def choose_devices(params: TrainParams) -> Devices:
     """Returns the strategy, precision and XLA setting for the devices this process sees."""
+    if params.strategy == "multi_worker":
+        # Before anything else touches TensorFlow's devices: this sets up the collectives.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        precision = params.precision if params.precision != "auto" else "float32"
+        keras.mixed_precision.set_global_policy(precision)
+        return Devices(strategy, precision, False, f"multi-worker, {strategy.num_replicas_in_sync} replica(s)",
+                       multi_worker=True, chief=is_chief(os.environ.get("TF_CONFIG")))  # fmt: skip
     gpus = tf.config.list_logical_devices("GPU")
     precision = params.precision if params.precision != "auto" else ("mixed_float16" if gpus else "float32")
     keras.mixed_precision.set_global_policy(precision)
@@ -162,8 +184,13 @@ def train(
     params: TrainParams, augment: AugmentParams, cache_dir: Path, split_csv: Path, model_dir: Path, metrics_dir: Path
 ) -> Path:
     """Returns the path of the saved model, trained on the train split and early-stopped on val."""
-    keras.utils.set_random_seed(params.seed)
     devices = choose_devices(params)
+    keras.utils.set_random_seed(params.seed)
+    scratch = None
+    if not devices.chief:
+        # Only the chief writes the model, metrics and logs; other workers use a scratch folder.
+        scratch = Path(tempfile.mkdtemp(prefix="imgclf-worker-"))
+        model_dir, metrics_dir = scratch / "models", scratch / "metrics"
     data = load_cached_set(cache_dir, split_csv)
     if len(data.classes) < 2:
         raise TrainError(f"train: {cache_dir} holds {len(data.classes)} class(es); a classifier needs two or more")
@@ -182,20 +209,39 @@ def train(
 
     backup_root, live_dir = model_dir / ".backup", metrics_dir / "live"
     resumed_from = _resumed_epoch(backup_root / "head")
+    live = _live(live_dir, False) if devices.multi_worker else None
+
+    def phase(epochs: int, learning_rate: float, name: str) -> tuple[dict[str, list[float]], float]:
+        if devices.multi_worker:
+            def on_epoch(epoch: int, loss: float) -> None:
+                live.log_metric("loss", loss)
+                live.next_step()
+
+            return fit_multi_worker(model, devices.strategy, train_ds, epochs, learning_rate, len(data.classes), batch,
+                                    _class_weight(data, params.class_weight), on_epoch)  # fmt: skip
+        history = _fit(model, params, data, train_ds, val_ds, epochs, backup_root / name, live_dir)
+        return {k: list(map(float, v)) for k, v in history.history.items()}, history.images_per_second
+
     started = time.perf_counter()
-    history = _fit(model, params, data, train_ds, val_ds, params.epochs, backup_root / "head", live_dir)
-    epochs, rates = {k: list(map(float, v)) for k, v in history.history.items()}, [history.images_per_second]
+    epochs, rate = phase(params.epochs, params.learning_rate, "head")
+    rates = [rate]
     if base is not None and params.fine_tune_layers and params.fine_tune_epochs:
         with devices.strategy.scope():
             unfreeze_top(base, params.fine_tune_layers)
             _compile(model, params.fine_tune_lr, len(data.classes), devices.jit_compile)
-        tuned = _fit(model, params, data, train_ds, val_ds, params.fine_tune_epochs, backup_root / "fine_tune", live_dir)
-        for key, values in tuned.history.items():
-            epochs.setdefault(key, []).extend(map(float, values))
-        rates.append(tuned.images_per_second)
+        tuned, rate = phase(params.fine_tune_epochs, params.fine_tune_lr, "fine_tune")
+        for key, values in tuned.items():
+            epochs.setdefault(key, []).extend(values)
+        rates.append(rate)
     seconds = time.perf_counter() - started
+    if live is not None:
+        live.end()
 
-    final = model.evaluate(val_ds if val_ds is not None else train_ds, verbose=0, return_dict=True)
+    scored = val_ds if val_ds is not None else train_ds
+    if devices.multi_worker:  # in this process alone: Keras' evaluate does not run multi-worker either
+        final = local_scores(model, scored, len(data.classes))
+    else:
+        final = model.evaluate(scored, verbose=0, return_dict=True)
     model_path = _save(model, data, params, augment, model_dir)
     report = {
         "model": params.model,
@@ -216,6 +262,8 @@ def train(
     with atomic_file(metrics_dir / "train.json") as handle:
         json.dump(report, handle, indent=2)
     shutil.rmtree(backup_root, ignore_errors=True)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("train: %d epochs, %.0f images/s, val accuracy %.4f -> %s",
              report["epochs_run"], report["images_per_second"], report["val_accuracy"], model_path)  # fmt: skip
     return model_path

@@ -234,3 +234,49 @@ except ModelError as exc:
     message = result.stdout.strip().splitlines()[-1]  # after Keras's own "Downloading data from ..."
     assert message.startswith("train.weights: the imagenet weights of mobilenet_v3_small could not be downloaded")
     assert "set train.weights to its local path" in message
+
+
+def test_multi_worker_training_on_loopback_finishes_and_only_the_chief_writes(cells, tmp_path):
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    script = """
+import sys
+from pathlib import Path
+from tasks.params import AugmentParams, TrainParams
+from tasks.train import train
+out, cache, split = (Path(a) for a in sys.argv[1:4])
+train(TrainParams(strategy="multi_worker", epochs=2, batch_size=16), AugmentParams(), cache, split, out / "models",
+      out / "metrics")
+"""
+    workers = []
+    for index in range(2):
+        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        out = tmp_path / f"worker{index}"
+        env = os.environ | {"TF_CONFIG": config, "TF_CPP_MIN_LOG_LEVEL": "2"}
+        command = [sys.executable, "-c", script, str(out), str(cells / "cache"), str(cells / "split.csv")]
+        workers.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    report = json.loads((tmp_path / "worker0" / "metrics" / "train.json").read_text())
+    assert report["device"] == "multi-worker, 2 replica(s)" and report["epochs_run"] == 2
+    assert (tmp_path / "worker0" / "models" / "model.keras").exists()
+    assert (tmp_path / "worker0" / "metrics" / "live" / "plots" / "metrics" / "loss.tsv").exists()
+    assert not (tmp_path / "worker1").exists()  # the other worker wrote nothing of its own
+
+
+def test_the_chief_is_tf_config_s_chief_or_worker_zero():
+    from tasks.train import is_chief
+
+    workers = {"worker": ["a:1", "b:2"]}
+    assert is_chief(None)
+    assert is_chief(json.dumps({"cluster": workers, "task": {"type": "worker", "index": 0}}))
+    assert not is_chief(json.dumps({"cluster": workers, "task": {"type": "worker", "index": 1}}))
+    with_chief = workers | {"chief": ["c:3"]}
+    assert is_chief(json.dumps({"cluster": with_chief, "task": {"type": "chief", "index": 0}}))
+    assert not is_chief(json.dumps({"cluster": with_chief, "task": {"type": "worker", "index": 0}}))
