@@ -28,3 +28,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_cache.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_orchestration.py
+	$(BIN)/python benchmarks/bench_scale.py

@@ -30,7 +30,7 @@ def main() -> None:
 
     from bench_cache import build_set
     from distributed import LocalCluster
-    from prefect import flow
+    from prefect import flow, get_client
 
     from flows.pipeline import PrefectShards
     from tasks.cache import cache
@@ -48,18 +48,21 @@ def main() -> None:
         return validated - started, time.perf_counter() - validated
 
     @flow(name="bench-scale")
-    def on_dask(address: str, work: str) -> tuple[float, float]:
-        shards = PrefectShards(OrchestrationParams(task_runner="dask", dask_address=address))
-        try:
-            return stages(shards, Path(work))
-        finally:
-            shards.close()
+    def on_dask(workers: int, work: str) -> tuple[float, float]:
+        # As on a real cluster, the workers know the Prefect API (here this run's local server).
+        os.environ["PREFECT_API_URL"] = str(get_client().api_url)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None, silence_logs=40) as cluster:  # fmt: skip
+            shards = PrefectShards(OrchestrationParams(task_runner="dask", dask_address=cluster.scheduler_address))
+            try:
+                return stages(shards, Path(work))
+            finally:
+                shards.close()
 
     rows = []
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, silence_logs=40) as cluster:  # fmt: skip
-            rows.append((f"dask, {workers} worker(s)", workers, *on_dask(cluster.scheduler_address, tempfile.mkdtemp())))
+        rows.append((f"dask, {workers} worker(s)", workers, *on_dask(workers, tempfile.mkdtemp())))
+        os.environ.pop("PREFECT_API_URL", None)
     rows.append((f"process pool, {os.cpu_count()} workers", os.cpu_count(), *stages(process_pool_map, Path(tempfile.mkdtemp()))))
     print(f"scale-out benchmark: validate + cache of {args.images} PNGs (100-200 px -> 64x64), {os.cpu_count()} cores")
     print(f"{'runner':<26} {'validate/s':>10} {'cache/s':>9} {'both/s':>8} {'both/s per worker':>18}")
