@@ -65,7 +65,8 @@ def publish(params: PublishParams, s3: S3Params, layout: Layout, record: Path) -
     report = layout.root / ".imgclf" / "report.md"
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(report_markdown(layout))
-    for path in [*files, report]:
+    # Smallest first: the model, by far the largest, goes last before latest.json.
+    for path in sorted([*files, report], key=lambda path: path.stat().st_size):
         relative = path.name if path == report else path.relative_to(layout.root).as_posix()
         target = base.child("runs", run_id, relative)
         _retrying(target, lambda path=path, target=target: s3_client.upload_file(str(path), target.bucket, target.key))
