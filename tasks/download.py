@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.error import HTTPError, URLError
@@ -21,7 +20,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import Request, url2pathname, urlopen
 
 from tasks.errors import StageError
-from tasks.files import CHUNK, Progress, atomic_file, sha256_file
+from tasks.files import CHUNK, Progress, atomic_file, retrying, sha256_file
 from tasks.params import DataParams, S3Params
 from tasks.s3 import S3Transient, S3Uri, client, explain_error, parse_uri
 
@@ -112,19 +111,11 @@ def _fetch_local(data: DataParams, part: Path, s3: S3Params) -> None:
 
 
 def _retrying(data: DataParams, transfer: Callable[[], None]) -> None:
-    """Runs `transfer` until it completes; a transient failure waits (doubling) and tries again."""
-    attempt = 0
-    while True:
-        try:
-            transfer()
-            return
-        except _Transient as exc:
-            attempt += 1
-            if attempt > data.retries:
-                raise DownloadError(f"{data.url}: gave up after {attempt} attempts: {exc}") from None
-            delay = data.retry_backoff * 2 ** (attempt - 1)
-            log.warning("download: %s: %s; retry %d/%d in %.1fs", data.url, exc, attempt, data.retries, delay)
-            time.sleep(delay)
+    attempts = data.retries + 1
+    try:
+        retrying(transfer, attempts, data.retry_backoff, _Transient, f"download: {data.url}")
+    except _Transient as exc:
+        raise DownloadError(f"{data.url}: gave up after {attempts} attempts: {exc}") from None
 
 
 def _fetch_http(data: DataParams, part: Path, s3: S3Params) -> None:

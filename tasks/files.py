@@ -111,6 +111,21 @@ class Progress:
             self._bar.close()
 
 
+def retrying(call: Callable[[], R], attempts: int, backoff: float, transient: type[BaseException], what: str) -> R:
+    """Returns `call()`; a `transient` failure waits `backoff` seconds (doubling each time) and tries
+    again, `attempts` tries in all. The last transient failure is raised as it came."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except transient as exc:
+            if attempt == attempts:
+                raise
+            delay = backoff * 2 ** (attempt - 1)
+            log.warning("%s: %s; retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise ValueError("attempts must be at least 1")
+
+
 def chunked(items: Sequence[T], size: int) -> list[Sequence[T]]:
     """Returns consecutive slices of at most `size` items."""
     return [items[start : start + size] for start in range(0, len(items), size)]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.files import atomic_file
+from tasks.files import atomic_file, retrying
 from tasks.layout import Layout
 from tasks.params import PublishParams, S3Params
 from tasks.report import read_json, report_markdown
@@ -35,15 +34,16 @@ def run_files(layout: Layout) -> list[Path]:
 
 
 def _retrying(uri: S3Uri, call) -> None:
-    for attempt in range(ATTEMPTS):
+    def explained_call() -> None:
         try:
             call()
-            return
         except Exception as exc:
-            explained = explain_error(uri, exc)
-            if not isinstance(explained, S3Transient) or attempt == ATTEMPTS - 1:
-                raise (explained if isinstance(explained, S3Error) else S3Error(str(explained))) from None
-            time.sleep(0.5 * 2**attempt)
+            raise explain_error(uri, exc) from None
+
+    try:
+        retrying(explained_call, ATTEMPTS, 0.5, S3Transient, f"publish: {uri}")
+    except S3Transient as exc:
+        raise S3Error(f"{exc} (gave up after {ATTEMPTS} attempts)") from None
 
 
 def publish(params: PublishParams, s3: S3Params, layout: Layout, record: Path) -> Path:

@@ -76,20 +76,13 @@ def test_empty_file_is_rejected_as_empty(root, tmp_path):
     assert_rejected(run_validate(root, tmp_path)["cat/empty.png"], "empty")
 
 
-def test_truncated_png_is_rejected_with_reason_truncated(root, tmp_path):
-    data = png_bytes(64, 80)
-    write(root, "cat/cut.png", data[: len(data) // 2])
-    row = run_validate(root, tmp_path)["cat/cut.png"]
+@pytest.mark.parametrize(("name", "encoded", "fmt"), [("cut.png", png_bytes, "PNG"), ("cut.jpg", jpeg_bytes, "JPEG")])
+def test_truncated_image_is_rejected_with_reason_truncated(root, tmp_path, name, encoded, fmt):
+    data = encoded(64, 80)
+    write(root, f"cat/{name}", data[: len(data) // 2])
+    row = run_validate(root, tmp_path)[f"cat/{name}"]
     assert_rejected(row, "truncated")
-    assert row["format"] == "PNG"
-
-
-def test_truncated_jpeg_is_rejected_with_reason_truncated(root, tmp_path):
-    data = jpeg_bytes(64, 80)
-    write(root, "cat/cut.jpg", data[: len(data) // 2])
-    row = run_validate(root, tmp_path)["cat/cut.jpg"]
-    assert_rejected(row, "truncated")
-    assert row["format"] == "JPEG"
+    assert row["format"] == fmt
 
 
 def test_text_file_named_png_is_rejected_as_not_an_image(root, tmp_path):
