@@ -1,0 +1,204 @@
+"""The plain-PNG decoder: libpng's pixels for every row filter, either way, and None for what it declines."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import cv2
+import imagecodecs
+import numpy as np
+import pytest
+from PIL import Image
+
+import tasks.png
+from tasks.png import SIGNATURE, _chunks, _decode_one_filter, decode_plain_png
+from tests.conftest import encode, noise
+
+
+def chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _predictor(kind: int, a: int, b: int, c: int) -> int:
+    """The PNG specification's predictor for one byte (a left, b up, c up-left)."""
+    if kind == 0:
+        return 0
+    if kind == 1:
+        return a
+    if kind == 2:
+        return b
+    if kind == 3:
+        return (a + b) // 2
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+
+def filtered_png(pixels: np.ndarray, filters: list[int], idat_parts: int = 1, ihdr: dict | None = None) -> bytes:
+    """Returns an 8-bit PNG of `pixels` (h, w) gray or (h, w, 3) RGB whose row y uses filter filters[y]."""
+    height, width = pixels.shape[:2]
+    bpp = 1 if pixels.ndim == 2 else pixels.shape[2]
+    rows = pixels.reshape(height, width * bpp).astype(int)
+    raw = bytearray()
+    for y in range(height):
+        raw.append(filters[y])
+        for i in range(width * bpp):
+            a = rows[y, i - bpp] if i >= bpp else 0
+            b = rows[y - 1, i] if y else 0
+            c = rows[y - 1, i - bpp] if y and i >= bpp else 0
+            raw.append((rows[y, i] - _predictor(filters[y], a, b, c)) % 256)
+    header = {"depth": 8, "colour": 0 if bpp == 1 else 2, "interlace": 0} | (ihdr or {})
+    stream = zlib.compress(bytes(raw))
+    cuts = np.linspace(0, len(stream), idat_parts + 1).astype(int)
+    return (
+        SIGNATURE
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, header["depth"], header["colour"], 0, 0, header["interlace"]))
+        + b"".join(chunk(b"IDAT", stream[start:end]) for start, end in zip(cuts, cuts[1:]))
+        + chunk(b"IEND", b"")
+    )
+
+
+def pillow_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def one_filter_way(data: bytes) -> np.ndarray | None:
+    """The one-filter way alone: pixels, or None when the file is not one-filter."""
+    width, height, _, colour = struct.unpack_from(">IIBB", data, 16)
+    return _decode_one_filter(memoryview(data), _chunks(data), height, width, 1 if colour == 0 else 3)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_guess(monkeypatch):
+    """Each test starts as a fresh process does: trying the one-filter way."""
+    monkeypatch.setattr(tasks.png, "_skip_one_filter", 0)
+
+
+# --- the pixels are libpng's and Pillow's ----------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4])
+def test_every_row_filter_is_undone_exactly(kind, channels):
+    pixels = noise(9, 11, channels=channels, seed=kind)
+    data = filtered_png(pixels, [kind] * 9)
+    decoded = decode_plain_png(data)
+    assert decoded is not None
+    assert np.array_equal(decoded.reshape(pixels.shape), pixels)
+    assert np.array_equal(decoded.reshape(pixels.shape), imagecodecs.png_decode(data))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mixed_filters_from_row_to_row_and_several_idat_chunks(channels):
+    pixels = noise(15, 7, channels=channels, seed=3)
+    filters = [4, 3, 1, 2, 0, 4, 4, 3, 3, 2, 1, 0, 1, 4, 2]
+    data = filtered_png(pixels, filters, idat_parts=4)
+    assert np.array_equal(decode_plain_png(data).reshape(pixels.shape), pillow_pixels(data))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 40), (40, 1), (57, 83)])
+def test_pillow_written_png_with_adaptive_filters_matches_pillow(size):
+    data = encode(Image.fromarray(noise(*size, seed=size[1])), "PNG", optimize=True)
+    assert np.array_equal(decode_plain_png(data), pillow_pixels(data))
+
+
+def test_opencv_written_png_matches_opencv():
+    pixels = noise(31, 45, seed=8)
+    ok, encoded = cv2.imencode(".png", pixels)
+    assert ok
+    rgb = decode_plain_png(encoded.tobytes())
+    assert np.array_equal(rgb[:, :, ::-1], cv2.imdecode(encoded, cv2.IMREAD_COLOR))
+
+
+def test_smooth_photo_like_image_matches_libpng():
+    gradient = np.add.outer(np.arange(120), np.arange(160)).astype(np.uint8)
+    pixels = np.stack([gradient, gradient[::-1], 255 - gradient], axis=2)
+    data = encode(Image.fromarray(pixels), "PNG", compress_level=9)
+    assert np.array_equal(decode_plain_png(data), imagecodecs.png_decode(data))
+
+
+# --- which way a file takes ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_one_simple_filter_on_every_row_is_undone_the_one_filter_way(kind, channels):
+    pixels = noise(12, 10, channels=channels, seed=kind)
+    decoded = one_filter_way(filtered_png(pixels, [kind] * 12, idat_parts=3))
+    assert decoded is not None
+    assert np.array_equal(decoded.reshape(pixels.shape), pixels)
+
+
+@pytest.mark.parametrize("filters", [[3] * 6, [4] * 6, [1, 1, 1, 1, 1, 2], [0, 0, 0, 0, 0, 4]])
+def test_mixed_or_paeth_or_average_rows_are_not_for_the_one_filter_way(filters):
+    assert one_filter_way(filtered_png(noise(6, 5, seed=1), filters)) is None
+
+
+def test_after_a_mixed_filter_file_the_next_63_skip_the_one_filter_attempt(monkeypatch):
+    attempts = []
+    real = tasks.png._decode_one_filter
+    monkeypatch.setattr(tasks.png, "_decode_one_filter", lambda *args: attempts.append(1) or real(*args))
+    pixels = noise(6, 5, seed=1)
+    mixed, one_filter = filtered_png(pixels, [1, 1, 1, 1, 1, 4]), filtered_png(pixels, [1] * 6)
+    assert np.array_equal(decode_plain_png(mixed), pixels)  # tried, missed, libspng
+    for _ in range(63):
+        assert np.array_equal(decode_plain_png(one_filter), pixels)
+    assert len(attempts) == 1
+    decode_plain_png(one_filter)
+    assert len(attempts) == 2
+    decode_plain_png(one_filter)
+    assert len(attempts) == 3  # a hit: the next file tries again
+
+
+# --- what it declines, so the caller decodes the general way --------------------------------
+
+
+@pytest.mark.parametrize("mode", ["P", "RGBA", "LA", "1"])
+def test_other_colour_types_are_declined(mode):
+    data = encode(Image.fromarray(noise(6, 6, seed=1)).convert(mode), "PNG")
+    assert decode_plain_png(data) is None
+
+
+def test_16bit_is_declined():
+    data = encode(Image.fromarray(np.full((4, 4), 513, dtype=np.uint16)), "PNG")
+    assert decode_plain_png(data) is None
+
+
+def test_interlaced_is_declined():
+    assert decode_plain_png(filtered_png(noise(4, 4, seed=2), [0] * 4, ihdr={"interlace": 1})) is None
+
+
+@pytest.mark.parametrize("kind", [b"tRNS", b"eXIf", b"iTXt"])
+def test_chunk_that_changes_or_rotates_pixels_is_declined(kind):
+    data = filtered_png(noise(4, 4, seed=2), [0] * 4)
+    data = data[:33] + chunk(kind, b"\x00\x00") + data[33:]
+    assert decode_plain_png(data) is None
+
+
+def test_unknown_filter_type_is_declined():
+    data = filtered_png(noise(4, 4, seed=2), [0, 1, 5, 0])
+    assert decode_plain_png(data) is None
+
+
+def test_stream_shorter_than_the_header_says_is_declined():
+    data = filtered_png(noise(4, 4, seed=2), [0] * 4)
+    taller = SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 5, 8, 0, 0, 0, 0)) + data[33:]
+    assert decode_plain_png(taller) is None
+
+
+def test_stream_longer_than_the_header_says_is_declined():
+    data = filtered_png(noise(4, 4, seed=2), [0] * 4)
+    shorter = SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 8, 0, 0, 0, 0)) + data[33:]
+    assert decode_plain_png(shorter) is None
+
+
+@pytest.mark.parametrize("cut", [20, 40, -12, -1])
+def test_truncated_file_is_declined(cut):
+    assert decode_plain_png(filtered_png(noise(4, 4, seed=2), [0] * 4)[:cut]) is None
+
+
+@pytest.mark.parametrize("data", [b"", b"GIF89a" + bytes(40), encode(Image.new("RGB", (4, 4)), "JPEG")])
+def test_other_formats_are_declined(data):
+    assert decode_plain_png(data) is None
