@@ -25,7 +25,8 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python benchmarks/bench_cache.py
+	$(BIN)/python benchmarks/bench_cache.py --encoder opencv
+	$(BIN)/python benchmarks/bench_cache.py --encoder libpng
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_orchestration.py
 	$(BIN)/python benchmarks/bench_scale.py

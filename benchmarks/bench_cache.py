@@ -1,15 +1,18 @@
 """Cache stage speed and memory against the seed notebook's ways, measured in one run.
 
 Builds (once, then reuses) a malaria-sized set: 27,558 PNG cells of 100-200 px in two class
-folders, like the NIH archive after extraction. Then, each in a fresh process so peak memory
-is its own:
+folders, like the NIH archive after extraction. PNG decoding speed depends on the writer:
+`--encoder opencv` (the default) writes like `cv2.imwrite` (the Sub filter on every row, fast
+deflate); `--encoder libpng` writes like libpng's defaults, as Pillow, TensorFlow and most
+tools do (a filter chosen per row, Paeth and Average among them). Then, each in a fresh process
+so peak memory is its own:
   ours        validate's manifest -> our cache stage (all cores, libspng, workers write a memmap)
   cv2-loop    the seed notebook: for each file cv2.imread, cvtColor(BGR2RGB), resize, append
   tf-dir      one pass of tf.keras.utils.image_dataset_from_directory at the same size
 Prints images/s, peak RSS (the process and its workers) and each rate as a ratio to the
 cv2 loop measured in the same run. Targets: ours >= 2x the cv2 loop, peak < 1 GB at 64x64.
 
-    python benchmarks/bench_cache.py [--images 27558] [--size 64] [--data DIR]
+    python benchmarks/bench_cache.py [--images 27558] [--size 64] [--encoder opencv|libpng] [--data DIR]
 """
 
 from __future__ import annotations
@@ -28,9 +31,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def build_set(data: Path, images: int) -> Path:
-    """Returns a folder of class folders with `images` PNGs in all, made once."""
+ENCODERS = ("opencv", "libpng")
+
+
+def png_writer(encoder: str):
+    """Returns a function of RGB pixels -> PNG bytes, written the way `encoder` writes them."""
     import cv2
+    import imagecodecs
+
+    if encoder == "opencv":
+        return lambda rgb: cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+    return imagecodecs.png_encode
+
+
+def build_set(data: Path, images: int, encoder: str = "opencv") -> Path:
+    """Returns a folder of class folders with `images` PNGs in all, made once."""
     import numpy as np
 
     from tasks.demo_data import CLASSES, _cell
@@ -39,13 +54,14 @@ def build_set(data: Path, images: int) -> Path:
     if done.exists():
         return data
     rng = np.random.default_rng(0)
+    write_png = png_writer(encoder)
     started = time.perf_counter()
     for index in range(images):
         label = CLASSES[index % 2]
         folder = data / label
         folder.mkdir(parents=True, exist_ok=True)
         rgb = _cell(rng, label == "Parasitized")
-        cv2.imwrite(str(folder / f"C{index % 200}P{index % 97}_cell_{index:06d}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        (folder / f"C{index % 200}P{index % 97}_cell_{index:06d}.png").write_bytes(write_png(rgb))
     done.touch()
     print(f"built {images} PNGs in {data} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     return data
@@ -109,21 +125,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=27_558)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--data", type=Path, default=ROOT / "benchmarks" / ".data" / "cells")
+    parser.add_argument("--encoder", choices=ENCODERS, default="opencv", help="how the PNGs are written")
+    parser.add_argument("--data", type=Path, help="where the set is built (default: benchmarks/.data/cells[-ENCODER])")
     parser.add_argument("--only", choices=list(METHODS), help=argparse.SUPPRESS)  # one method, in a child
     args = parser.parse_args()
     if args.only:
         figures = METHODS[args.only](args.data, args.size)
         print(json.dumps(figures | {"peak_rss_mb": peak_rss_mb()}))
         return
-    build_set(args.data, args.images)
+    if args.data is None:
+        args.data = ROOT / "benchmarks" / ".data" / ("cells" if args.encoder == "opencv" else f"cells-{args.encoder}")
+    build_set(args.data, args.images, args.encoder)
     results = {}
     for name in METHODS:
         child = [sys.executable, __file__, "--only", name, "--size", str(args.size), "--data", str(args.data)]
         output = subprocess.run(child, check=True, capture_output=True, text=True, env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"})
         results[name] = json.loads(output.stdout.strip().splitlines()[-1])
     baseline = results["cv2-loop"]["images"] / results["cv2-loop"]["seconds"]
-    print(f"cache benchmark: {args.images} PNGs of 100-200 px -> {args.size}x{args.size}, {os.cpu_count()} cores")
+    print(f"cache benchmark: {args.images} PNGs of 100-200 px written by {args.encoder} -> {args.size}x{args.size}, "
+          f"{os.cpu_count()} cores")  # fmt: skip
     print(f"{'method':<10} {'images':>7} {'seconds':>8} {'images/s':>9} {'vs cv2-loop':>12} {'peak RSS MB':>12}")
     for name, figures in results.items():
         rate = figures["images"] / figures["seconds"]
