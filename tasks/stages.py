@@ -63,7 +63,7 @@ class StageSpec:
 
     run: Stage
     inputs: tuple[str, ...]  # project files and folders it reads
-    code: tuple[str, ...]  # the modules it runs
+    code: tuple[str, ...]  # its own module first, then every tasks/ module that shapes its outputs
     params: tuple[str, ...]  # params.yaml keys or sections it reads
     outs: tuple[str, ...]  # project files and folders it writes, metrics and plots included
 
@@ -79,29 +79,34 @@ PLOTS = ("plots/confusion_matrix.png", "plots/misclassified.png", "plots/trainin
 
 # Pipeline order: dvc.yaml and the flow follow it.
 STAGES: dict[str, StageSpec] = {
-    "download": StageSpec(_download, (), ("tasks/download.py",), ("data.url", "data.sha256"), ("data/raw",)),
+    "download": StageSpec(
+        _download, (), ("tasks/download.py", "tasks/s3.py"), ("data.url", "data.sha256"), ("data/raw",)
+    ),
     "extract": StageSpec(
         _extract, ("data/raw",), ("tasks/extract.py",), ("data.url", "data.max_extract_bytes"),
         ("data/extracted", "data/extract_skipped.csv"),
     ),
     "validate": StageSpec(
-        _validate, ("data/extracted",), ("tasks/validate.py", "tasks/images.py"), ("validate",), ("data/manifest.csv",)
+        _validate, ("data/extracted",), ("tasks/validate.py", "tasks/images.py", "tasks/png.py", "tasks/manifest.py"),
+        ("validate",), ("data/manifest.csv",),
     ),
     "cache": StageSpec(
-        _cache, ("data/manifest.csv", "data/extracted"), ("tasks/cache.py", "tasks/images.py"), ("prepare",),
-        ("data/cache",),
+        _cache, ("data/manifest.csv", "data/extracted"),
+        ("tasks/cache.py", "tasks/images.py", "tasks/png.py", "tasks/manifest.py"), ("prepare",), ("data/cache",),
     ),
-    "split": StageSpec(_split, ("data/manifest.csv",), ("tasks/split.py",), ("split",), ("data/split.csv",)),
+    "split": StageSpec(
+        _split, ("data/manifest.csv",), ("tasks/split.py", "tasks/manifest.py"), ("split",), ("data/split.csv",)
+    ),
     "train": StageSpec(
-        _train, ("data/cache", "data/split.csv"), ("tasks/train.py", "tasks/model.py", "tasks/dataset.py"),
-        ("train", "augment"),
+        _train, ("data/cache", "data/split.csv"),
+        ("tasks/train.py", "tasks/model.py", "tasks/dataset.py", "tasks/multi_worker.py"), ("train", "augment"),
         ("models/model.keras", "models/labels.json", "models/summary.txt", "metrics/train.json",
          "metrics/live/plots/metrics"),
     ),
     "evaluate": StageSpec(
         _evaluate,
         ("models/model.keras", "models/labels.json", "data/cache", "data/split.csv", "metrics/train.json"),
-        ("tasks/evaluate.py",), (),
+        ("tasks/evaluate.py", "tasks/dataset.py", "tasks/model.py"), (),
         ("metrics/eval.json", *PLOTS),
     ),
     "publish": StageSpec(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import yaml
@@ -34,6 +35,32 @@ def test_dvc_deps_params_and_outs_are_the_registry_s():
         assert declared(stage) == set(spec.outs), name
         for code in spec.code:
             assert (REPO / code).is_file(), code
+
+
+# Modules that move files and settings about but shape no output: a change to them re-runs nothing.
+PLUMBING = {"tasks/errors.py", "tasks/files.py", "tasks/layout.py", "tasks/params.py"}
+
+
+def modules_run_by(module: str) -> set[str]:
+    """Returns `module` and every tasks/ module it imports, directly or not (lazy imports too)."""
+    found, todo = set(), [module]
+    while todo:
+        path = todo.pop()
+        if path in found:
+            continue
+        found.add(path)
+        for node in ast.walk(ast.parse((REPO / path).read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            todo += [name.replace(".", "/") + ".py" for name in names if name.startswith("tasks.")]
+    return found
+
+
+def test_each_stage_s_code_deps_are_every_module_it_runs():
+    # The first code dep is the stage's own module; a module it imports and the deps miss
+    # would change the outputs without `dvc repro` or the flow noticing.
+    for name, spec in STAGES.items():
+        assert set(spec.code) == modules_run_by(spec.code[0]) - PLUMBING, name
 
 
 def test_every_input_is_an_earlier_stage_output():
