@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -14,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tasks.errors import StageError
 from tasks.params import ParamsError, load_params, parse_override
+from tasks.report import read_json, score_line
 from tasks.stages import STAGES, Layout, run_stage
 
 # Errors whose message already says what is wrong: printed as one line, no traceback.
@@ -57,13 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def result_line(layout: Layout) -> str:
-    """Returns the one line a finished run ends with: the test accuracy, from eval.json."""
-    report = json.loads((layout.metrics_dir / "eval.json").read_text())
-    auc = f", ROC AUC {report['roc_auc']:.4f}" if "roc_auc" in report else ""
-    return f"test accuracy {report['accuracy']:.4f} on {report['n_test']} images (macro F1 {report['macro_f1']:.4f}{auc})"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command not in ("run", "serve"):  # in a flow run, Prefect's handlers show the stage logs
@@ -82,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, what in pipeline(overrides=overrides, params_path=args.params).items():
                 print(f"{name:<10} {what}")
-            print(result_line(Layout(Path("."))))
+            print(score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json")))
         elif args.command == "serve":
             load_params(args.params)
             from flows.pipeline import serve

@@ -29,7 +29,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # 
 from flows.fingerprints import Fingerprints  # noqa: E402
 from flows.report import publish_artifacts  # noqa: E402
 from flows.versioning import is_dvc_project, version_outputs, write_overrides  # noqa: E402
-from tasks.files import ShardMap, atomic_file  # noqa: E402
+from tasks.files import ShardMap, atomic_file, sha256_file  # noqa: E402
 from tasks.params import OrchestrationParams, Params, load_params  # noqa: E402
 from tasks.stages import STAGES, Layout, StageSpec, run_stage  # noqa: E402
 
@@ -122,7 +122,7 @@ def cache_key(name: str, spec: StageSpec, params: Params, layout: Layout, prints
         "stage": name,
         "inputs": {path: prints.of(path) for path in spec.inputs},
         "params": {key: _section(params, key) for key in spec.params},
-        "code": {path: hashlib.sha256((CODE_ROOT / path).read_bytes()).hexdigest() for path in spec.code},
+        "code": {path: sha256_file(CODE_ROOT / path) for path in spec.code},
     }
     return f"imgclf-{name}-" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
@@ -131,18 +131,22 @@ def _outputs_record(layout: Layout, name: str) -> Path:
     return layout.root / ".imgclf" / "stages" / f"{name}.json"
 
 
+def _outputs_now(key: str, spec: StageSpec, prints: Fingerprints) -> dict:
+    return {"key": key, "outs": {path: prints.of(path) for path in spec.outs}}
+
+
 def outputs_intact(name: str, key: str, spec: StageSpec, layout: Layout, prints: Fingerprints) -> bool:
     """True when the stage's outputs are still what its last run, under this same key, wrote."""
     try:
         recorded = json.loads(_outputs_record(layout, name).read_text())
     except (OSError, ValueError):
         return False
-    return recorded == {"key": key, "outs": {path: prints.of(path) for path in spec.outs}}
+    return recorded == _outputs_now(key, spec, prints)
 
 
 def _record_outputs(name: str, key: str, spec: StageSpec, layout: Layout, prints: Fingerprints) -> None:
     with atomic_file(_outputs_record(layout, name)) as handle:
-        json.dump({"key": key, "outs": {path: prints.of(path) for path in spec.outs}}, handle, indent=2)
+        json.dump(_outputs_now(key, spec, prints), handle, indent=2)
 
 
 def task_run_name(name: str, params: Params) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.files import Progress, ShardMap, atomic_dir, chunked, process_pool_map
+from tasks.files import Progress, ShardMap, atomic_dir, chunked, process_pool_map, read_csv
 from tasks.images import decode, resize
 from tasks.manifest import read_valid_rows
 from tasks.params import PrepareParams
@@ -65,8 +65,7 @@ def _previous_rows(cache_dir: Path, params: PrepareParams) -> tuple[np.ndarray |
         if {key: meta.get(key) for key in _settings(params)} != _settings(params):
             return None, {}
         images = np.load(cache_dir / "images.npy", mmap_mode="r")
-        with open(cache_dir / "index.csv", newline="", encoding="utf-8") as handle:
-            rows = {row["sha256"]: int(row["row"]) for row in csv.DictReader(handle)}
+        rows = {row["sha256"]: int(row["row"]) for row in read_csv(cache_dir / "index.csv")}
     except (OSError, ValueError, KeyError):
         return None, {}
     return images, rows

@@ -7,7 +7,6 @@ Shuffling is seeded; rescaling and augmentation live in the model, not here.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from tasks.errors import StageError
+from tasks.files import read_csv
 
 
 class DatasetError(StageError, ValueError):
@@ -36,17 +36,15 @@ def load_cached_set(cache_dir: Path, split_csv: Path) -> CachedSet:
     """Returns the cache joined with the split: which rows are train, val and test."""
     images = np.load(cache_dir / "images.npy", mmap_mode="r")
     meta = json.loads((cache_dir / "meta.json").read_text())
-    with open(cache_dir / "index.csv", newline="", encoding="utf-8") as handle:
-        index = list(csv.DictReader(handle))
+    index = read_csv(cache_dir / "index.csv")
     row_of = {entry["path"]: int(entry["row"]) for entry in index}
     classes = sorted({entry["label"] for entry in index})
     labels = np.array([classes.index(entry["label"]) for entry in index], dtype=np.int32)
     rows: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    with open(split_csv, newline="", encoding="utf-8") as handle:
-        for entry in csv.DictReader(handle):
-            if entry["path"] not in row_of:
-                raise DatasetError(f"{split_csv}: {entry['path']} is not in {cache_dir} (re-run the cache stage)")
-            rows[entry["split"]].append(row_of[entry["path"]])
+    for entry in read_csv(split_csv):
+        if entry["path"] not in row_of:
+            raise DatasetError(f"{split_csv}: {entry['path']} is not in {cache_dir} (re-run the cache stage)")
+        rows[entry["split"]].append(row_of[entry["path"]])
     return CachedSet(
         images=images,
         labels=labels,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import logging
 import multiprocessing
@@ -34,6 +35,12 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_csv(path: Path) -> list[dict]:
+    """Returns a UTF-8 CSV file's rows as dicts keyed by its header."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def _temp_sibling(path: Path) -> Path:

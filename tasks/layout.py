@@ -6,44 +6,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def _below_root(relative: str) -> property:
+    return property(lambda layout: layout.root / relative, doc=f"<root>/{relative}")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each stage's outputs live, below the project root."""
 
     root: Path
 
-    @property
-    def raw_dir(self) -> Path:
-        return self.root / "data" / "raw"
-
-    @property
-    def extracted_dir(self) -> Path:
-        return self.root / "data" / "extracted"
-
-    @property
-    def extract_skipped_csv(self) -> Path:
-        return self.root / "data" / "extract_skipped.csv"
-
-    @property
-    def manifest_csv(self) -> Path:
-        return self.root / "data" / "manifest.csv"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.root / "data" / "cache"
-
-    @property
-    def split_csv(self) -> Path:
-        return self.root / "data" / "split.csv"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def metrics_dir(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def plots_dir(self) -> Path:
-        return self.root / "plots"
+    raw_dir = _below_root("data/raw")
+    extracted_dir = _below_root("data/extracted")
+    extract_skipped_csv = _below_root("data/extract_skipped.csv")
+    manifest_csv = _below_root("data/manifest.csv")
+    cache_dir = _below_root("data/cache")
+    split_csv = _below_root("data/split.csv")
+    model_dir = _below_root("models")
+    metrics_dir = _below_root("metrics")
+    plots_dir = _below_root("plots")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
+
+from tasks.files import read_csv
 
 MANIFEST_COLUMNS = ["path", "label", "status", "reason", "detail", "sha256", "bytes", "format", "mode", "width", "height"]
 
 
 def read_valid_rows(manifest_csv: Path) -> list[dict]:
     """Returns the manifest's valid rows (path, label, sha256, ...) in path order."""
-    with open(manifest_csv, newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["status"] == "valid"]
+    rows = [row for row in read_csv(manifest_csv) if row["status"] == "valid"]
     return sorted(rows, key=lambda row: row["path"])

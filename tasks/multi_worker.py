@@ -15,6 +15,11 @@ import numpy as np
 import tensorflow as tf
 
 
+def _per_example_loss(n_classes: int) -> keras.losses.Loss:
+    loss = keras.losses.BinaryCrossentropy if n_classes == 2 else keras.losses.SparseCategoricalCrossentropy
+    return loss(reduction=None)
+
+
 def fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, dataset: tf.data.Dataset, epochs: int,
                      learning_rate: float, n_classes: int, global_batch: int, class_weight: dict[int, float] | None,
                      on_epoch=None) -> tuple[dict[str, list[float]], float]:  # fmt: skip
@@ -22,7 +27,7 @@ def fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, datas
     binary = n_classes == 2
     with strategy.scope():
         optimizer = keras.optimizers.Adam(learning_rate)
-    loss_fn = (keras.losses.BinaryCrossentropy if binary else keras.losses.SparseCategoricalCrossentropy)(reduction=None)
+    loss_fn = _per_example_loss(n_classes)
     weights = tf.constant([(class_weight or {}).get(i, 1.0) for i in range(n_classes)], dtype=tf.float32)
 
     def replica_step(images, labels):
@@ -43,12 +48,11 @@ def fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, datas
     history: dict[str, list[float]] = {"loss": []}
     rates = []
     for epoch in range(epochs):
-        started, total, batches, seen = time.perf_counter(), 0.0, 0, 0
+        started, total, batches = time.perf_counter(), 0.0, 0
         for images, labels in distributed:
             total += float(step(images, labels))
             batches += 1
-        seen = batches * global_batch
-        rates.append(seen / (time.perf_counter() - started))
+        rates.append(batches * global_batch / (time.perf_counter() - started))
         history["loss"].append(total / max(batches, 1))
         if on_epoch is not None:
             on_epoch(epoch, history["loss"][-1])
@@ -59,7 +63,7 @@ def fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, datas
 def local_scores(model: keras.Model, dataset: tf.data.Dataset, n_classes: int) -> dict[str, float]:
     """Returns {"loss", "accuracy"} of the model over the whole dataset, computed in this process alone."""
     losses, correct, count = [], 0, 0
-    loss_fn = (keras.losses.BinaryCrossentropy if n_classes == 2 else keras.losses.SparseCategoricalCrossentropy)(reduction=None)
+    loss_fn = _per_example_loss(n_classes)
     for images, labels in dataset:
         probabilities = tf.cast(model(images, training=False), tf.float32)
         if n_classes == 2:

@@ -11,10 +11,10 @@ import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import StageError
 
@@ -23,6 +23,10 @@ MALARIA_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 
 class ParamsError(StageError, ValueError):
     """A bad params file or override; the message is one line naming the dotted key."""
+
+
+# An optional text setting: left empty in params.yaml (or given as "") it is unset.
+OptionalText = Annotated[str | None, BeforeValidator(lambda value: value or None)]
 
 
 class _Section(BaseModel):
@@ -164,13 +168,8 @@ class TrainParams(_Section):
 class S3Params(_Section):
     """Where S3 is: boto3's credential chain supplies who you are (never put keys here)."""
 
-    endpoint_url: str | None = None  # an S3-compatible store; empty: AWS (or AWS_ENDPOINT_URL)
-    region: str | None = None
-
-    @field_validator("endpoint_url", "region", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return value or None
+    endpoint_url: OptionalText = None  # an S3-compatible store; empty: AWS (or AWS_ENDPOINT_URL)
+    region: OptionalText = None
 
 
 class PublishParams(_Section):
@@ -190,16 +189,11 @@ class OrchestrationParams(_Section):
     """How the Prefect flow runs; no stage reads these, so changing them re-runs nothing."""
 
     task_runner: Literal["threads", "processes", "dask"] = "processes"  # for shard fan-out
-    dask_address: str | None = None  # an existing Dask scheduler; empty: a temporary local cluster
+    dask_address: OptionalText = None  # an existing Dask scheduler; empty: a temporary local cluster
     dvc_commit: bool = True  # record the run in dvc.lock (in a DVC project)
     dvc_push: bool = True  # push data and model when a DVC remote is configured
     git_commit: bool = False  # commit dvc.lock after the run (in a git repo)
     schedule: str = "0 3 * * 1"  # cron of `imgclf serve` (weekly retrain: Mondays 03:00)
-
-    @field_validator("dask_address", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: Any) -> Any:
-        return value or None
 
 
 # The section is named for its stage; as a field it shadows the deprecated

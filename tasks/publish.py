@@ -8,13 +8,12 @@ empty `publish.s3_uri` the stage publishes nothing and says so in `metrics/publi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.files import atomic_file, retrying
+from tasks.files import atomic_file, retrying, sha256_file
 from tasks.layout import Layout
 from tasks.params import PublishParams, S3Params
 from tasks.report import read_json, report_markdown
@@ -58,7 +57,7 @@ def publish(params: PublishParams, s3: S3Params, layout: Layout, record: Path) -
     if missing:
         raise S3Error(f"publish: missing run files (run train and evaluate first): {', '.join(missing)}")
     base = parse_uri(params.s3_uri)
-    model_hash = hashlib.sha256((layout.model_dir / "model.keras").read_bytes()).hexdigest()
+    model_hash = sha256_file(layout.model_dir / "model.keras")
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{model_hash[:8]}"
     s3_client = client(s3)
     objects: dict[str, str] = {}

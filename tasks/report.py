@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from collections import Counter
 from pathlib import Path
 
+from tasks.files import read_csv
 from tasks.layout import Layout
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return read_csv(path) if path.exists() else []
 
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def score_line(evaluation: dict) -> str:
+    """Returns the test scores of eval.json in one line: accuracy, count, macro F1 and ROC AUC (two classes)."""
+    auc = f", ROC AUC {evaluation['roc_auc']:.4f}" if "roc_auc" in evaluation else ""
+    return f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['n_test']} images (macro F1 {evaluation['macro_f1']:.4f}{auc})"
 
 
 def report_markdown(layout: Layout, outcome: dict[str, str] | None = None) -> str:
@@ -40,10 +43,8 @@ def report_markdown(layout: Layout, outcome: dict[str, str] | None = None) -> st
     lines += ["", "## Split", "", "| label | train | val | test |", "| --- | --- | --- | --- |"]
     lines += [f"| {label} | {cells[label, 'train']} | {cells[label, 'val']} | {cells[label, 'test']} |" for label in labels]
     if evaluation:
-        auc = f", ROC AUC {evaluation['roc_auc']:.4f}" if "roc_auc" in evaluation else ""
         lines += ["", "## Model", "",
-                  f"Test accuracy **{evaluation['accuracy']:.4f}** on {evaluation['n_test']} images, "
-                  f"macro F1 {evaluation['macro_f1']:.4f}{auc}.",
+                  f"{score_line(evaluation).capitalize()}.",
                   f"Trained: {training.get('model')} on {training.get('device')}, {training.get('epochs_run')} epochs, "
                   f"{training.get('images_per_second')} images/s.",
                   f"Saved to `{(layout.model_dir / 'model.keras').resolve()}`."]  # fmt: skip
