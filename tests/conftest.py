@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import struct
+import subprocess
 import sys
+import zlib
 import tempfile
 from pathlib import Path
 
@@ -39,6 +43,25 @@ def encode(image, fmt: str, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kwargs)
     return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    """Returns one PNG chunk: length, kind, payload, CRC."""
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def free_port() -> int:
+    """Returns a TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def sh(command: list[str], cwd: Path, env: dict) -> str:
+    """Runs a command to completion and returns its stdout and stderr; a failure fails the test with both."""
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result.stdout + result.stderr
 
 
 def in_process(fn, shards):

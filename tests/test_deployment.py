@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -13,14 +12,9 @@ import pytest
 import yaml
 
 from tasks.params import load_params
+from tests.conftest import free_port
 
 prefect_settings = pytest.importorskip("prefect.settings")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(check, what: str, seconds: float = 120):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -13,13 +12,9 @@ from PIL import Image
 
 from tasks.images import decode, judge, resize
 from tasks.png import decode_plain_png
-from tests.conftest import encode, noise
+from tests.conftest import encode, noise, png_chunk
 
 MAX_PIXELS = 50_000_000
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def pillow_rgb(data: bytes) -> np.ndarray:

@@ -14,11 +14,7 @@ from PIL import Image
 
 import tasks.png
 from tasks.png import SIGNATURE, _chunks, _decode_one_filter, decode_plain_png
-from tests.conftest import encode, noise
-
-
-def chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+from tests.conftest import encode, noise, png_chunk
 
 
 def _predictor(kind: int, a: int, b: int, c: int) -> int:
@@ -54,9 +50,9 @@ def filtered_png(pixels: np.ndarray, filters: list[int], idat_parts: int = 1, ih
     cuts = np.linspace(0, len(stream), idat_parts + 1).astype(int)
     return (
         SIGNATURE
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, header["depth"], header["colour"], 0, 0, header["interlace"]))
-        + b"".join(chunk(b"IDAT", stream[start:end]) for start, end in zip(cuts, cuts[1:]))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, header["depth"], header["colour"], 0, 0, header["interlace"]))
+        + b"".join(png_chunk(b"IDAT", stream[start:end]) for start, end in zip(cuts, cuts[1:]))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -173,7 +169,7 @@ def test_interlaced_is_declined():
 @pytest.mark.parametrize("kind", [b"tRNS", b"eXIf", b"iTXt"])
 def test_chunk_that_changes_or_rotates_pixels_is_declined(kind):
     data = filtered_png(noise(4, 4, seed=2), [0] * 4)
-    data = data[:33] + chunk(kind, b"\x00\x00") + data[33:]
+    data = data[:33] + png_chunk(kind, b"\x00\x00") + data[33:]
     assert decode_plain_png(data) is None
 
 
@@ -184,13 +180,13 @@ def test_unknown_filter_type_is_declined():
 
 def test_stream_shorter_than_the_header_says_is_declined():
     data = filtered_png(noise(4, 4, seed=2), [0] * 4)
-    taller = SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 5, 8, 0, 0, 0, 0)) + data[33:]
+    taller = SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 5, 8, 0, 0, 0, 0)) + data[33:]
     assert decode_plain_png(taller) is None
 
 
 def test_stream_longer_than_the_header_says_is_declined():
     data = filtered_png(noise(4, 4, seed=2), [0] * 4)
-    shorter = SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 8, 0, 0, 0, 0)) + data[33:]
+    shorter = SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 3, 8, 0, 0, 0, 0)) + data[33:]
     assert decode_plain_png(shorter) is None
 
 

@@ -21,17 +21,11 @@ from tasks.layout import Layout
 from tasks.params import DataParams, PublishParams, S3Params
 from tasks.publish import publish
 from tasks.s3 import S3Error
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, sh
 
 ACCESS_KEY = "AKIAIMGCLFTESTKEY01"
 SECRET = "imgclf-test-secret-4f9c1e7ab2d84c"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_moto(env: dict) -> tuple[subprocess.Popen, str]:
@@ -220,12 +214,6 @@ def test_an_interrupted_publish_leaves_latest_on_the_previous_run(moto, bucket, 
 def test_publish_with_missing_run_files_names_them(moto, bucket, tmp_path):
     with pytest.raises(S3Error, match="missing run files"):
         publish(PublishParams(s3_uri=f"s3://{bucket}/m"), S3Params(endpoint_url=moto), Layout(tmp_path), tmp_path / "p.json")
-
-
-def sh(command: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
-    return result.stdout + result.stderr
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

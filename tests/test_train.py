@@ -22,7 +22,7 @@ from tasks.extract import extract
 from tasks.params import AugmentParams, DataParams, PrepareParams, SplitParams, TrainParams, ValidateParams
 from tasks.split import split
 from tasks.validate import validate
-from tests.conftest import REPO, in_process
+from tests.conftest import REPO, free_port, in_process
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -237,13 +237,7 @@ except ModelError as exc:
 
 
 def test_multi_worker_training_on_loopback_finishes_and_only_the_chief_writes(cells, tmp_path):
-    import socket
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
+    ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     script = """
 import sys

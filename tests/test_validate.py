@@ -7,7 +7,6 @@ import hashlib
 import os
 import re
 import struct
-import zlib
 from pathlib import Path
 
 import cv2
@@ -18,7 +17,7 @@ from PIL import Image
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import ValidateParams
 from tasks.validate import SHARD_FILES, validate
-from tests.conftest import encode, in_process, noise
+from tests.conftest import encode, in_process, noise, png_chunk
 
 
 def png_bytes(height: int = 12, width: int = 20, seed: int = 0) -> bytes:
@@ -27,10 +26,6 @@ def png_bytes(height: int = 12, width: int = 20, seed: int = 0) -> bytes:
 
 def jpeg_bytes(height: int = 48, width: int = 64, seed: int = 0) -> bytes:
     return encode(Image.fromarray(noise(height, width, seed=seed)), "JPEG", quality=90)
-
-
-def png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
 def write(root: Path, rel: str, data: bytes) -> Path:
