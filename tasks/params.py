@@ -29,8 +29,13 @@ class ParamsError(StageError, ValueError):
 OptionalText = Annotated[str | None, BeforeValidator(lambda value: value or None)]
 
 
+# Seeds feed NumPy and TensorFlow generators, which take unsigned 32-bit seeds.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan never make sense here: they pass range checks and crash (or train to NaN) later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataParams(_Section):
@@ -83,8 +88,10 @@ class PrepareParams(_Section):
 class SplitParams(_Section):
     test: float = Field(default=0.15, ge=0, lt=1)
     val: float = Field(default=0.15, ge=0, lt=1)
-    seed: int = 42
+    seed: Seed = 42
     group_pattern: str | None = None
+    # An archive laid out as {train,val,test}/<class>/: keep its own split, or ignore it and re-split.
+    archive_split: Literal["keep", "ignore"] = "keep"
 
     @field_validator("group_pattern", mode="before")
     @classmethod
@@ -145,7 +152,7 @@ class TrainParams(_Section):
     epochs: int = Field(default=10, gt=0)
     batch_size: int = Field(default=32, gt=0)  # per replica
     learning_rate: float = Field(default=1e-3, gt=0)
-    seed: int = 42
+    seed: Seed = 42
     patience: int = Field(default=3, ge=0)  # epochs without val-loss gain before stopping; 0 never stops
     # Transfer models: imagenet, none, or the path of a local weights file (include_top=False).
     weights: str = "imagenet"
