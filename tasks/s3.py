@@ -95,4 +95,8 @@ def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:
         return S3Transient(f"{uri}: cannot reach the S3 endpoint")
     if isinstance(exc, (ConnectionClosedError, ReadTimeoutError, ConnectionError, TimeoutError)):
         return S3Transient(f"{uri}: connection broke ({type(exc).__name__})")
+    # boto3's transfer errors (S3UploadFailedError) wrap the ClientError that says why.
+    wrapped = exc.__cause__ or exc.__context__
+    if isinstance(wrapped, ClientError):
+        return explain_error(uri, wrapped)
     return S3Error(f"{uri}: {type(exc).__name__}")

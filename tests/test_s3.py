@@ -21,7 +21,7 @@ from tasks.layout import Layout
 from tasks.params import DataParams, PublishParams, S3Params
 from tasks.publish import publish
 from tasks.s3 import S3Error
-from tests.conftest import REPO, free_port, sh
+from tests.conftest import REPO, free_port, in_venv, sh
 
 ACCESS_KEY = "AKIAIMGCLFTESTKEY01"
 SECRET = "imgclf-test-secret-4f9c1e7ab2d84c"
@@ -90,20 +90,38 @@ def test_download_from_s3_verifies_the_checksum(moto, bucket, demo_zip, tmp_path
     assert not (tmp_path / "raw" / "cells.zip.part").exists()
 
 
+def leave_part(raw: Path, url: str, etag: str, size: int, kept: bytes) -> None:
+    """Leaves what a killed S3 download leaves: the first bytes in `.part`, its source in `.part.json`."""
+    raw.mkdir(exist_ok=True)
+    (raw / "a.zip.part").write_bytes(kept)
+    (raw / "a.zip.part.json").write_text(json.dumps({"url": url, "etag": etag, "last_modified": None, "bytes": size}))
+
+
 def test_s3_download_resumes_from_the_part_file(moto, bucket, tmp_path):
     payload = os.urandom(300_000)
-    s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=payload)
+    etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=payload)["ETag"]
     raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "a.zip.part").write_bytes(payload[:123_457])
-    assert download(quick(f"s3://{bucket}/a.zip"), raw).read_bytes() == payload
+    url = f"s3://{bucket}/a.zip"
+    leave_part(raw, url, etag, len(payload), payload[:123_457])
+    assert download(quick(url), raw).read_bytes() == payload
     # The bytes already there are kept, not fetched again: a wrong prefix shows in the checksum.
     (raw / "a.zip").unlink()
-    (raw / "a.zip.part").write_bytes(b"\0" * 1000)
+    leave_part(raw, url, etag, len(payload), b"\0" * 1000)
     import hashlib
 
     with pytest.raises(DownloadError, match="sha256 mismatch"):
         download(quick(f"s3://{bucket}/a.zip", sha256=hashlib.sha256(payload).hexdigest()), raw)
+
+
+def test_s3_part_of_an_overwritten_object_is_started_over_not_spliced(moto, bucket, tmp_path):
+    old, new = os.urandom(300_000), os.urandom(300_000)
+    url = f"s3://{bucket}/a.zip"
+    old_etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=old)["ETag"]
+    leave_part(tmp_path, url, old_etag, len(old), old[:123_457])
+    new_etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=new)["ETag"]
+    assert download(quick(url), tmp_path).read_bytes() == new
+    assert json.loads((tmp_path / "a.zip.source.json").read_text())["etag"] == new_etag
+    assert not (tmp_path / "a.zip.part.json").exists()
 
 
 def test_missing_bucket_and_key_are_one_line_each(moto, bucket, tmp_path):
@@ -188,27 +206,98 @@ def test_empty_s3_uri_publishes_nothing_and_says_so(tmp_path):
     assert json.loads(record.read_text()) == {"published": False, "reason": "publish.s3_uri is empty"}
 
 
-def test_an_interrupted_publish_leaves_latest_on_the_previous_run(moto, bucket, tmp_path):
+# The publisher in a process of its own, each part of a multipart upload (the model: the largest
+# object, sent last before latest.json) held up as on a slow link, so it can be killed mid-upload.
+SLOW_PUBLISH = """
+import sys, time
+from pathlib import Path
+
+import tasks.publish
+from tasks.layout import Layout
+from tasks.params import PublishParams, S3Params
+from tasks.s3 import client
+
+
+def slow_client(params):
+    s3_client = client(params)
+    s3_client.meta.events.register("before-send.s3.UploadPart", lambda **_: time.sleep(60))
+    return s3_client
+
+
+tasks.publish.client = slow_client
+uri, endpoint, root, record = sys.argv[1:]
+tasks.publish.publish(PublishParams(s3_uri=uri), S3Params(endpoint_url=endpoint), Layout(Path(root)), Path(record))
+"""
+
+
+def watch_publish(monkeypatch, endpoint: str, bucket: str) -> dict:
+    """Has publish's S3 client record each call that succeeds, as (operation, key), and, each time
+    latest.json is about to be sent, the objects it names that the bucket does not hold yet."""
+    from tasks.s3 import client
+
+    seen: dict = {"calls": [], "missing_when_latest_sent": []}
+
+    def before(params, model, context, **_):
+        context["watched_key"] = params.get("Key")
+        if model.name == "PutObject" and params.get("Key", "").endswith("/latest.json"):
+            stored = {o["Key"]: o["Size"] for o in s3c(endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])}
+            body = params["Body"]  # botocore has made it a file object by now
+            pointer = json.loads(body.getvalue() if hasattr(body, "getvalue") else body)
+            seen["missing_when_latest_sent"].append(sorted(key for key in pointer["objects"].values() if key not in stored))
+            seen["model_size_when_latest_sent"] = stored.get(pointer["model"])
+
+    def after(model, context, http_response, **_):
+        if http_response.status_code < 300:
+            seen["calls"].append((model.name, context.get("watched_key")))
+
+    def watched_client(params):
+        s3_client = client(params)
+        s3_client.meta.events.register("before-parameter-build.s3", before)
+        s3_client.meta.events.register("after-call.s3", after)
+        return s3_client
+
+    monkeypatch.setattr("tasks.publish.client", watched_client)
+    return seen
+
+
+def test_an_interrupted_publish_leaves_latest_on_the_previous_run(moto, bucket, tmp_path, monkeypatch):
     first = publish(PublishParams(s3_uri=f"s3://{bucket}/m"), S3Params(endpoint_url=moto), run_dir(tmp_path / "a", 0.8),
                     tmp_path / "a.json")  # fmt: skip
     previous = json.loads(first.read_text())["run_id"]
-    # A second run with a large model, killed once its first objects have landed.
-    big = tmp_path / "b"
-    run_dir(big, 0.95, model=os.urandom(96 << 20))
-    script = (f"from pathlib import Path; from tasks.layout import Layout; from tasks.params import PublishParams, S3Params; "
-              f"from tasks.publish import publish; publish(PublishParams(s3_uri='s3://{bucket}/m'), "
-              f"S3Params(endpoint_url='{moto}'), Layout(Path('{big}')), Path('{tmp_path / 'b.json'}'))")  # fmt: skip
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=os.environ.copy())
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        listed = s3c(moto).list_objects_v2(Bucket=bucket, Prefix="m/runs/").get("Contents", [])
-        if any(not o["Key"].startswith(f"m/runs/{previous}/") for o in listed):
-            break
+    pointer_before = s3c(moto).get_object(Bucket=bucket, Key="m/latest.json")["Body"].read()
+    # A second run whose model (over 8 MiB: a multipart upload) is held up in flight.
+    big, model_size = tmp_path / "b", 12 << 20
+    run_dir(big, 0.95, model=os.urandom(model_size))
+    run_objects = {p.relative_to(big).as_posix() for p in big.rglob("*") if p.is_file()} | {"report.md"}
+    args = [f"s3://{bucket}/m", moto, str(big), str(tmp_path / "b.json")]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, *args], cwd=REPO, env=os.environ.copy())
+    deadline, in_flight = time.monotonic() + 60, []
+    while time.monotonic() < deadline and process.poll() is None and not in_flight:
+        uploads = s3c(moto).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        in_flight = [u["Key"] for u in uploads if u["Key"].endswith("/models/model.keras")]
         time.sleep(0.02)
+    assert in_flight and process.poll() is None, "the publisher never got to the model's upload"
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert process.wait() == -signal.SIGKILL
+    # Killed mid-upload: every smaller object of the new run is stored, the model is not, and
+    # latest.json is byte for byte the previous run's.
+    run_prefix = in_flight[0].removesuffix("models/model.keras")
+    assert run_prefix.startswith("m/runs/") and previous not in run_prefix
+    listed = s3c(moto).list_objects_v2(Bucket=bucket, Prefix=run_prefix).get("Contents", [])
+    assert {o["Key"].removeprefix(run_prefix) for o in listed} == run_objects - {"models/model.keras"}
+    assert s3c(moto).get_object(Bucket=bucket, Key="m/latest.json")["Body"].read() == pointer_before
     assert latest(moto, bucket, "m")["run_id"] == previous
     assert not (tmp_path / "b.json").exists()
+    # Published again, to the end: latest.json is sent last, once every object it names is stored.
+    seen = watch_publish(monkeypatch, moto, bucket)
+    record = publish(PublishParams(s3_uri=f"s3://{bucket}/m"), S3Params(endpoint_url=moto), Layout(big),
+                     tmp_path / "b.json")  # fmt: skip
+    pointer = latest(moto, bucket, "m")
+    assert pointer["run_id"] == json.loads(record.read_text())["run_id"] != previous
+    assert set(pointer["objects"]) == run_objects
+    assert seen["missing_when_latest_sent"] == [[]] and seen["model_size_when_latest_sent"] == model_size
+    writes = [key for operation, key in seen["calls"] if operation in ("PutObject", "CompleteMultipartUpload")]
+    assert writes[-1] == "m/latest.json" and set(writes[:-1]) == set(pointer["objects"].values())
 
 
 def test_publish_with_missing_run_files_names_them(moto, bucket, tmp_path):
@@ -256,7 +345,7 @@ def test_no_secret_in_any_log_artifact_or_output_of_a_run(moto, bucket, demo_zip
         "publish": {"s3_uri": f"s3://{bucket}/out"}, "prepare": {"image_size": 24}, "train": {"epochs": 1},
     }))  # fmt: skip
     env = cli_env | {key: os.environ[key] for key in os.environ if key.startswith("AWS_")}
-    result = subprocess.run(["imgclf", "run"], cwd=project, env=env, capture_output=True, text=True)
+    result = subprocess.run(in_venv(["imgclf", "run"]), cwd=project, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert latest(moto, bucket, "out")["metrics"]["n_test"] > 0
     secrets = [SECRET, ACCESS_KEY]

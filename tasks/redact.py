@@ -1,0 +1,53 @@
+"""Credentials never leave the process: URLs are shown with their userinfo and query string as `***`.
+
+A URL may carry a password (`https://user:pass@host/x.zip`) or a signed query
+(`?X-Amz-Signature=...`). Whatever prints, logs, names or records a URL shows `redact(url)`:
+log lines, run names, artifacts, source records, error messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from pydantic import SecretStr
+
+# scheme://[userinfo@]host/path[?query][#fragment]; userinfo may hold any character but / and @.
+_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@]*@)?(?P<rest>[^\s?#'\"]*)(?P<query>\?[^\s#'\"]*)?")
+
+
+def _redacted(match: re.Match) -> str:
+    userinfo = "***@" if match["userinfo"] else ""
+    query = "?***" if match["query"] else ""
+    return f"{match['head']}{userinfo}{match['rest']}{query}"
+
+
+def redact(text: str) -> str:
+    """Returns `text` with the userinfo and query string of every URL in it replaced by `***`."""
+    return _URL.sub(_redacted, text)
+
+
+def has_secret(text: str) -> bool:
+    """True when `text` holds a URL with userinfo or a query string."""
+    return any(match["userinfo"] or match["query"] for match in _URL.finditer(text))
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message with every URL redacted, before any handler sees it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if has_secret(message):
+            record.msg, record.args = redact(message), ()
+        return True
+
+
+def hide_secrets(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Returns the overrides with each secret-bearing text as a SecretStr: Prefect stores and shows it as `****`."""
+    return {key: SecretStr(value) if isinstance(value, str) and has_secret(value) else value for key, value in overrides.items()}
+
+
+def reveal(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Returns the overrides with every SecretStr unwrapped: what the stages use."""
+    return {key: value.get_secret_value() if isinstance(value, SecretStr) else value for key, value in overrides.items()}
