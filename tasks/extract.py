@@ -4,26 +4,28 @@ Entries that would land outside the target (absolute paths, `..`), links, device
 junk are never written; each is a row of `data/extract_skipped.csv` with its reason. The
 uncompressed total is capped by `data.max_extract_bytes`, both as declared and as actually
 written, so a zip bomb stops the stage. Files go to a temporary directory that replaces
-`data/extracted/` only when every entry is written. A single top folder (`cell_images/`)
-is stripped, so the class folders sit at the root and their names are the labels.
+`data/extracted/` only when every entry is written; a tar cut short stops the stage first.
+A single top folder (`cell_images/`) is stripped, so the class folders sit at the root and
+their names are the labels; loose files above them and second copies of the class tree are
+skipped, never made classes.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import lzma
 import re
 import stat
 import tarfile
 import zipfile
-import zlib
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from tasks.archives import BROKEN_ARCHIVE, ZIP_MAGIC, tar_end_problem
 from tasks.errors import StageError
 from tasks.files import CHUNK, atomic_dir, atomic_file
 from tasks.params import DataParams
@@ -31,10 +33,8 @@ from tasks.params import DataParams
 log = logging.getLogger("imgclf")
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
-ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty zip's end record
-# What the readers raise on a damaged archive (bad CRC, cut short, broken compression).
-BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 JUNK_DIRS = {"__macosx"}
+NAME_MAX = 255  # bytes in one path component, on the file systems people use
 
 
 class ExtractError(StageError, RuntimeError):
@@ -60,9 +60,7 @@ def extract(data: DataParams, archive: Path, out_dir: Path, skipped_csv: Path) -
         writer = csv.writer(handle)
         writer.writerow(["entry", "reason"])
         writer.writerows(sorted(skipped))
-    reasons: dict[str, int] = {}
-    for _, reason in skipped:
-        reasons[reason] = reasons.get(reason, 0) + 1
+    reasons = dict(Counter(reason for _, reason in skipped))
     log.info("extract: %d files into %s; skipped %s", kept, out_dir, reasons or "none")
     return out_dir
 
@@ -70,6 +68,9 @@ def extract(data: DataParams, archive: Path, out_dir: Path, skipped_csv: Path) -
 def _extract(data: DataParams, archive: Path, out_dir: Path) -> tuple[list[tuple[str, str]], int]:
     with _open_archive(archive) as (entries, open_member):
         keep, skipped = _sort_entries(entries)
+        if not keep:
+            reasons = dict(Counter(reason for _, reason in skipped)) or "none"
+            raise ExtractError(f"{archive}: no files inside class folders (skipped {reasons}); nothing was kept")
         declared = sum(entry.size for entry, _ in keep)
         if declared > data.max_extract_bytes:
             raise ExtractError(
@@ -106,7 +107,15 @@ def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
             yield [_zip_entry(info) for info in zf.infolist()], lambda e: zf.open(e.member)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:
-            yield [_tar_entry(info) for info in tf.getmembers()], lambda e: _tar_reader(tf, e)
+            try:
+                members = tf.getmembers()
+                # tarfile stops quietly where a header is cut short: only the missing end block tells.
+                problem = tar_end_problem(tf)
+            except tarfile.ReadError as exc:  # what it says when the last member's data is cut short
+                problem = f"truncated archive: {exc} in {tf.members[-1].name!r}"
+            if problem:
+                raise ExtractError(f"{archive}: {problem}; nothing was kept")
+            yield [_tar_entry(info) for info in members], lambda e: _tar_reader(tf, e)
     else:
         raise ExtractError(f"{archive}: not a zip or tar archive")
 
@@ -158,6 +167,8 @@ def _refusal(entry: Entry) -> str | None:
         return "path_traversal"
     if not entry.parts:
         return "empty_name"
+    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in entry.parts):
+        return "name_too_long"
     return None
 
 
@@ -168,6 +179,34 @@ def _is_junk(parts: tuple[str, ...]) -> bool:
         or lowered[-1] in JUNK_NAMES
         or parts[-1].startswith("._")  # macOS AppleDouble resource forks
     )
+
+
+def _in_a_folder_below(parts: tuple[str, ...], root: tuple[str, ...]) -> bool:
+    return parts[: len(root)] == root and len(parts) > len(root) + 1
+
+
+def _class_root(files: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """Returns the folder whose subfolders are the classes: single top folders are stepped into."""
+    root: tuple[str, ...] = ()
+    while True:
+        # Files loose beside a top folder say nothing about where the classes are.
+        inside = [parts[len(root) :] for parts in files if _in_a_folder_below(parts, root)]
+        if len({rel[0] for rel in inside}) != 1:
+            return root
+        folders = {rel[1] for rel in inside if len(rel) > 2}
+        # Never step into the class folder itself: a top folder holding loose files and a
+        # single subfolder is taken for a class with one subfolder.
+        if not folders or (len(folders) == 1 and any(len(rel) == 2 for rel in inside)):
+            return root
+        root += (inside[0][0],)
+
+
+def _nested_copies(files: list[tuple[str, ...]]) -> set[str]:
+    """Returns the class folders (files given from the class root) that hold only folders named like other classes."""
+    children: dict[str, set[str]] = defaultdict(set)
+    for parts in files:
+        children[parts[0]].add(parts[1])
+    return {top for top, names in children.items() if names <= set(children) - {top}}
 
 
 def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ...]]], list[tuple[str, str]]]:
@@ -184,26 +223,23 @@ def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ..
             files.append(entry)
         else:
             skipped.append((entry.name, reason))
-    # Strip single top folders (cell_images/) so class folders sit at the root; never
-    # the class folder itself (every file keeps a folder above it).
-    prefix: tuple[str, ...] = ()
-    while files and all(len(e.parts) >= len(prefix) + 3 for e in files):
-        tops = {e.parts[len(prefix)] for e in files}
-        if len(tops) != 1:
-            break
-        prefix += (tops.pop(),)
-    # Some mirrors nest a second full copy (cell_images/cell_images/): it is not a class.
-    classes = {e.parts[len(prefix)] for e in files}
-    nested_copy = prefix[-1] if prefix and prefix[-1] in classes and len(classes) > 1 else None
+    root = _class_root([e.parts for e in files])
+    # Some mirrors nest a second full copy (cell_images/cell_images/, or one beside the classes).
+    copies = _nested_copies([e.parts[len(root) :] for e in files if _in_a_folder_below(e.parts, root)])
     keep: list[tuple[Entry, tuple[str, ...]]] = []
     seen: set[tuple[str, ...]] = set()
     for entry in files:
-        relative = entry.parts[len(prefix) :]
-        if relative[0] == nested_copy:
+        relative = entry.parts[len(root) :]
+        if not _in_a_folder_below(entry.parts, root):
+            skipped.append((entry.name, "outside_class_folders"))
+        elif relative[0] in copies:
             skipped.append((entry.name, "nested_copy"))
         elif relative in seen:
             skipped.append((entry.name, "duplicate_entry"))
         else:
             seen.add(relative)
             keep.append((entry, relative))
-    return keep, skipped
+    # `x` and `x/y.png` cannot both be written: the folder's files win, the lone file is skipped.
+    folders = {relative[:depth] for _, relative in keep for depth in range(1, len(relative))}
+    skipped += [(entry.name, "file_folder_conflict") for entry, relative in keep if relative in folders]
+    return [(entry, relative) for entry, relative in keep if relative not in folders], skipped

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from tasks.files import read_csv
 
-MANIFEST_COLUMNS = ["path", "label", "status", "reason", "detail", "sha256", "bytes", "format", "mode", "width", "height"]
+# archive_split: train, val or test when the archive came as {train,val,test}/<class>/; empty otherwise.
+MANIFEST_COLUMNS = ["path", "label", "status", "reason", "detail", "sha256", "bytes", "format", "mode", "width",
+                    "height", "archive_split"]  # fmt: skip
 
 
 def read_valid_rows(manifest_csv: Path) -> list[dict]:

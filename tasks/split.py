@@ -4,6 +4,8 @@ Stratified by label and seeded: per class, each split holds its fraction of the 
 within one image. With `split.group_pattern` (a regex whose first group is read from the
 file name, e.g. the malaria patient id), whole groups go to one split, so no patient's cells
 sit on both sides; stratification is then best-effort and the achieved fractions are logged.
+An archive that brings its own split (the manifest's `archive_split`) keeps it when
+`split.archive_split` is `keep`: a val or test split it lacks is carved from its train images.
 """
 
 from __future__ import annotations
@@ -52,8 +54,7 @@ def _fits(n: int, fractions: dict[str, float]) -> bool:
     return all(size > 0 for name, size in allocate(n, fractions).items() if fractions[name] > 0)
 
 
-def _stratified(params: SplitParams, rows: list[dict]) -> list[str]:
-    fractions = _fractions(params)
+def _stratified(params: SplitParams, rows: list[dict], fractions: dict[str, float]) -> list[str]:
     rng = np.random.default_rng(params.seed)
     by_label: dict[str, list[int]] = defaultdict(list)
     for index, row in enumerate(rows):
@@ -76,17 +77,17 @@ def _stratified(params: SplitParams, rows: list[dict]) -> list[str]:
     return assigned
 
 
-def _grouped(params: SplitParams, rows: list[dict], groups: list[str]) -> list[str]:
+def _grouped(params: SplitParams, rows: list[dict], groups: list[str], fractions: dict[str, float]) -> list[str]:
     labels = sorted({row["label"] for row in rows})
     members: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
     names = sorted(members)
-    if len(names) < sum(1 for f in _fractions(params).values() if f > 0):
+    if len(names) < sum(1 for f in fractions.values() if f > 0):
         raise SplitError(f"split: split.group_pattern found only {len(names)} group(s); too few for train/val/test")
     counts = {g: np.array([sum(rows[i]["label"] == lab for i in members[g]) for lab in labels]) for g in names}
     totals = sum(counts.values())
-    targets = {name: fraction * totals for name, fraction in _fractions(params).items()}
+    targets = {name: fraction * totals for name, fraction in fractions.items()}
     filled = {name: np.zeros(len(labels)) for name in SPLITS}
     # Biggest groups first (hardest to place); ties in a seeded random order.
     rng = np.random.default_rng(params.seed)
@@ -113,23 +114,57 @@ def group_of(pattern: re.Pattern[str], path: str) -> str:
     return match.group(1) if match else path
 
 
+def _assign(params: SplitParams, rows: list[dict], groups: list[str], fractions: dict[str, float]) -> list[str]:
+    return _grouped(params, rows, groups, fractions) if groups else _stratified(params, rows, fractions)
+
+
+def _keep_archive_split(params: SplitParams, rows: list[dict], groups: list[str]) -> list[str]:
+    """Returns the archive's own split per row, with a missing val or test carved from its train images."""
+    assigned = [row["archive_split"] for row in rows]
+    train = [index for index, name in enumerate(assigned) if name == "train"]
+    if not train:
+        raise SplitError("split: the archive's own split has no train images; set split.archive_split: ignore "
+                         "to re-split it")  # fmt: skip
+    wanted = {"val": params.val, "test": params.test}
+    missing = {name: fraction for name, fraction in wanted.items() if fraction and name not in assigned}
+    if missing:
+        fractions = {"train": 1 - sum(missing.values()), "val": 0.0, "test": 0.0} | missing
+        carved = _assign(params, [rows[i] for i in train], [groups[i] for i in train] if groups else [], fractions)
+        for index, name in zip(train, carved):
+            assigned[index] = name
+    counts = Counter(assigned)
+    carved_note = "".join(f"; {name} carved from its train images by split.{name}={f}" for name, f in missing.items())
+    log.info("split: kept the archive's own split (split.archive_split: keep): %s%s",
+             ", ".join(f"{name} {counts[name]}" for name in SPLITS), carved_note)  # fmt: skip
+    return assigned
+
+
 def split(params: SplitParams, manifest_csv: Path, split_csv: Path) -> Path:
     """Returns `split_csv`, with each valid image of the manifest assigned to train, val or test."""
     rows = read_valid_rows(manifest_csv)
     if not rows:
         raise SplitError(f"split: {manifest_csv} has no valid images")
     columns = ["path", "label", "split"]
+    groups: list[str] = []
     if params.group_pattern:
         pattern = re.compile(params.group_pattern)
         groups = [group_of(pattern, row["path"]) for row in rows]
         unmatched = sum(1 for group, row in zip(groups, rows) if group == row["path"])
+        if unmatched == len(rows):
+            example = rows[0]["path"].rsplit("/", 1)[-1]
+            raise SplitError(f"split.group_pattern {params.group_pattern!r} matches none of the {len(rows)} file names "
+                             f"(e.g. {example!r}); fix it, or leave it empty for no groups")  # fmt: skip
         if unmatched:
             log.warning("split: %d file name(s) do not match split.group_pattern; each is its own group", unmatched)
-        assigned = _grouped(params, rows, groups)
         columns.append("group")
+    # A manifest written before the archive_split column has none.
+    has_archive_split = any(row.get("archive_split") for row in rows)
+    if has_archive_split and params.archive_split == "keep":
+        assigned = _keep_archive_split(params, rows, groups)
     else:
-        groups = []
-        assigned = _stratified(params, rows)
+        if has_archive_split:
+            log.info("split: the archive's own split is ignored (split.archive_split: ignore); all images are re-split")
+        assigned = _assign(params, rows, groups, _fractions(params))
     with atomic_file(split_csv, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)

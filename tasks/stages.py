@@ -80,10 +80,10 @@ PLOTS = ("plots/confusion_matrix.png", "plots/misclassified.png", "plots/trainin
 # Pipeline order: dvc.yaml and the flow follow it.
 STAGES: dict[str, StageSpec] = {
     "download": StageSpec(
-        _download, (), ("tasks/download.py", "tasks/s3.py"), ("data.url", "data.sha256"), ("data/raw",)
+        _download, (), ("tasks/download.py", "tasks/archives.py", "tasks/redact.py", "tasks/s3.py"), ("data.url", "data.sha256"), ("data/raw",)
     ),
     "extract": StageSpec(
-        _extract, ("data/raw",), ("tasks/extract.py",), ("data.url", "data.max_extract_bytes"),
+        _extract, ("data/raw",), ("tasks/extract.py", "tasks/archives.py"), ("data.url", "data.max_extract_bytes"),
         ("data/extracted", "data/extract_skipped.csv"),
     ),
     "validate": StageSpec(

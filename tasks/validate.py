@@ -3,7 +3,10 @@
 A file is judged by decoding it, never by its extension. Each row says `valid`, or why not:
 `rejected` with a reason (empty, truncated, not_an_image, unsupported_format, too_large,
 corrupt, no_label, bad_name, conflicting_labels) or `duplicate` of another valid file under the same
-label. The label is the file's top folder. Raw files are only read.
+label. The label is the file's top folder; when every top folder is named like a split
+(`train/`, `test/`, ...), the label is the class folder inside it and the split is recorded
+in `archive_split`. Raw files are only read. Class folders that differ only by case or spaces
+stop the stage before any decoding; no valid image at all stops it after the manifest is written.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tasks.errors import StageError
 from tasks.files import Progress, ShardMap, atomic_file, chunked, process_pool_map
 from tasks.images import Verdict, judge
 from tasks.manifest import MANIFEST_COLUMNS
@@ -25,6 +29,13 @@ from tasks.params import ValidateParams
 log = logging.getLogger("imgclf")
 
 SHARD_FILES = 256
+# Folder names (case-insensitive) of an archive that brings its own split, and the split each means.
+ARCHIVE_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                  "test": "test", "testing": "test"}  # fmt: skip
+
+
+class ValidateError(StageError, ValueError):
+    """The extracted files make no usable labelled set; the message names the folder and why."""
 
 
 def list_files(root: Path) -> list[str]:
@@ -40,13 +51,30 @@ def list_files(root: Path) -> list[str]:
     return sorted(found)
 
 
-def _judge_shard(root: str, max_pixels: int, paths: Sequence[str]) -> list[dict]:
+def _is_split_layout(paths: list[str]) -> bool:
+    """Returns whether every top folder is named like a split (train/, test/, ...) and some hold class folders."""
+    tops = {path.split("/")[0] for path in paths if "/" in path}
+    return bool(tops) and all(_archive_split(top) for top in tops) and any(path.count("/") > 1 for path in paths)
+
+
+def _archive_split(folder: str) -> str:
+    return ARCHIVE_SPLITS.get(folder.strip().lower(), "")
+
+
+def _class_of(path: str, split_layout: bool) -> tuple[str, str]:
+    """Returns (label, archive split) of a relative path: ("", "") outside a class folder."""
+    parts = path.split("/")
+    if split_layout:
+        return (parts[1], _archive_split(parts[0])) if len(parts) > 2 else ("", "")
+    return (parts[0], "") if len(parts) > 1 else ("", "")
+
+
+def _judge_shard(root: str, max_pixels: int, split_layout: bool, paths: Sequence[str]) -> list[dict]:
     rows = []
     for path in paths:
         data = (Path(root) / path).read_bytes()
         verdict = judge(data, max_pixels)
-        parts = path.split("/")
-        label = parts[0] if len(parts) > 1 else ""
+        label, archive_split = _class_of(path, split_layout)
         reason = verdict.reason or ("" if label else "no_label")
         if not _utf8(path):
             # A name no UTF-8 file can hold (from an old archive): shown escaped, not used.
@@ -66,6 +94,7 @@ def _judge_shard(root: str, max_pixels: int, paths: Sequence[str]) -> list[dict]
                 "mode": verdict.mode,
                 "width": verdict.width,
                 "height": verdict.height,
+                "archive_split": archive_split,
             }
         )
     return rows
@@ -103,7 +132,11 @@ def validate(
     if not extracted_dir.is_dir():
         raise FileNotFoundError(f"{extracted_dir}: no such folder (run the extract stage first)")
     paths = list_files(extracted_dir)
-    judge_shard = functools.partial(_judge_shard, str(extracted_dir.resolve()), params.max_pixels)
+    split_layout = _is_split_layout(paths)
+    if split_layout:
+        log.info("validate: %s is laid out as split folders: labels are the class folders inside them", extracted_dir)
+    _check_class_names(extracted_dir, {_class_of(path, split_layout)[0] for path in paths} - {""})
+    judge_shard = functools.partial(_judge_shard, str(extracted_dir.resolve()), params.max_pixels, split_layout)
     rows: list[dict] = []
     progress = Progress(len(paths), "validate", "files")
     for shard_rows in map_shards(judge_shard, chunked(paths, SHARD_FILES)):
@@ -116,7 +149,21 @@ def validate(
         writer.writeheader()
         writer.writerows(rows)
     log.info("%s", summary(rows))
+    if not any(row["status"] == "valid" for row in rows):
+        reasons = _counts(row["reason"] for row in rows) or "none"
+        raise ValidateError(f"{extracted_dir}: no valid images among {len(rows)} files ({reasons}); see {manifest_csv}")
     return manifest_csv
+
+
+def _check_class_names(extracted_dir: Path, labels: set[str]) -> None:
+    # `Cat` and `cat` (or `cat `) are one class to a person but two to the model.
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for label in sorted(labels):
+        by_key[label.strip().casefold()].append(label)
+    clashes = [", ".join(map(repr, names)) for names in by_key.values() if len(names) > 1]
+    if clashes:
+        raise ValidateError(f"{extracted_dir}: class folders differ only by case or spaces: {'; '.join(clashes)}; "
+                            "rename or merge them")  # fmt: skip
 
 
 def summary(rows: list[dict]) -> str:
@@ -126,6 +173,12 @@ def summary(rows: list[dict]) -> str:
         lines.append(f"  {status:<10} {count:>8}")
     for reason, count in sorted(Counter(row["reason"] for row in rows if row["reason"]).items()):
         lines.append(f"    {reason:<24} {count:>6}")
-    labels = Counter(row["label"] for row in rows if row["status"] == "valid")
-    lines.append("  valid by label: " + ", ".join(f"{label} {n}" for label, n in sorted(labels.items())))
+    valid = [row for row in rows if row["status"] == "valid"]
+    lines.append("  valid by label: " + _counts(row["label"] for row in valid))
+    if any(row["archive_split"] for row in valid):
+        lines.append("  valid by archive split: " + _counts(row["archive_split"] for row in valid))
     return "\n".join(lines)
+
+
+def _counts(values: Iterable[str]) -> str:
+    return ", ".join(f"{value} {n}" for value, n in sorted(Counter(values).items()))

@@ -270,6 +270,30 @@ def test_truncated_tar_gz_leaves_no_out_dir_and_no_temp_dirs(tmp_path, work):
     assert temp_dirs_beside(work) == []
 
 
+def tar_cut(full: Path, where: str) -> bytes:
+    """The bytes of an uncompressed tar cut short at `where`, relative to its last member."""
+    with tarfile.open(full) as tf:
+        last = tf.getmembers()[-1]
+    padded_end = last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    cut = {"at_a_member_header": last.offset, "inside_a_header_block": last.offset + 100,
+           "inside_the_last_member_data": last.offset_data + 10, "without_end_blocks": padded_end}[where]  # fmt: skip
+    return full.read_bytes()[:cut]
+
+
+@pytest.mark.parametrize("where", ["at_a_member_header", "inside_a_header_block", "inside_the_last_member_data",
+                                   "without_end_blocks"])  # fmt: skip
+def test_tar_cut_short_is_refused_as_truncated_and_keeps_previous_extraction(tmp_path, work, where):
+    before = good_extraction(tmp_path, work)
+    members = [(f"Parasitized/{i}.png", os.urandom(700)) for i in range(3)]
+    full = make_tar(tmp_path / "in" / "full.tar", members, mode="w")
+    cut = tmp_path / "in" / "cut.tar"
+    cut.write_bytes(tar_cut(full, where))
+    with pytest.raises(ExtractError, match=r"cut\.tar: truncated archive: .*; nothing was kept$"):
+        extract(params(), cut, work, tmp_path / "data" / "skipped.csv")
+    assert tree(work) == before
+    assert temp_dirs_beside(work) == []
+
+
 # ---------------------------------------------------------------- OS junk, duplicates
 
 
@@ -330,6 +354,50 @@ def test_junk_beside_top_folder_does_not_stop_stripping(tmp_path, work):
                                                    ("cell_images/Uninfected/b.png", PNG)])  # fmt: skip
     run(archive, work)
     assert tree(work) == {"Parasitized/a.png": PNG, "Uninfected/b.png": PNG}
+
+
+@pytest.mark.parametrize("loose", ["cell_images/README.txt", "README.txt"])
+def test_loose_file_beside_the_top_folder_does_not_change_labels(tmp_path, work, loose):
+    archive = make_zip(tmp_path / "in" / "a.zip", [(loose, b"read me"), ("cell_images/Parasitized/a.png", PNG),
+                                                   ("cell_images/Uninfected/b.png", PNG)])  # fmt: skip
+    assert run(archive, work) == [(loose, "outside_class_folders")]
+    assert tree(work) == {"Parasitized/a.png": PNG, "Uninfected/b.png": PNG}
+
+
+def test_loose_file_beside_the_class_folders_at_the_root_is_skipped(tmp_path, work):
+    archive = make_zip(tmp_path / "in" / "a.zip", [("cat/1.png", PNG), ("dog/2.png", PNG), ("notes.png", PNG)])
+    assert run(archive, work) == [("notes.png", "outside_class_folders")]
+    assert tree(work) == {"cat/1.png": PNG, "dog/2.png": PNG}
+
+
+def test_second_copy_of_the_class_tree_is_skipped_as_nested_copy(tmp_path, work):
+    archive = make_zip(tmp_path / "in" / "a.zip", [
+        ("Parasitized/a.png", PNG), ("Uninfected/b.png", PNG),
+        ("cell_images/Parasitized/a.png", PNG), ("cell_images/Uninfected/b.png", PNG),
+    ])  # fmt: skip
+    skipped = run(archive, work)
+    assert sorted(skipped) == [("cell_images/Parasitized/a.png", "nested_copy"),
+                               ("cell_images/Uninfected/b.png", "nested_copy")]  # fmt: skip
+    assert tree(work) == {"Parasitized/a.png": PNG, "Uninfected/b.png": PNG}
+
+
+def test_train_test_layout_keeps_its_split_folders_and_skips_its_nested_copy(tmp_path, work):
+    # The Kaggle chest X-ray archive: chest_xray/{train,val,test}/<class>/, plus chest_xray/chest_xray/ again.
+    layout = [f"{split}/{label}/1.png" for split in ("train", "val", "test") for label in ("NORMAL", "PNEUMONIA")]
+    archive = make_zip(tmp_path / "in" / "a.zip", [(f"chest_xray/{rel}", PNG) for rel in layout]
+                       + [(f"chest_xray/chest_xray/{rel}", PNG) for rel in layout])  # fmt: skip
+    assert sorted(run(archive, work)) == sorted((f"chest_xray/chest_xray/{rel}", "nested_copy") for rel in layout)
+    assert tree(work) == {rel: PNG for rel in layout}
+
+
+@pytest.mark.parametrize("entries", [[], [("README.txt", b"hi"), ("cell_images/.DS_Store", b"junk")],
+                                     [("a.png", PNG), ("b.png", PNG)]], ids=["empty", "junk_only", "flat"])
+def test_archive_without_files_in_class_folders_stops_at_extract(tmp_path, work, entries):
+    before = good_extraction(tmp_path, work)
+    archive = make_zip(tmp_path / "in" / "nothing.zip", entries)
+    with pytest.raises(ExtractError, match=r"nothing\.zip: no files inside class folders .*; nothing was kept$"):
+        extract(params(), archive, work, tmp_path / "data" / "skipped.csv")
+    assert tree(work) == before
 
 
 # ---------------------------------------------------------------- formats

@@ -4,26 +4,41 @@ from __future__ import annotations
 
 import csv
 import re
+import zipfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
 
+from PIL import Image
+
+from tasks.extract import extract
 from tasks.manifest import MANIFEST_COLUMNS
-from tasks.params import SplitParams
+from tasks.params import DataParams, SplitParams, ValidateParams
 from tasks.split import SplitError, split
+from tasks.validate import validate
+from tests.conftest import encode, in_process, noise
 
 
-def write_manifest(path: Path, counts: dict[str, int], name=lambda label, i: f"img_{i}.png") -> Path:
+def write_rows(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
         writer.writeheader()
-        for label, n in counts.items():
-            for i in range(n):
-                writer.writerow({"path": f"{label}/{name(label, i)}", "label": label, "status": "valid",
-                                 "sha256": f"{label}{i}"})  # fmt: skip
+        writer.writerows(rows)
         writer.writerow({"path": "a/broken.png", "label": "a", "status": "rejected", "reason": "truncated"})
     return path
+
+
+def write_manifest(path: Path, counts: dict[str, int], name=lambda label, i: f"img_{i}.png") -> Path:
+    return write_rows(path, [{"path": f"{label}/{name(label, i)}", "label": label, "status": "valid",
+                              "sha256": f"{label}{i}"} for label, n in counts.items() for i in range(n)])  # fmt: skip
+
+
+def write_archive_manifest(path: Path, counts: dict[tuple[str, str], int]) -> Path:
+    """A manifest of an archive laid out as <split>/<label>/: counts by (archive split, label)."""
+    return write_rows(path, [{"path": f"{name}/{label}/img_{i}.png", "label": label, "status": "valid",
+                              "sha256": f"{name}{label}{i}", "archive_split": name}
+                             for (name, label), n in counts.items() for i in range(n)])  # fmt: skip
 
 
 def read_split(path: Path) -> list[dict]:
@@ -81,3 +96,67 @@ def test_too_few_groups_is_a_clear_error(tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", {"a": 10, "b": 10}, lambda label, i: f"P1_{i}.png")
     with pytest.raises(SplitError, match="found only 1 group"):
         split(SplitParams(group_pattern=r"^(P\d+)_"), manifest, tmp_path / "s.csv")
+
+
+# ---------------------------------------------------------------- an archive with its own split
+
+ARCHIVE = {("train", "cat"): 60, ("train", "dog"): 40, ("val", "cat"): 3, ("val", "dog"): 2, ("test", "cat"): 12,
+           ("test", "dog"): 8}  # fmt: skip
+
+
+def test_archive_split_keep_keeps_the_archive_s_own_split(tmp_path, caplog):
+    manifest = write_archive_manifest(tmp_path / "m.csv", ARCHIVE)
+    with caplog.at_level("INFO", logger="imgclf"):
+        rows = read_split(split(SplitParams(), manifest, tmp_path / "s.csv"))
+    assert all(row["split"] == row["path"].split("/")[0] for row in rows)
+    assert Counter((row["split"], row["label"]) for row in rows) == ARCHIVE
+    assert "kept the archive's own split (split.archive_split: keep): train 100, val 5, test 20" in caplog.text
+
+
+def test_archive_without_val_gets_val_carved_from_its_train_images_stratified(tmp_path, caplog):
+    counts = {key: n for key, n in ARCHIVE.items() if key[0] != "val"}
+    manifest = write_archive_manifest(tmp_path / "m.csv", counts)
+    with caplog.at_level("INFO", logger="imgclf"):
+        rows = read_split(split(SplitParams(val=0.2), manifest, tmp_path / "s.csv"))
+    cells = Counter((row["path"].split("/")[0], row["split"], row["label"]) for row in rows)
+    assert cells == {("test", "test", "cat"): 12, ("test", "test", "dog"): 8, ("train", "val", "cat"): 12,
+                     ("train", "val", "dog"): 8, ("train", "train", "cat"): 48,
+                     ("train", "train", "dog"): 32}  # fmt: skip
+    assert "val carved from its train images by split.val=0.2" in caplog.text
+
+
+def test_archive_split_ignore_resplits(tmp_path, caplog):
+    manifest = write_archive_manifest(tmp_path / "m.csv", ARCHIVE)
+    with caplog.at_level("INFO", logger="imgclf"):
+        rows = read_split(split(SplitParams(archive_split="ignore"), manifest, tmp_path / "s.csv"))
+    plain = read_split(split(SplitParams(), write_manifest(tmp_path / "plain.csv", {"cat": 75, "dog": 50}),
+                             tmp_path / "plain_split.csv"))  # fmt: skip
+    # The stratified split of the same labels, as if the archive had no split of its own.
+    assert Counter((row["label"], row["split"]) for row in rows) == Counter((r["label"], r["split"]) for r in plain)
+    assert any(row["split"] != row["path"].split("/")[0] for row in rows)
+    assert "archive's own split is ignored" in caplog.text
+
+
+def test_archive_split_without_train_images_is_a_clear_error(tmp_path):
+    manifest = write_archive_manifest(tmp_path / "m.csv", {("test", "cat"): 5, ("test", "dog"): 5})
+    with pytest.raises(SplitError, match="archive's own split has no train images; set split.archive_split: ignore"):
+        split(SplitParams(), manifest, tmp_path / "s.csv")
+
+
+def test_train_test_layout_gets_class_labels_and_keeps_its_split(tmp_path):
+    # Kaggle's chest X-ray archive, small: chest_xray/{train,test}/<class>/ and no val folder.
+    layout = [(name, label, i) for name, n in (("train", 20), ("test", 5)) for label in ("NORMAL", "PNEUMONIA")
+              for i in range(n)]  # fmt: skip
+    archive = tmp_path / "chest_xray.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for seed, (name, label, i) in enumerate(layout):
+            zf.writestr(f"chest_xray/{name}/{label}/{i}.png", encode(Image.fromarray(noise(6, 8, seed=seed)), "PNG"))
+    data = tmp_path / "data"
+    extract(DataParams(url=str(archive)), archive, data / "extracted", data / "extract_skipped.csv")
+    validate(ValidateParams(), data / "extracted", data / "manifest.csv", in_process)
+    rows = read_split(split(SplitParams(val=0.1), data / "manifest.csv", data / "split.csv"))
+    assert len(rows) == 50
+    cells = Counter((row["path"].split("/")[0], row["split"], row["label"]) for row in rows)
+    assert cells == {("test", "test", "NORMAL"): 5, ("test", "test", "PNEUMONIA"): 5, ("train", "val", "NORMAL"): 2,
+                     ("train", "val", "PNEUMONIA"): 2, ("train", "train", "NORMAL"): 18,
+                     ("train", "train", "PNEUMONIA"): 18}  # fmt: skip

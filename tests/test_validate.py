@@ -16,7 +16,7 @@ from PIL import Image
 
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import ValidateParams
-from tasks.validate import SHARD_FILES, validate
+from tasks.validate import SHARD_FILES, ValidateError, validate
 from tests.conftest import encode, in_process, noise, png_chunk
 
 
@@ -37,7 +37,11 @@ def write(root: Path, rel: str, data: bytes) -> Path:
 
 def run_validate(root: Path, tmp_path: Path, max_pixels: int = 50_000_000, map_shards=in_process) -> dict[str, dict]:
     """Runs validate on `root` and returns the manifest's rows keyed by path."""
-    manifest = validate(ValidateParams(max_pixels=max_pixels), root, tmp_path / "manifest.csv", map_shards)
+    manifest = tmp_path / "manifest.csv"
+    try:
+        validate(ValidateParams(max_pixels=max_pixels), root, manifest, map_shards)
+    except ValidateError:
+        pass  # a tree without a valid image stops validate after it writes the manifest, read below
     with open(manifest, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         assert reader.fieldnames == MANIFEST_COLUMNS
@@ -198,6 +202,59 @@ def test_file_name_not_utf8_does_not_crash_validate(root, tmp_path):
     assert len(rows) == 2
     assert rows["cat/good.png"]["status"] == "valid"
     assert (rows["cat/caf\\xe9.png"]["status"], rows["cat/caf\\xe9.png"]["reason"]) == ("rejected", "bad_name")
+
+
+# --- labels ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("names", [("train", "val", "test"), ("Training", "Validation", "Testing"), ("train", "valid")],
+                         ids=["short", "long_capitalised", "without_test"])  # fmt: skip
+def test_train_test_layout_gets_class_labels_and_its_archive_split(root, tmp_path, names):
+    for i, folder in enumerate(names):
+        write(root, f"{folder}/NORMAL/{i}.png", png_bytes(seed=2 * i))
+        write(root, f"{folder}/PNEUMONIA/{i}.png", png_bytes(seed=2 * i + 1))
+    write(root, f"{names[0]}/README.png", png_bytes(seed=99))
+    rows = run_validate(root, tmp_path)
+    expected = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                "test": "test", "testing": "test"}  # fmt: skip
+    for i, folder in enumerate(names):
+        for label in ("NORMAL", "PNEUMONIA"):
+            row = rows[f"{folder}/{label}/{i}.png"]
+            assert (row["status"], row["label"], row["archive_split"]) == ("valid", label, expected[folder.lower()])
+    assert_rejected(rows[f"{names[0]}/README.png"], "no_label")
+
+
+def test_top_folders_not_all_named_like_splits_are_the_labels(root, tmp_path):
+    write(root, "train/a.png", png_bytes(seed=1))
+    write(root, "cat/b.png", png_bytes(seed=2))
+    rows = run_validate(root, tmp_path)
+    assert [(row["label"], row["archive_split"]) for row in rows.values()] == [("cat", ""), ("train", "")]
+
+
+@pytest.mark.parametrize(("first", "second", "named"), [
+    ("Cat/a.png", "cat/b.png", "'Cat', 'cat'"),
+    ("Parasitized /a.png", "Parasitized/b.png", "'Parasitized', 'Parasitized '"),
+    ("train/Cat/a.png", "test/cat/b.png", "'Cat', 'cat'"),
+], ids=["case", "trailing_space", "across_archive_splits"])  # fmt: skip
+def test_class_folders_differing_by_case_stop_validate(root, tmp_path, first, second, named):
+    write(root, first, png_bytes(seed=1))
+    write(root, second, png_bytes(seed=2))
+    message = f"{root}: class folders differ only by case or spaces: {named}; rename or merge them"
+    with pytest.raises(ValidateError, match=f"^{re.escape(message)}$"):
+        validate(ValidateParams(), root, tmp_path / "manifest.csv", in_process)
+    assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_archive_without_valid_images_stops_at_validate(root, tmp_path):
+    write(root, "cat/notes.png", b"not pixels")
+    write(root, "cat/empty.png", b"")
+    write(root, "dog/cut.png", png_bytes(40, 40)[:100])
+    manifest = tmp_path / "manifest.csv"
+    with pytest.raises(ValidateError, match=re.escape("no valid images among 3 files (empty 1, not_an_image 1, "
+                                                      f"truncated 1); see {manifest}")):  # fmt: skip
+        validate(ValidateParams(), root, manifest, in_process)
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        assert sorted(row["reason"] for row in csv.DictReader(handle)) == ["empty", "not_an_image", "truncated"]
 
 
 # --- duplicates -----------------------------------------------------------------------------
