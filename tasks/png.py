@@ -22,8 +22,12 @@ import pyspng
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-# tRNS changes the pixels; eXIf (before or after IDAT) and iTXt (XMP) may rotate them.
-_DECLINED_CHUNKS = {b"tRNS", b"eXIf", b"iTXt"}
+# tRNS changes the pixels; eXIf (before or after IDAT) may rotate them.
+_DECLINED_CHUNKS = {b"tRNS", b"eXIf"}
+# So may a text chunk under the two keywords Pillow reads an orientation from: EXIF as hex
+# (ImageMagick's "Raw profile type exif") and XMP's tiff:Orientation. Other text is only text.
+_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt"}
+_ORIENTATION_KEYWORDS = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0")
 _CHANNELS = {0: 1, 2: 3}  # colour type: gray, RGB
 _NONE, _SUB, _UP = 0, 1, 2
 _RETRY_EVERY = 64
@@ -64,6 +68,8 @@ def _chunks(data: bytes) -> list[tuple[bytes, int, int]] | None:
         length, kind = struct.unpack_from(">I4s", data, offset)
         start, end = offset + 8, offset + 8 + length
         if kind in _DECLINED_CHUNKS or end + 4 > len(data):
+            return None
+        if kind in _TEXT_CHUNKS and data.startswith(_ORIENTATION_KEYWORDS, start, end):
             return None
         if kind == b"IEND":
             return chunks

@@ -8,7 +8,7 @@ import struct
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 
 from tasks.images import decode, judge, resize
 from tasks.png import decode_plain_png
@@ -58,6 +58,55 @@ def test_decode_gray_is_uint8_height_width_1(mode):
     image = decode(_image_in_mode(mode), 1)
     assert image.dtype == np.uint8
     assert image.shape == (H, W, 1)
+
+
+def _with_transparency(mode: str) -> bytes:
+    """A PNG in `mode` with a tRNS chunk naming a colour that its pixels use."""
+    image = Image.fromarray(noise(H, W, seed=2)).convert(mode)
+    key = image.getpixel((0, 0))
+    data = encode(image, "PNG", transparency=key)
+    assert b"tRNS" in data
+    return data
+
+
+def _la() -> bytes:
+    gray, alpha = (Image.fromarray(noise(H, W, channels=1, seed=seed)) for seed in (3, 4))
+    return encode(Image.merge("LA", (gray, alpha)), "PNG")
+
+
+# Modes that the fast path declines, each decoded the general way: Pillow's own conversion.
+PILLOW_CONVERTED = {
+    "P": lambda: encode(Image.fromarray(noise(H, W, seed=1)).convert("P"), "PNG"),
+    "P with tRNS": lambda: _with_transparency("P"),
+    "RGB with tRNS": lambda: _with_transparency("RGB"),
+    "L with tRNS": lambda: _with_transparency("L"),
+    "LA": _la,
+    "1": lambda: encode(Image.fromarray(noise(H, W, seed=5)).convert("1"), "PNG"),
+    "CMYK JPEG": lambda: encode(Image.fromarray(noise(H, W, channels=3, seed=6)).convert("CMYK"), "JPEG"),
+}
+
+
+@pytest.mark.parametrize("kind", PILLOW_CONVERTED)
+def test_decode_gives_pillows_own_rgb_pixels(kind):
+    data = PILLOW_CONVERTED[kind]()
+    assert Image.open(io.BytesIO(data)).mode == kind.split()[0]
+    assert np.array_equal(decode(data, 3), pillow_rgb(data))
+
+
+def _sixteen_bit_png(channels: int) -> tuple[bytes, np.ndarray]:
+    """A 16-bit gray or RGB PNG of random samples, and those samples (RGB order)."""
+    samples = np.random.default_rng(channels).integers(0, 65536, (H, W, channels), dtype=np.uint16)
+    ok, encoded = cv2.imencode(".png", samples[:, :, ::-1])  # OpenCV takes BGR
+    assert ok and encoded[24] == 16  # IHDR bit depth
+    return encoded.tobytes(), samples
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_png_decodes_to_the_high_byte_of_every_sample(channels):
+    data, samples = _sixteen_bit_png(channels)
+    assert Image.open(io.BytesIO(data)).mode == ("I;16" if channels == 1 else "RGB")
+    high = np.broadcast_to(samples >> 8, (H, W, 3)).astype(np.uint8)
+    assert np.array_equal(decode(data, 3), high)
 
 
 def test_decode_rgba_drops_alpha_without_compositing():
@@ -113,6 +162,46 @@ def test_png_with_exif_orientation_after_idat_is_decoded_upright():
     assert plain.endswith(png_chunk(b"IEND", b""))
     data = plain[:-12] + png_chunk(b"eXIf", orientation_exif(6)) + plain[-12:]
     assert decode(data, 3).shape == (30, 20, 3)
+
+
+def raw_profile_exif(value: int) -> str:
+    """The EXIF text ImageMagick (and Pillow) write under "Raw profile type exif": hex after a header."""
+    exif = orientation_exif(value)
+    return f"\nexif\n{len(exif):8}\n{exif.hex()}\n"
+
+
+XMP_ORIENTATION_6 = (
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def orientation_text_png(chunk: str) -> bytes:
+    """A 20x30 PNG whose only orientation (6) sits in a text chunk of kind `chunk`."""
+    info = PngImagePlugin.PngInfo()
+    if chunk == "tEXt":
+        info.add_text("Raw profile type exif", raw_profile_exif(6))
+    elif chunk == "zTXt":
+        info.add_text("Raw profile type exif", raw_profile_exif(6), zip=True)
+    elif chunk == "iTXt":
+        info.add_itxt("Raw profile type exif", raw_profile_exif(6))
+    else:
+        info.add_itxt("XML:com.adobe.xmp", XMP_ORIENTATION_6)
+    data = encode(Image.fromarray(noise(20, 30, seed=2)), "PNG", pnginfo=info)
+    assert chunk[:4].encode() in data
+    return data
+
+
+ORIENTATION_TEXT_CHUNKS = ["tEXt", "zTXt", "iTXt", "iTXt XMP"]
+
+
+@pytest.mark.parametrize("chunk", ORIENTATION_TEXT_CHUNKS)
+def test_png_with_orientation_in_a_text_chunk_is_decoded_as_pillow_rotates_it(chunk):
+    data = orientation_text_png(chunk)
+    rotated = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+    assert rotated.shape == (30, 20, 3)
+    assert decode_plain_png(data) is None
+    assert np.array_equal(decode(data, 3), rotated)
 
 
 # --- 16-bit ---------------------------------------------------------------------------------
@@ -244,3 +333,96 @@ def test_judge_accepts_multi_picture_jpeg():
     data = encode(frame, "MPO", save_all=True, append_images=[frame])
     assert data[:2] == b"\xff\xd8" and decode(data, 3).shape == (40, 60, 3)
     assert judge(data, MAX_PIXELS).reason == ""
+
+
+# --- judge: JPEGs whose data ends early ----------------------------------------------------
+
+
+def photo(height: int = 128, width: int = 128, seed: int = 0) -> np.ndarray:
+    """Smooth colour plus grain: compresses like a photo, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    base = cv2.resize(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+
+
+def photo_jpeg(**kwargs) -> bytes:
+    return encode(Image.fromarray(photo()), "JPEG", quality=90, **kwargs)
+
+
+def scan_start(data: bytes) -> int:
+    """Returns where the first scan's entropy-coded data begins (after the SOS segment)."""
+    sos = data.index(b"\xff\xda")
+    return sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]
+
+
+END = b"\xff\xd9"
+
+
+def assert_truncated(verdict, width: int = 128, height: int = 128) -> None:
+    assert verdict.reason == "truncated", verdict
+    assert "premature end" in verdict.detail.lower() or "marker 0xd9" in verdict.detail.lower(), verdict
+    assert (verdict.format, verdict.width, verdict.height) == ("JPEG", width, height)
+
+
+def test_jpeg_cut_to_a_tenth_with_end_marker_is_rejected_as_truncated():
+    data = photo_jpeg()
+    cut = len(data) // 10
+    assert cut > scan_start(data)  # the cut falls inside the pixel data, not the header
+    assert_truncated(judge(data[:cut] + END, MAX_PIXELS))
+
+
+def test_jpeg_header_with_only_an_end_marker_is_rejected_as_truncated():
+    data = photo_jpeg()
+    assert_truncated(judge(data[: scan_start(data)] + END, MAX_PIXELS))
+
+
+def test_jpeg_whose_header_claims_more_pixels_than_its_data_holds_is_rejected_as_truncated():
+    data = bytearray(encode(Image.fromarray(noise(16, 16, seed=1)), "JPEG", quality=90))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 6000, 6000)  # height, width
+    assert_truncated(judge(bytes(data), MAX_PIXELS), 6000, 6000)
+
+
+def test_progressive_jpeg_cut_short_with_end_marker_is_rejected_as_truncated():
+    data = photo_jpeg(progressive=True)
+    assert_truncated(judge(data[: len(data) // 2] + END, MAX_PIXELS))
+
+
+def test_cmyk_jpeg_cut_short_with_end_marker_is_rejected_as_truncated():
+    data = encode(Image.fromarray(photo()).convert("CMYK"), "JPEG", quality=90)
+    verdict = judge(data[: len(data) // 2] + END, MAX_PIXELS)
+    assert (verdict.reason, verdict.mode) == ("truncated", "CMYK"), verdict
+
+
+def test_jpeg_cut_at_a_restart_marker_with_end_marker_is_rejected_as_truncated():
+    data = photo_jpeg(restart_marker_blocks=4)
+    assert_truncated(judge(data[: data.index(b"\xff\xd3")] + END, MAX_PIXELS))
+
+
+def _padded_between_header_markers(data: bytes) -> bytes:
+    dqt = data.index(b"\xff\xdb")
+    return data[:dqt] + bytes(3) + data[dqt:]  # libjpeg warns, skips them, and the pixels are whole
+
+
+def _unknown_jfif_revision(data: bytes) -> bytes:
+    at = data.index(b"JFIF\x00") + 5
+    return data[:at] + b"\x02" + data[at + 1 :]  # libjpeg warns; nothing else changes
+
+
+WHOLE_JPEGS = {
+    "baseline": photo_jpeg,
+    "progressive": lambda: photo_jpeg(progressive=True),
+    "gray": lambda: encode(Image.fromarray(photo()).convert("L"), "JPEG"),
+    "CMYK": lambda: encode(Image.fromarray(photo()).convert("CMYK"), "JPEG"),
+    "restart markers": lambda: photo_jpeg(restart_marker_blocks=4),
+    "MPO": lambda: encode(Image.fromarray(photo()), "MPO", save_all=True, append_images=[Image.fromarray(photo(1))]),
+    "junk after the end marker": lambda: photo_jpeg() + b"appended by some uploader\x00" * 8,
+    "padding between header markers": lambda: _padded_between_header_markers(photo_jpeg()),
+    "unknown JFIF revision": lambda: _unknown_jfif_revision(photo_jpeg()),
+}
+
+
+@pytest.mark.parametrize("kind", WHOLE_JPEGS)
+def test_whole_jpeg_is_valid(kind):
+    verdict = judge(WHOLE_JPEGS[kind](), MAX_PIXELS)
+    assert (verdict.reason, verdict.width, verdict.height) == ("", 128, 128), verdict

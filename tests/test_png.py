@@ -10,7 +10,7 @@ import cv2
 import imagecodecs
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import tasks.png
 from tasks.png import SIGNATURE, _chunks, _decode_one_filter, decode_plain_png
@@ -166,10 +166,55 @@ def test_interlaced_is_declined():
     assert decode_plain_png(filtered_png(noise(4, 4, seed=2), [0] * 4, ihdr={"interlace": 1})) is None
 
 
-@pytest.mark.parametrize("kind", [b"tRNS", b"eXIf", b"iTXt"])
-def test_chunk_that_changes_or_rotates_pixels_is_declined(kind):
+def with_chunk(kind: bytes, payload: bytes, after_idat: bool = False) -> bytes:
+    """A plain 4x4 RGB PNG with one more chunk, right after IHDR or right before IEND."""
     data = filtered_png(noise(4, 4, seed=2), [0] * 4)
-    data = data[:33] + png_chunk(kind, b"\x00\x00") + data[33:]
+    at = len(data) - 12 if after_idat else 33
+    return data[:at] + png_chunk(kind, payload) + data[at:]
+
+
+@pytest.mark.parametrize("kind", [b"tRNS", b"eXIf"])
+def test_chunk_that_changes_or_rotates_pixels_is_declined(kind):
+    assert decode_plain_png(with_chunk(kind, b"\x00\x00")) is None
+
+
+# Text chunks under the keywords Pillow reads an orientation from: EXIF as hex, and XMP.
+ORIENTATION_TEXT = [
+    (b"tEXt", b"Raw profile type exif\0\nexif\n      26\n4578..."),
+    (b"zTXt", b"Raw profile type exif\0\0" + zlib.compress(b"\nexif\n      26\n4578...")),
+    (b"iTXt", b"Raw profile type exif\0\0\0\0\0\nexif\n      26\n4578..."),
+    (b"iTXt", b'XML:com.adobe.xmp\0\0\0\0\0<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'),
+]
+
+
+@pytest.mark.parametrize("after_idat", [False, True])
+@pytest.mark.parametrize(("kind", "payload"), ORIENTATION_TEXT, ids=["tEXt exif", "zTXt exif", "iTXt exif", "iTXt XMP"])
+def test_text_chunk_that_may_hold_an_orientation_is_declined(kind, payload, after_idat):
+    assert decode_plain_png(with_chunk(kind, payload, after_idat)) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        (b"tEXt", b"Comment\0Raw profile type exif"),
+        (b"zTXt", b"Software\0\0" + zlib.compress(b"OpenCV")),
+        (b"iTXt", b"Comment\0\0\0\0\0XML:com.adobe.xmp"),
+        (b"iTXt", b"Raw profile type iptc\0\0\0\0\0\n"),
+    ],
+    ids=["tEXt Comment", "zTXt Software", "iTXt Comment", "iTXt iptc"],
+)
+def test_other_text_chunks_keep_the_fast_path(kind, payload):
+    assert np.array_equal(decode_plain_png(with_chunk(kind, payload)), noise(4, 4, seed=2))
+
+
+def test_pillow_written_png_with_orientation_in_raw_profile_text_is_declined():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    hexed = exif.tobytes().hex()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(hexed) // 2:8}\n{hexed}\n")
+    data = encode(Image.fromarray(noise(6, 9, seed=1)), "PNG", pnginfo=info)
+    assert Image.open(io.BytesIO(data)).getexif()[0x0112] == 6  # Pillow reads it, so would rotate
     assert decode_plain_png(data) is None
 
 
