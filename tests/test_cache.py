@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+import tasks.cache
 from tasks.cache import cache
 from tasks.params import PrepareParams, ValidateParams
 from tasks.validate import validate
@@ -68,6 +69,54 @@ def test_changed_settings_decode_everything_again(validated_demo):
     cache(PrepareParams(image_size=16), manifest, extracted, validated_demo / "cache", in_process)
     again = cache(PrepareParams(image_size=16, resize="pad"), manifest, extracted, validated_demo / "cache", in_process)
     assert (again.decoded, again.reused) == (2 * PER_CLASS, 0)
+
+
+def test_tampered_cache_rows_are_decoded_again(validated_demo, caplog):
+    params = PrepareParams(image_size=16)
+    manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
+    cache(params, manifest, extracted, validated_demo / "cache", in_process)
+    images = np.load(validated_demo / "cache" / "images.npy", mmap_mode="r+")
+    tampered = sorted(np.random.default_rng(5).choice(len(images), size=50, replace=False).tolist())
+    images[tampered[:-1]] = 0  # overwritten rows, same shape
+    images[tampered[-1], 3, 4, 1] ^= 1  # and one bit of one more row
+    images.flush()
+    del images
+    with caplog.at_level("INFO", logger="imgclf"):
+        again = cache(params, manifest, extracted, validated_demo / "cache", in_process)
+    assert (again.decoded, again.reused) == (50, 2 * PER_CLASS - 50)
+    assert "50 rows of the previous cache no longer match" in caplog.text
+    assert "(decoded 50, reused 10)" in caplog.text
+    fresh = cache(params, manifest, extracted, validated_demo / "fresh", in_process)
+    assert read_bytes(again.path) == read_bytes(fresh.path)
+
+
+def edited_copy(source: Path, folder: Path) -> Path:
+    """Returns a copy of a source file, one comment longer: the same behaviour under other code."""
+    folder.mkdir(exist_ok=True)
+    copy = folder / source.name
+    copy.write_text(source.read_text() + "# edited\n")
+    return copy
+
+
+@pytest.mark.parametrize("change", ["decoding source", "resizing library", "meta.json fingerprint"])
+def test_cache_from_other_decoder_code_is_not_reused(validated_demo, monkeypatch, tmp_path, change):
+    params = PrepareParams(image_size=16)
+    manifest, extracted, cache_dir = validated_demo / "manifest.csv", validated_demo / "extracted", validated_demo / "cache"
+    cache(params, manifest, extracted, cache_dir, in_process)
+    before = json.loads((cache_dir / "meta.json").read_text()).get("decoder")
+    if change == "decoding source":  # tasks/images.py as after an edit
+        sources = [edited_copy(p, tmp_path / "src") if p.name == "images.py" else p for p in tasks.cache.DECODER_SOURCES]
+        monkeypatch.setattr(tasks.cache, "DECODER_SOURCES", tuple(sources))
+    elif change == "resizing library":  # OpenCV as after an upgrade
+        monkeypatch.setattr(cv2, "__version__", cv2.__version__ + ".post1")
+    else:  # a cache written by another checkout
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        (cache_dir / "meta.json").write_text(json.dumps(meta | {"decoder": "0" * 64}, indent=2) + "\n")
+    again = cache(params, manifest, extracted, cache_dir, in_process)
+    assert (again.decoded, again.reused) == (2 * PER_CLASS, 0)
+    after = json.loads((cache_dir / "meta.json").read_text())["decoder"]
+    assert (after != before) == (change != "meta.json fingerprint")
+    assert after == tasks.cache.decoder_fingerprint()
 
 
 def test_grayscale_cache_has_one_channel(validated_demo):
