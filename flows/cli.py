@@ -6,13 +6,18 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise in a terminal.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from flows.console import native_noise_filtered, quiet_prefect_console
+from flows.dvc_project import DvcProject
 from tasks.errors import StageError
+from tasks.files import remove_stale_temporaries
 from tasks.params import ParamsError, load_params, parse_override
+from tasks.redact import RedactingFilter, hide_secrets, redact
 from tasks.report import read_json, score_line
 from tasks.stages import STAGES, Layout, run_stage
 
@@ -28,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         "by stage or as one Prefect flow.",
     )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Python tracebacks of failures (always kept in the Prefect run's logs)")  # fmt: skip
     commands = parser.add_subparsers(dest="command", required=True)
 
     stage = commands.add_parser("stage", help="run one stage (what dvc.yaml calls)")
@@ -50,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
     predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
 
+    init = commands.add_parser("init", help="make DIR a ready git + DVC project: params.yaml, dvc.yaml, prefect.yaml")
+    init.add_argument("folder", type=Path, metavar="DIR", help="the project folder (created if missing)")
+    init.add_argument("--url", help="the archive: sets data.url in params.yaml and empties data.sha256")
+
     demo = commands.add_parser("demo-data", help="write the offline, malaria-like demo archive")
     demo.add_argument("out", type=Path, help="the zip to write, e.g. data/demo/cell_images_demo.zip")
     demo.add_argument("--per-class", type=int, default=200, help="valid images per class (default 200)")
@@ -59,45 +70,78 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    imgclf_log = logging.getLogger("imgclf")
+    imgclf_log.addFilter(RedactingFilter())
     if args.command not in ("run", "serve"):  # in a flow run, Prefect's handlers show the stage logs
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logging.getLogger("imgclf").addHandler(handler)
-    logging.getLogger("imgclf").setLevel(logging.INFO)
+        imgclf_log.addHandler(handler)
+    imgclf_log.setLevel(logging.INFO)
     try:
-        if args.command == "stage":
-            output = run_stage(args.name, load_params(args.params), Layout(Path(".")))
-            print(output)
-        elif args.command == "run":
-            overrides = dict(parse_override(item) for item in args.overrides)
-            load_params(args.params, overrides)  # bad params stop here, before Prefect starts
-            from flows.pipeline import pipeline
-
-            for name, what in pipeline(overrides=overrides, params_path=args.params).items():
-                print(f"{name:<10} {what}")
-            print(score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json")))
-        elif args.command == "serve":
-            load_params(args.params)
-            from flows.pipeline import serve
-
-            serve(args.params, args.name)
-        elif args.command == "remote":
-            from flows.versioning import configure_remote
-
-            for line in configure_remote(Layout(Path(".")), args.uri, load_params(args.params).s3):
-                print(line)
-        elif args.command == "predict":
-            from tasks.predict import predict, write_rows
-
-            write_rows(predict(args.model, args.paths), args.out)
-        elif args.command == "demo-data":
-            from tasks.demo_data import make_demo_archive
-
-            print(make_demo_archive(args.out, per_class=args.per_class, seed=args.seed))
+        with native_noise_filtered():
+            _command(args)
     except EXPECTED_ERRORS as exc:
-        print(f"imgclf: error: {exc}", file=sys.stderr)
+        _fail(str(exc), args.verbose)
         return 2 if isinstance(exc, ParamsError) else 1
+    except KeyboardInterrupt:
+        _fail("interrupted", args.verbose)
+        return 130
+    except Exception as exc:  # a bug or an environment problem: still one line, the traceback on request
+        _fail(f"{type(exc).__name__}: {exc}" + ("" if args.verbose else " (--verbose shows the traceback)"), args.verbose)
+        return 1
     return 0
+
+
+def _fail(message: str, verbose: bool) -> None:
+    if verbose:
+        traceback.print_exc()
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"imgclf: error: {redact(first)}", file=sys.stderr)
+
+
+def _command(args: argparse.Namespace) -> None:
+    if args.command == "stage":
+        params, layout = load_params(args.params), Layout(Path("."))
+        remove_stale_temporaries(layout.output_folders())
+        output = run_stage(args.name, params, layout)
+        print(output)
+    elif args.command == "run":
+        overrides = dict(parse_override(item) for item in args.overrides)
+        load_params(args.params, overrides)  # bad params stop here, before Prefect starts
+        DvcProject(Path("."))  # and so does a folder that is not a project
+        from flows.pipeline import pipeline
+        from flows.server import prefect_api
+
+        quiet_prefect_console(args.verbose)
+        with prefect_api():
+            outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params)
+        for name, what in outcome.items():
+            print(f"{name:<10} {what}")
+        print(score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json")))
+    elif args.command == "serve":
+        load_params(args.params)
+        from flows.pipeline import serve
+
+        quiet_prefect_console(args.verbose)
+        serve(args.params, args.name)
+    elif args.command == "remote":
+        from flows.versioning import configure_remote
+
+        for line in configure_remote(Layout(Path(".")), args.uri, load_params(args.params).s3):
+            print(line)
+    elif args.command == "predict":
+        from tasks.predict import predict, write_rows
+
+        write_rows(predict(args.model, args.paths), args.out)
+    elif args.command == "init":
+        from flows.init import init_project
+
+        for line in init_project(args.folder, args.url):
+            print(line)
+    elif args.command == "demo-data":
+        from tasks.demo_data import make_demo_archive
+
+        print(make_demo_archive(args.out, per_class=args.per_class, seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import csv
 import hashlib
 import logging
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tenacity
 
 log = logging.getLogger("imgclf")
 
@@ -26,15 +31,20 @@ R = TypeVar("R")
 ShardMap = Callable[[Callable[[T], R], Sequence[T]], Iterable[R]]
 
 CHUNK = 1 << 20
+PR_SET_PDEATHSIG = 1  # prctl(2)
+MODEL_JSON = "model.json"  # beside model.keras: what the model is (classes, image size, channels, resize, params)
 
 
 def sha256_file(path: Path) -> str:
     """Returns the hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def model_json(model_dir: Path) -> Path:
+    """Returns the path of the model's description: model.json, or labels.json beside an older model."""
+    path, old = model_dir / MODEL_JSON, model_dir / "labels.json"
+    return old if old.exists() and not path.exists() else path
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -43,23 +53,70 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+# Our temporaries sit beside their target: `.<name>.tmp-<pid>` (the suffix kept, for writers that
+# go by it), and `.<name>.old-<pid>` while a folder is swapped. A killed run leaves them behind.
+_TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.\w+)?$")
+
+
+def _temp_sibling(path: Path, kind: str = "tmp") -> Path:
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}{path.suffix}")
+
+
+def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
+    """Removes, from each folder, the temporaries of runs that are gone (by their naming); returns them."""
+    removed = []
+    for folder in folders:
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            match = _TEMPORARY.match(entry.name)
+            if not match or _alive(int(match.group(1))):
+                continue
+            _remove(entry)
+            removed.append(entry)
+    for entry in removed:
+        log.info("removed %s, left by an interrupted run", entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this run has not written anything yet: the name was an earlier process's
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yields a temporary sibling path (same suffix) to write, a file or a new folder; renames it to
+    `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = _temp_sibling(path)
+    _remove(temp)  # an earlier process of the same pid left it
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        _remove(temp)
 
 
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
     """Yields a handle on a temporary sibling; renames it to `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_sibling(path)
-    try:
-        with open(temp, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    with atomic_path(path) as temp, open(temp, mode, **open_kwargs) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager
@@ -74,7 +131,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     temp.mkdir()
     try:
         yield temp
-        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        retired = _temp_sibling(path, "old")
         if path.exists():
             os.replace(path, retired)
         os.replace(temp, path)
@@ -84,8 +141,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 class Progress:
-    """Counts work done: a tqdm bar on a terminal; otherwise a log line at each 10% step,
-    at most one every few seconds (and the last one always)."""
+    """Counts work done: a tqdm bar on a terminal; otherwise a log line at each 10% step, at
+    most one every few seconds, and the last one if any came before it (work done within the
+    first few seconds needs no progress report: the stage's summary line says it)."""
 
     LOG_EVERY_S = 3.0
 
@@ -93,6 +151,7 @@ class Progress:
         self.total, self.desc, self.unit, self.done = total, desc, unit, 0
         self._next_percent = 10
         self._last_log = time.monotonic()
+        self._logged = False
         self._bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -108,10 +167,11 @@ class Progress:
             return
         percent = 100 * self.done // self.total
         now = time.monotonic()
-        if percent >= self._next_percent and (now - self._last_log >= self.LOG_EVERY_S or self.done >= self.total):
+        due = now - self._last_log >= self.LOG_EVERY_S or (self._logged and self.done >= self.total)
+        if percent >= self._next_percent and due:
             log.info("%s: %d%% (%d/%d %s)", self.desc, percent, self.done, self.total, self.unit)
             self._next_percent = (percent // 10 + 1) * 10
-            self._last_log = now
+            self._last_log, self._logged = now, True
 
     def close(self) -> None:
         if self._bar is not None:
@@ -121,16 +181,17 @@ class Progress:
 def retrying(call: Callable[[], R], attempts: int, backoff: float, transient: type[BaseException], what: str) -> R:
     """Returns `call()`; a `transient` failure waits `backoff` seconds (doubling each time) and tries
     again, `attempts` tries in all. The last transient failure is raised as it came."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return call()
-        except transient as exc:
-            if attempt == attempts:
-                raise
-            delay = backoff * 2 ** (attempt - 1)
-            log.warning("%s: %s; retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
-            time.sleep(delay)
-    raise ValueError("attempts must be at least 1")
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        log.warning("%s: %s; retry %d/%d in %.1fs", what, state.outcome.exception(), state.attempt_number,
+                    attempts - 1, state.next_action.sleep)  # fmt: skip
+
+    return tenacity.Retrying(stop=tenacity.stop_after_attempt(attempts),
+                             wait=tenacity.wait_exponential(multiplier=backoff, exp_base=2),
+                             retry=tenacity.retry_if_exception_type(transient),
+                             before_sleep=warn, reraise=True)(call)  # fmt: skip
 
 
 def chunked(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -138,7 +199,14 @@ def chunked(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def die_with_parent() -> None:
+    """Asks Linux to stop this process when its parent dies: a killed run leaves no worker behind."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _single_threaded_worker() -> None:
+    die_with_parent()
     # One decoder thread per process: the pool already uses every core.
     import cv2
 

@@ -10,6 +10,7 @@ per its EXIF orientation, alpha dropped.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -21,6 +22,9 @@ from tasks.png import decode_plain_png
 
 # We enforce validate.max_pixels ourselves, from the header, before any decoding.
 Image.MAX_IMAGE_PIXELS = None
+# A damaged EXIF block only loses the orientation (the image is read as stored); Pillow's
+# warning for it would print once per file on large real sets.
+warnings.filterwarnings("ignore", message="Corrupt EXIF data", category=UserWarning)
 
 # MPO: a JPEG with more pictures (phones, stereo cameras); the first one is used.
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP", "TIFF"}

@@ -25,3 +25,7 @@ class Layout:
     model_dir = _below_root("models")
     metrics_dir = _below_root("metrics")
     plots_dir = _below_root("plots")
+
+    def output_folders(self) -> tuple[Path, ...]:
+        """Returns every folder a stage writes into: where an interrupted run's temporaries lie."""
+        return (self.root / "data", self.raw_dir, self.model_dir, self.metrics_dir, self.plots_dir)

@@ -1,6 +1,6 @@
 """Prediction: a saved model and raw image files -> rows of (path, label, probability, error).
 
-The model's `labels.json` says how its images were prepared (size, resize mode, channels);
+The model's `model.json` says how its images were prepared (size, resize mode, channels);
 each file is judged and prepared exactly as the validate and cache stages do, so predictions
 match evaluation. A file that cannot be read is a row with an error, not a crash.
 """
@@ -16,13 +16,18 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tasks.files import atomic_file, chunked
+from tasks.errors import StageError
+from tasks.files import atomic_file, chunked, model_json
 from tasks.images import decode, judge, resize
 from tasks.model import class_probabilities
 from tasks.params import ValidateParams
 
 COLUMNS = ["path", "label", "probability", "error"]
 BATCH = 64
+
+
+class PredictError(StageError, ValueError):
+    """The model or its description cannot be used; the message names the file."""
 
 
 def expand(paths: Iterable[Path]) -> list[Path]:
@@ -34,6 +39,8 @@ def expand(paths: Iterable[Path]) -> list[Path]:
 
 
 def _prepare(path: Path, described: dict, max_pixels: int) -> np.ndarray:
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise ValueError("not a regular file" if path.exists() else "no such file")
     data = path.read_bytes()
     verdict = judge(data, max_pixels)
     if verdict.reason:
@@ -44,8 +51,7 @@ def _prepare(path: Path, described: dict, max_pixels: int) -> np.ndarray:
 
 def predict(model_path: Path, paths: Iterable[Path], max_pixels: int = ValidateParams().max_pixels) -> list[dict]:
     """Returns one row per file: the predicted label and its probability, or the error."""
-    described = json.loads((model_path.parent / "labels.json").read_text())
-    model = keras.models.load_model(model_path)
+    described, model = load_described_model(model_path)
     rows: list[dict] = []
     for batch in chunked(expand(paths), BATCH):
         images, ready = [], []
@@ -63,6 +69,33 @@ def predict(model_path: Path, paths: Iterable[Path], max_pixels: int = ValidateP
                 row["label"] = described["classes"][int(p.argmax())]
                 row["probability"] = f"{p.max():.6f}"
     return rows
+
+
+def load_described_model(model_path: Path) -> tuple[dict, keras.Model]:
+    """Returns the model's description (model.json beside it) and the model, checked against each other."""
+    described_by = model_json(model_path.parent)
+    try:
+        described = json.loads(described_by.read_text())
+        size, channels, classes = tuple(described["image_size"]), int(described["channels"]), list(described["classes"])
+        if described["resize"] not in ("stretch", "pad", "crop"):
+            raise ValueError(f"unknown resize mode {described['resize']!r}")
+    except OSError as exc:
+        raise PredictError(f"{described_by}: cannot read the model description ({exc.strerror or exc})") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PredictError(f"{described_by}: not a model description ({type(exc).__name__}: {exc})") from None
+    if not model_path.is_file():
+        raise PredictError(f"{model_path}: no such model file")
+    try:
+        model = keras.models.load_model(model_path)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... on a damaged file
+        raise PredictError(f"{model_path}: not a readable Keras model ({type(exc).__name__})") from None
+    expected = (*size, channels)
+    if tuple(model.input_shape[1:]) != expected or model.output_shape[-1] not in (len(classes), 1):
+        raise PredictError(
+            f"{described_by}: describes {'x'.join(map(str, expected))} images and {len(classes)} classes, but "
+            f"{model_path} takes {'x'.join(map(str, model.input_shape[1:]))} and gives {model.output_shape[-1]} outputs"
+        )
+    return described, model
 
 
 def write_rows(rows: list[dict], out: Path | None) -> None:

@@ -175,11 +175,11 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path) -> Path:
 
 
 def summary(rows: list[dict], assigned: list[str]) -> str:
-    """Returns the achieved split sizes and fractions, per label."""
+    """Returns one line: the achieved split sizes and fractions, per label."""
     per_label = Counter(row["label"] for row in rows)
     cells = Counter((row["label"], name) for row, name in zip(rows, assigned))
-    lines = [f"split: {len(rows)} images"]
+    labels = []
     for label in sorted(per_label):
         parts = [f"{name} {cells[label, name]} ({cells[label, name] / per_label[label]:.3f})" for name in SPLITS]
-        lines.append(f"  {label}: " + ", ".join(parts))
-    return "\n".join(lines)
+        labels.append(f"{label}: " + ", ".join(parts))
+    return f"split: {len(rows)} images; " + "; ".join(labels)

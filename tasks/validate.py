@@ -167,17 +167,15 @@ def _check_class_names(extracted_dir: Path, labels: set[str]) -> None:
 
 
 def summary(rows: list[dict]) -> str:
-    """Returns a short table of counts by status and reason, and valid images by label."""
-    lines = [f"validate: {len(rows)} files"]
-    for status, count in sorted(Counter(row["status"] for row in rows).items()):
-        lines.append(f"  {status:<10} {count:>8}")
-    for reason, count in sorted(Counter(row["reason"] for row in rows if row["reason"]).items()):
-        lines.append(f"    {reason:<24} {count:>6}")
+    """Returns one line: counts by status (rejections by reason), and valid images by label."""
+    statuses = Counter(row["status"] for row in rows)
+    reasons = _counts(row["reason"] for row in rows if row["status"] == "rejected")
+    shown = ", ".join(f"{status} {n}" + (f" ({reasons})" if status == "rejected" else "") for status, n in sorted(statuses.items()))
     valid = [row for row in rows if row["status"] == "valid"]
-    lines.append("  valid by label: " + _counts(row["label"] for row in valid))
+    line = f"validate: {len(rows)} files: {shown}; valid by label: {_counts(row['label'] for row in valid)}"
     if any(row["archive_split"] for row in valid):
-        lines.append("  valid by archive split: " + _counts(row["archive_split"] for row in valid))
-    return "\n".join(lines)
+        line += "; by archive split: " + _counts(row["archive_split"] for row in valid)
+    return line
 
 
 def _counts(values: Iterable[str]) -> str:

@@ -57,9 +57,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+VENV_BIN = Path(sys.executable).parent
+
+
+def in_venv(command: list[str]) -> list[str]:
+    """Returns `command` run as the README runs it: in a shell that activated the venv first."""
+    return ["bash", "-c", '. "$0/activate" && exec "$@"', str(VENV_BIN), *command]
+
+
 def sh(command: list[str], cwd: Path, env: dict) -> str:
-    """Runs a command to completion and returns its stdout and stderr; a failure fails the test with both."""
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    """Runs a command in the activated venv and returns its stdout and stderr; a failure fails the test with both."""
+    result = subprocess.run(in_venv(command), cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     return result.stdout + result.stderr
 
@@ -92,13 +100,33 @@ def validated_demo(tmp_path, _validated_demo) -> Path:
 
 @pytest.fixture
 def cli_env(tmp_path) -> dict[str, str]:
-    """Environment for running `imgclf`, `dvc` and Prefect as subprocesses, isolated in tmp_path."""
-    venv_bin = str(Path(sys.executable).parent)
+    """Environment for running `imgclf`, `dvc` and Prefect as subprocesses (through `in_venv`), isolated in tmp_path.
+
+    PATH is the machine's, without the venv: a command that works only with the venv on PATH fails here too.
+    """
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
     return os.environ | {
-        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+        "PATH": path,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
     }  # fmt: skip
+
+
+def dvc_project(root: Path, env: dict, updates: dict[str, dict]) -> Path:
+    """Returns a git + DVC project at `root`: this repo's dvc.yaml, tasks/ and params.yaml with `updates` per section."""
+    import yaml
+
+    root.mkdir(parents=True)
+    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / ".gitignore", root)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in updates.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        sh(command, root, env)
+    return root

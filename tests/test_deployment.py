@@ -9,10 +9,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks.params import load_params
-from tests.conftest import free_port
+from tests.conftest import dvc_project, free_port, in_venv
 
 prefect_settings = pytest.importorskip("prefect.settings")
 
@@ -45,7 +44,7 @@ def prefect_server(tmp_path, cli_env):
     api = f"http://127.0.0.1:{port}/api"
     env = cli_env | {"PREFECT_HOME": str(tmp_path / "server-home"), "PREFECT_API_URL": api,
                      "PREFECT_SERVER_UI_ENABLED": "false"}  # fmt: skip
-    server = subprocess.Popen(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+    server = subprocess.Popen(in_venv(["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]),
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_for(lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200, "the Prefect server")
@@ -56,11 +55,9 @@ def prefect_server(tmp_path, cli_env):
 
 def test_served_flow_runs_through_the_api_with_overrides_and_artifacts(tmp_path, demo_zip, prefect_server):
     api, env = prefect_server
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "params.yaml").write_text(yaml.safe_dump({"data": {"url": str(demo_zip), "sha256": None},
-                                                         "prepare": {"image_size": 24}, "train": {"epochs": 1}}))  # fmt: skip
-    serve = subprocess.Popen(["imgclf", "serve", "--name", "test"], cwd=project, env=env,
+    project = dvc_project(tmp_path / "project", env, {"data": {"url": str(demo_zip), "sha256": None},
+                                                      "prepare": {"image_size": 24}, "train": {"epochs": 1}})  # fmt: skip
+    serve = subprocess.Popen(in_venv(["imgclf", "serve", "--name", "test"]), cwd=project, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         with prefect_settings.temporary_settings(updates={prefect_settings.PREFECT_API_URL: api}):
@@ -96,10 +93,10 @@ def test_prefect_yaml_deploys_the_weekly_retrain_to_a_process_pool(tmp_path, pre
     api, env = prefect_server
     repo = Path(__file__).resolve().parents[1]
     env = env | {"IMGCLF_HOME": str(repo)}
-    created = subprocess.run(["prefect", "work-pool", "create", "imgclf-process", "--type", "process"],
+    created = subprocess.run(in_venv(["prefect", "work-pool", "create", "imgclf-process", "--type", "process"]),
                              cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
     assert created.returncode == 0, created.stdout + created.stderr
-    deployed = subprocess.run(["prefect", "--no-prompt", "deploy", "--name", "weekly-retrain"],
+    deployed = subprocess.run(in_venv(["prefect", "--no-prompt", "deploy", "--name", "weekly-retrain"]),
                               cwd=repo, env=env, capture_output=True, text=True)  # fmt: skip
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     with prefect_settings.temporary_settings(updates={prefect_settings.PREFECT_API_URL: api}):

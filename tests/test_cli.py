@@ -1,0 +1,204 @@
+"""`imgclf` as a person runs it: one line per failure, no secret anywhere, nothing left running after a kill."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import dvc_project, free_port, in_venv
+
+QUICK = ["--set", "prepare.image_size=24", "--set", "train.epochs=1", "--set", "train.batch_size=16"]
+
+
+def imgclf(args: list[str], cwd: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(in_venv(["imgclf", *args]), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_model(folder: Path, side: int) -> Path:
+    """Saves a one-layer model of side x side RGB input beside its model.json; returns the model path."""
+    import json
+
+    import keras
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = keras.Sequential([keras.Input((side, side, 3)), keras.layers.Flatten(), keras.layers.Dense(1, activation="sigmoid")])
+    model.save(folder / "model.keras")
+    (folder / "model.json").write_text(json.dumps({"classes": ["a", "b"], "image_size": [side, side], "channels": 3,
+                                                    "resize": "stretch"}))  # fmt: skip
+    return folder / "model.keras"
+
+
+def _garbage_model(root: Path) -> list[str]:
+    tiny_model(root / "models", 8)
+    (root / "models" / "model.keras").write_bytes(b"not a keras file")
+    return ["predict", "--model", "models/model.keras", "x.png"]
+
+
+def _garbage_labels(root: Path) -> list[str]:
+    tiny_model(root / "models", 8)
+    (root / "models" / "model.json").write_text("{")
+    return ["predict", "--model", "models/model.keras", "x.png"]
+
+
+def _labels_of_another_size(root: Path) -> list[str]:
+    tiny_model(root / "models", 8)
+    (root / "models" / "model.json").write_text('{"classes": ["a", "b"], "image_size": [16, 16], "channels": 3, "resize": "stretch"}')
+    return ["predict", "--model", "models/model.keras", "x.png"]
+
+
+def _empty_archive(root: Path) -> list[str]:
+    zipfile.ZipFile(root / "empty.zip", "w").close()
+    return ["run", "--set", "data.url=empty.zip"]
+
+
+def _group_pattern_matching_nothing(root: Path, demo_zip: Path) -> list[str]:
+    return ["run", "--set", f"data.url={demo_zip}", "--set", "data.sha256=", "--set", r"split.group_pattern=^(ZZZ\d+)", *QUICK]
+
+
+def _not_a_project(root: Path) -> list[str]:
+    (root / "dvc.yaml").unlink()
+    return ["run", "--set", "data.url=missing.zip"]
+
+
+def _bad_schedule(root: Path) -> list[str]:
+    (root / "params.yaml").write_text(yaml.safe_dump({"orchestration": {"schedule": "every monday"}}))
+    return ["serve"]
+
+
+# (arguments, or a function of the project folder that prepares it and returns them), exit code, the name the line must hold
+FAILURES = {
+    "malformed_yaml_override": (["run", "--set", "train.epochs=[1,"], 2, "train.epochs"),
+    "negative_split_seed": (["run", "--set", "split.seed=-1"], 2, "split.seed"),
+    "train_seed_past_32_bits": (["run", "--set", f"train.seed={2**32}"], 2, "train.seed"),
+    "infinite_timeout": (["run", "--set", "data.timeout=.inf"], 2, "data.timeout"),
+    "infinite_learning_rate": (["run", "--set", "train.learning_rate=.inf"], 2, "train.learning_rate"),
+    "bad_schedule": (_bad_schedule, 2, "orchestration.schedule"),
+    "mistyped_params_file": (["--params", "typo.yaml", "run"], 2, "typo.yaml"),
+    "gs_url": (["run", "--set", "data.url=gs://bucket/cells.zip"], 2, "data.url"),
+    "missing_archive": (["run", "--set", "data.url=missing.zip"], 1, "missing.zip"),
+    "not_a_project": (_not_a_project, 1, "imgclf init"),
+    "url_ending_in_dot_dot": (["run", "--set", f"data.url=http://127.0.0.1:{free_port()}/x/%2e%2e", "--set", "data.retries=0"],
+                              1, "/x/%2e%2e"),  # fmt: skip
+    "empty_archive": (_empty_archive, 1, "empty.zip"),
+    "group_pattern_matching_nothing": (_group_pattern_matching_nothing, 1, "split.group_pattern"),
+    "garbage_model": (_garbage_model, 1, "model.keras"),
+    "garbage_model_description": (_garbage_labels, 1, "model.json"),
+    "model_description_of_another_size": (_labels_of_another_size, 1, "model.json"),
+}
+
+
+@pytest.mark.parametrize("case", FAILURES)
+def test_each_failure_is_one_last_line_naming_its_cause_without_a_traceback(case, tmp_path, cli_env, demo_zip):
+    args, code, named = FAILURES[case]
+    root = dvc_project(tmp_path / "project", cli_env, {})
+    if callable(args):
+        args = args(root, demo_zip) if case == "group_pattern_matching_nothing" else args(root)
+    result = imgclf(args, root, cli_env, timeout=180)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == code, lines[-5:]
+    assert lines[-1].startswith("imgclf: error:") and named in lines[-1], lines[-5:]
+    assert len(lines) < 20, "\n".join(lines)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+class _AuthServer(BaseHTTPRequestHandler):
+    """Serves one archive to a client that sends the right basic-auth credentials; 401 otherwise."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.seen.append(self.headers.get("Authorization"))
+        if self.headers.get("Authorization") != "Basic " + base64.b64encode(self.server.credentials.encode()).decode():
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="cells"')
+            self.end_headers()
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.body)))
+        self.end_headers()
+        self.wfile.write(self.server.body)
+
+
+def test_password_and_token_in_the_url_download_and_appear_nowhere(tmp_path, cli_env, demo_zip):
+    password, token = "pw-0d1f3b9c-planted", "tok-77e2a4c1-planted"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _AuthServer)
+    server.credentials, server.body, server.seen = f"reader:{password}", demo_zip.read_bytes(), []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://reader:{password}@127.0.0.1:{server.server_port}/cells.zip?X-Amz-Signature={token}"
+    project = dvc_project(tmp_path / "project", cli_env, {"prepare": {"image_size": 24}, "train": {"epochs": 1}})
+    try:
+        result = imgclf(["run", "--set", f"data.url={url}", "--set", "data.sha256="], project, cli_env)
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert server.seen and server.seen[-1], "the credentials were sent as basic auth"
+    assert (project / "data" / "raw" / "cells.zip").read_bytes() == demo_zip.read_bytes()
+    written = [path for folder in (project, Path(cli_env["PREFECT_HOME"])) for path in folder.rglob("*")
+               if path.is_file() and ".git" not in path.relative_to(folder).parts]  # fmt: skip
+    assert any(path.name.endswith(".db") for path in written), "Prefect's database is among the files searched"
+    for secret in (password, token):
+        assert secret not in result.stdout + result.stderr
+        leaked = [str(path) for path in written if secret.encode() in path.read_bytes()]
+        assert not leaked, f"{secret} found in {leaked}"
+
+
+def _run_in_background(project: Path, env: dict, archive: Path) -> subprocess.Popen:
+    args = ["run", "--set", f"data.url={archive}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
+            "--set", "train.epochs=200", "--set", "train.patience=0"]  # fmt: skip
+    return subprocess.Popen(in_venv(["imgclf", *args]), cwd=project, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> list[psutil.Process]:
+    """SIGKILLs the run once `ready()` holds; returns every process of the run as it was just before."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the moment to kill it"
+        time.sleep(0.01)
+    run = psutil.Process(process.pid)
+    family = [run, *run.children(recursive=True)]
+    os.kill(process.pid, signal.SIGKILL)  # the shell exec'd imgclf: this is the run itself
+    process.wait()
+    return family
+
+
+@pytest.mark.parametrize("stage", ["cache", "train"])
+def test_killed_run_leaves_no_process_and_the_next_run_cleans_up_and_succeeds(stage, tmp_path, cli_env):
+    from tasks.demo_data import make_demo_archive
+
+    project = dvc_project(tmp_path / "project", cli_env, {})
+    # Enough images that the cache stage takes a moment, on its process pool.
+    archive = make_demo_archive(tmp_path / "cells.zip", per_class=1200)
+    process = _run_in_background(project, cli_env, archive)
+    moment = {"cache": lambda: any(project.glob("data/.cache.tmp-*")), "train": lambda: (project / "models" / ".backup").exists()}
+    family = _kill_when(process, moment[stage])
+    time.sleep(10)
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [" ".join(p.cmdline()[:6]) for p in alive]
+    leftovers = [p.name for p in (project / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers or stage == "train"
+    result = imgclf(["run", "--set", f"data.url={archive}", "--set", "data.sha256=", *QUICK], project, cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in leftovers:
+        assert not (project / "data" / name).exists()
+        assert f"removed data/{name}, left by an interrupted run" in result.stderr
+
+
+def test_predict_gives_a_fifo_an_error_row_instead_of_hanging(tmp_path, cli_env):
+    model = tiny_model(tmp_path / "models", 8)
+    os.mkfifo(tmp_path / "pipe.png")
+    result = imgclf(["predict", "--model", str(model), "pipe.png"], tmp_path, cli_env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file"]
