@@ -4,8 +4,10 @@ Bytes stream into `<name>.part`; `<name>.part.json` records the URL and the vali
 (ETag, Last-Modified) the server gave, so an interrupted HTTP or S3 transfer resumes from
 there only while the file is provably the same one (If-Range, If-Match), never blindly.
 Only a complete (and, when `data.sha256` is set, verified) file is renamed to its final
-name. A `<name>.source.json` beside it records where it came from, so a re-run with the same
-URL fetches nothing.
+name. A `<name>.source.json` beside it records where it came from and what the source said of
+it (ETag, Last-Modified, size; a local file's mtime). Each run asks the source again, cheaply,
+as `dvc import-url` does, and fetches only when it changed: a scheduled retrain sees new data
+published at the same URL.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from urllib.request import Request, url2pathname, urlopen
@@ -35,6 +38,7 @@ log = logging.getLogger("imgclf")
 # Worth another try: the server or the network may recover.
 TRANSIENT_HTTP = {408, 425, 429, 500, 502, 503, 504}
 S3_PART = 8 << 20  # bytes per ranged GET: the unit of resuming
+T = TypeVar("T")
 
 
 class DownloadError(StageError, RuntimeError):
@@ -54,16 +58,22 @@ def archive_path(data: DataParams, raw_dir: Path) -> Path:
 
 
 def download(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> Path:
-    """Returns the path of the verified archive, fetching it unless it is already there."""
+    """Returns the path of the verified archive, fetched unless the source is unchanged since the last download."""
     target = archive_path(data, raw_dir)
-    record = target.with_name(target.name + ".source.json")
-    if _already_there(data, target, record):
-        log.info("download: %s already there, nothing fetched", target)
-        return target
-    fetch = FETCHERS.get(url_scheme(data.url))
-    if fetch is None:
-        supported = ", ".join(f"{s}://" for s in FETCHERS if s) + ", or a local path"
-        raise DownloadError(f"{redact(data.url)}: unsupported scheme (supported: {supported})")
+    fetch = _by_scheme(FETCHERS, data.url)
+    if data.sha256 and target.exists():
+        if sha256_file(target) == data.sha256:
+            # The content is pinned: whatever the source serves now, this is the archive asked for.
+            log.info("download: %s matches data.sha256, nothing fetched", target)
+            return target
+        change = "the archive does not match data.sha256"
+    else:
+        change, proof = _compare(data, target, s3)
+        if change is None:
+            log.info("download: %s: source unchanged (%s), nothing fetched", target, proof)
+            return target
+    log.info("download: %s: %s; fetching %s", target, change, redact(data.url))
+    record = _source_record(target)
     part = target.with_name(target.name + ".part")
     raw_dir.mkdir(parents=True, exist_ok=True)
     source = fetch(data, part, s3)
@@ -74,36 +84,77 @@ def download(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> Path
             f"{redact(data.url)}: sha256 mismatch: expected {data.sha256} (data.sha256), got {digest}; "
             "the download was discarded"
         )
-    # A record left from another URL must not vouch for the new archive if we stop before ours is written.
+    # The old record must not vouch for the new archive if we stop before ours is written.
     record.unlink(missing_ok=True)
     os.replace(part, target)
     size = target.stat().st_size
     with atomic_file(record) as handle:
         json.dump({"url": redact(data.url), "sha256": digest, "bytes": size, "etag": source.get("etag"),
-                   "last_modified": source.get("last_modified")}, handle, indent=2)  # fmt: skip
+                   "last_modified": source.get("last_modified"), "mtime_ns": source.get("mtime_ns")},
+                  handle, indent=2)  # fmt: skip
     _part_record(part).unlink(missing_ok=True)
-    log.info("download: %s (%d bytes, sha256 %s)", target, size, digest)
-    if not data.sha256:
-        log.info("download: nothing to verify against; to pin this archive, set data.sha256: %s in params.yaml", digest)
+    # Without data.sha256 nothing pins the archive's content: say how to pin it.
+    pin = "" if data.sha256 else "; to pin it, set data.sha256 to this digest in params.yaml"
+    log.info("download: %s (%d bytes, sha256 %s)%s", target, size, digest, pin)
     return target
 
 
-def _already_there(data: DataParams, target: Path, record: Path) -> bool:
+def source_change(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> str | None:
+    """Returns why the source at `data.url` may differ from the archive downloaded from it before
+    (one line), or None when it is provably the same one. Asks the source, never for its body:
+    HTTP(S) a HEAD (a one-byte GET where HEAD is refused), S3 head_object, a local file its stat.
+    Transient failures are retried; a permanent one raises DownloadError."""
+    return _compare(data, archive_path(data, raw_dir), s3)[0]
+
+
+# What a source says of itself, as source.json records it, and the names a log gives them.
+_VALIDATORS = {"etag": "ETag", "last_modified": "Last-Modified", "mtime_ns": "mtime"}
+
+
+def _compare(data: DataParams, target: Path, s3: S3Params) -> tuple[str | None, str]:
+    """Returns (why the source differs from `target`'s record, or None; what proved it the same)."""
     if not target.exists():
-        return False
-    if data.sha256:
-        return sha256_file(target) == data.sha256
+        return "no archive downloaded yet", ""
     try:
-        source = json.loads(record.read_text())
+        before = json.loads(_source_record(target).read_text())
     except (OSError, ValueError):
-        return False
-    return source.get("url") == redact(data.url) and source.get("bytes") == target.stat().st_size
+        return "no record of where the archive came from", ""
+    if before.get("url") != redact(data.url):
+        return "downloaded from another URL", ""
+    if before.get("bytes") != target.stat().st_size:
+        return f"the archive ({target.stat().st_size} bytes) is not the one recorded ({before.get('bytes')} bytes)", ""
+    now = _by_scheme(PROBES, data.url)(data, s3)
+    if now["bytes"] is not None and now["bytes"] != before["bytes"]:
+        return f"size changed: {before['bytes']} -> {now['bytes']} bytes", ""
+    given = [key for key in _VALIDATORS if now.get(key) is not None]
+    for key in given:
+        if now[key] != before.get(key):
+            return f"{_VALIDATORS[key]} changed", ""
+    if not given and now["bytes"] is None:
+        return "the source gives no ETag, Last-Modified or size: cannot tell; fetched again", ""
+    shown = _VALIDATORS | {"bytes": "size"}
+    return None, ", ".join(f"{name} {now[key]}" for key, name in shown.items() if now.get(key) is not None)
 
 
-def _local_source(url: str) -> Path:
-    if url_scheme(url) == "file":
-        return Path(url2pathname(urlparse(url).path))
-    return Path(url)
+def _by_scheme(table: dict[str, T], url: str) -> T:
+    """Returns `table`'s entry for the scheme of `url`; DownloadError names the schemes it has."""
+    if url_scheme(url) not in table:
+        supported = ", ".join(f"{s}://" for s in table if s) + ", or a local path"
+        raise DownloadError(f"{redact(url)}: unsupported scheme (supported: {supported})")
+    return table[url_scheme(url)]
+
+
+def _source_record(target: Path) -> Path:
+    return target.with_name(target.name + ".source.json")
+
+
+def _local_file(data: DataParams) -> tuple[Path, os.stat_result]:
+    """Returns the local source file and its stat; DownloadError when there is none."""
+    url = data.url
+    source = Path(url2pathname(urlparse(url).path)) if url_scheme(url) == "file" else Path(url)
+    if not source.is_file():
+        raise DownloadError(f"{redact(url)}: no such file ({source})")
+    return source, source.stat()
 
 
 def _part_record(part: Path) -> Path:
@@ -137,10 +188,9 @@ def _discard(part: Path) -> None:
 
 
 def _fetch_local(data: DataParams, part: Path, s3: S3Params) -> dict:
-    source = _local_source(data.url)
-    if not source.is_file():
-        raise DownloadError(f"{redact(data.url)}: no such file ({source})")
-    size = source.stat().st_size
+    # Stat taken before the copy: a file rewritten while we copy it is copied again next run.
+    source, stat = _local_file(data)
+    size = stat.st_size
     _restart(part, redact(data.url), None, None, size)  # no validator: a broken copy is never resumed
     progress = Progress(size, f"copy {source.name}", "B", unit_scale=True)
     with open(source, "rb") as reader, open(part, "ab") as writer:
@@ -148,7 +198,12 @@ def _fetch_local(data: DataParams, part: Path, s3: S3Params) -> dict:
             writer.write(chunk)
             progress.update(len(chunk))
     progress.close()
-    return {}
+    return {"mtime_ns": stat.st_mtime_ns}
+
+
+def _probe_local(data: DataParams, s3: S3Params) -> dict:
+    stat = _local_file(data)[1]
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _retrying(data: DataParams, transfer: Callable[[], dict]) -> dict:
@@ -165,6 +220,26 @@ def _fetch_http(data: DataParams, part: Path, s3: S3Params) -> dict:
 
 def _fetch_s3(data: DataParams, part: Path, s3: S3Params) -> dict:
     return _retrying(data, lambda: _s3_transfer(parse_uri(data.url), part, s3))
+
+
+def _probe_s3(data: DataParams, s3: S3Params) -> dict:
+    uri = parse_uri(data.url)
+
+    def head() -> dict:
+        try:
+            reply = client(s3).head_object(Bucket=uri.bucket, Key=uri.key)
+        except Exception as exc:
+            raise _s3_failure(uri, exc) from None
+        last_modified = reply["ResponseMetadata"]["HTTPHeaders"].get("last-modified")
+        return {"etag": reply["ETag"], "last_modified": last_modified, "bytes": reply["ContentLength"]}
+
+    return _retrying(data, head)
+
+
+def _s3_failure(uri: S3Uri, exc: Exception) -> Exception:
+    """Returns what to raise for a boto3 failure: _Transient (worth another try) or DownloadError."""
+    explained = explain_error(uri, exc)
+    return _Transient(str(explained)) if isinstance(explained, S3Transient) else DownloadError(str(explained))
 
 
 def _s3_transfer(uri: S3Uri, part: Path, s3: S3Params) -> dict:
@@ -214,19 +289,17 @@ def _s3_transfer(uri: S3Uri, part: Path, s3: S3Params) -> dict:
     except (_Transient, DownloadError):
         raise
     except Exception as exc:
-        explained = explain_error(uri, exc)
-        if isinstance(explained, S3Transient):
-            raise _Transient(str(explained)) from None
-        raise DownloadError(str(explained)) from None
+        raise _s3_failure(uri, exc) from None
 
 
-def _request(url: str, headers: dict[str, str]) -> Request:
-    """Returns the GET request for `url`, its userinfo (else the netrc entry for its host) sent as basic auth."""
+def _request(url: str, headers: dict[str, str], method: str = "GET") -> Request:
+    """Returns the request for `url`, its userinfo (else the netrc entry for its host) sent as basic auth."""
     parts = urlsplit(url)
     user, password = parts.username, parts.password
     if user is None:
         user, password = _netrc_login(parts.hostname or "")
-    request = Request(urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), headers=headers)
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    request = Request(bare, headers=headers, method=method)
     if user is not None:
         token = base64.b64encode(f"{unquote(user)}:{unquote(password or '')}".encode()).decode()
         # Unredirected: a redirect to another host must not carry the credentials along.
@@ -242,6 +315,43 @@ def _netrc_login(host: str) -> tuple[str | None, str | None]:
     return (found[0], found[2]) if found else (None, None)
 
 
+def _open(url: str, headers: dict, timeout: float, method: str = "GET", passed: tuple = ()) -> http.client.HTTPResponse:
+    """Returns the response; an HTTP status in `passed` is raised as HTTPError, other failures
+    as _Transient (worth another try) or DownloadError."""
+    try:
+        return urlopen(_request(url, headers, method), timeout=timeout)
+    except HTTPError as exc:
+        if exc.code in passed:
+            raise
+        if exc.code in TRANSIENT_HTTP:
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
+        raise DownloadError(f"{redact(url)}: HTTP {exc.code} {exc.reason}") from None
+    except (URLError, OSError) as exc:
+        raise _Transient(str(getattr(exc, "reason", exc))) from None
+
+
+def _probe_http(data: DataParams, s3: S3Params) -> dict:
+    return _retrying(data, lambda: _http_head(data.url, data.timeout))
+
+
+def _http_head(url: str, timeout: float) -> dict:
+    """Returns the ETag, Last-Modified and size the server gives for `url`, without its body."""
+    headers = {"User-Agent": "imgclf"}
+    try:
+        # urllib follows a redirect of a HEAD with a GET: its headers serve as well, its body is never read.
+        response = _open(url, headers, timeout, "HEAD", passed=(405, 501))
+    except HTTPError as refused:
+        refused.close()
+        # A server that refuses HEAD: a one-byte GET carries the same headers.
+        response = _open(url, headers | {"Range": "bytes=0-0"}, timeout)
+    with response:
+        total = re.fullmatch(r"bytes \d+-\d+/(\d+)", response.headers.get("Content-Range", ""))
+        # A 206 names the whole size in Content-Range; Content-Length is the size only of a whole (200) reply.
+        size = total.group(1) if total else response.headers.get("Content-Length") if response.status == 200 else None
+        return {"etag": response.headers.get("ETag"), "last_modified": response.headers.get("Last-Modified"),
+                "bytes": int(size) if size else None}  # fmt: skip
+
+
 def _http_transfer(url: str, part: Path, timeout: float) -> dict:
     shown = redact(url)
     source = _resumable(part, shown)
@@ -253,16 +363,10 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
         headers["Range"] = f"bytes={have}-"
         headers["If-Range"] = source.get("etag") or source["last_modified"]
     try:
-        response = urlopen(_request(url, headers), timeout=timeout)
-    except HTTPError as exc:
-        if exc.code == 416 and have:
-            _check_part_complete(exc, have, part)
-            return source
-        if exc.code in TRANSIENT_HTTP:
-            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{shown}: HTTP {exc.code} {exc.reason}") from None
-    except (URLError, OSError) as exc:
-        raise _Transient(str(getattr(exc, "reason", exc))) from None
+        response = _open(url, headers, timeout, passed=(416,) if have else ())
+    except HTTPError as exc:  # 416: the part may already hold every byte
+        _check_part_complete(exc, have, part)
+        return source
     with response:
         length = response.headers.get("Content-Length")
         resumed = have and response.status == 206 and _range_start(response) == have
@@ -318,4 +422,12 @@ FETCHERS: dict[str, Callable[[DataParams, Path, S3Params], dict]] = {
     "s3": _fetch_s3,
     "file": _fetch_local,
     "": _fetch_local,
+}
+# What each source says of itself now: {"etag", "last_modified", "bytes"} or {"bytes", "mtime_ns"}.
+PROBES: dict[str, Callable[[DataParams, S3Params], dict]] = {
+    "http": _probe_http,
+    "https": _probe_http,
+    "s3": _probe_s3,
+    "file": _probe_local,
+    "": _probe_local,
 }

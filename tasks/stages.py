@@ -1,14 +1,14 @@
-"""The stage registry: each stage's name, in pipeline order, bound to the project's file layout.
+"""Each stage of dvc.yaml bound to its function and the project's file layout.
 
 `imgclf stage NAME` (what dvc.yaml runs) and the Prefect flow both call these; each hands
-the stage function its own params section and the standard paths below. Stages talk only
-through these files, as DVC sees them.
+the stage function its own params section and the standard paths. dvc.yaml alone says the
+order, what each stage reads and writes, and which params it depends on; stages talk only
+through those files, as DVC sees them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.cache import cache
@@ -57,67 +57,25 @@ def _evaluate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
                     at.metrics_dir, at.plots_dir)  # fmt: skip
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    """A stage and what it touches, as dvc.yaml declares it (tests/test_pipeline_sync.py checks)."""
-
-    run: Stage
-    inputs: tuple[str, ...]  # project files and folders it reads
-    code: tuple[str, ...]  # its own module first, then every tasks/ module that shapes its outputs
-    params: tuple[str, ...]  # params.yaml keys or sections it reads
-    outs: tuple[str, ...]  # project files and folders it writes, metrics and plots included
-
-
 def _publish(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     from tasks.publish import publish  # boto3 loads only when publishing
 
     return publish(p.publish, p.s3, at, at.metrics_dir / "publish.json")
 
 
-PLOTS = ("plots/confusion_matrix.png", "plots/misclassified.png", "plots/training_curves.png", "plots/confusion.csv",
-         "plots/roc.csv", "plots/roc.png")  # fmt: skip
-
-# Pipeline order: dvc.yaml and the flow follow it.
-STAGES: dict[str, StageSpec] = {
-    "download": StageSpec(
-        _download, (), ("tasks/download.py", "tasks/archives.py", "tasks/redact.py", "tasks/s3.py"), ("data.url", "data.sha256"), ("data/raw",)
-    ),
-    "extract": StageSpec(
-        _extract, ("data/raw",), ("tasks/extract.py", "tasks/archives.py"), ("data.url", "data.max_extract_bytes"),
-        ("data/extracted", "data/extract_skipped.csv"),
-    ),
-    "validate": StageSpec(
-        _validate, ("data/extracted",), ("tasks/validate.py", "tasks/images.py", "tasks/png.py", "tasks/manifest.py"),
-        ("validate",), ("data/manifest.csv",),
-    ),
-    "cache": StageSpec(
-        _cache, ("data/manifest.csv", "data/extracted"),
-        ("tasks/cache.py", "tasks/images.py", "tasks/png.py", "tasks/manifest.py"), ("prepare",), ("data/cache",),
-    ),
-    "split": StageSpec(
-        _split, ("data/manifest.csv",), ("tasks/split.py", "tasks/manifest.py"), ("split",), ("data/split.csv",)
-    ),
-    "train": StageSpec(
-        _train, ("data/cache", "data/split.csv"),
-        ("tasks/train.py", "tasks/model.py", "tasks/dataset.py", "tasks/multi_worker.py"), ("train", "augment"),
-        ("models/model.keras", "models/labels.json", "models/summary.txt", "metrics/train.json",
-         "metrics/live/plots/metrics"),
-    ),
-    "evaluate": StageSpec(
-        _evaluate,
-        ("models/model.keras", "models/labels.json", "data/cache", "data/split.csv", "metrics/train.json"),
-        ("tasks/evaluate.py", "tasks/dataset.py", "tasks/model.py"), (),
-        ("metrics/eval.json", *PLOTS),
-    ),
-    "publish": StageSpec(
-        _publish,
-        ("models/model.keras", "models/labels.json", "models/summary.txt", "metrics/train.json", "metrics/eval.json",
-         *PLOTS, "data/manifest.csv", "data/split.csv", "data/extract_skipped.csv"),
-        ("tasks/publish.py", "tasks/report.py", "tasks/s3.py"), ("publish",), ("metrics/publish.json",),
-    ),
-}  # fmt: skip
+# What each stage of dvc.yaml runs. Order, inputs, params and outputs are dvc.yaml's to say.
+STAGES: dict[str, Stage] = {
+    "download": _download,
+    "extract": _extract,
+    "validate": _validate,
+    "cache": _cache,
+    "split": _split,
+    "train": _train,
+    "evaluate": _evaluate,
+    "publish": _publish,
+}
 
 
 def run_stage(name: str, params: Params, layout: Layout, map_shards: ShardMap = process_pool_map) -> object:
     """Runs one stage by name and returns its output path."""
-    return STAGES[name].run(params, layout, map_shards)
+    return STAGES[name](params, layout, map_shards)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 import threading
@@ -15,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import tasks.download
-from tasks.download import DownloadError, archive_path, download
+from tasks.download import DownloadError, archive_path, download, source_change
 from tasks.params import DataParams
 
 PAYLOAD = random.Random(0).randbytes(300_000)
@@ -43,40 +45,63 @@ class _Handler(BaseHTTPRequestHandler):
     (full Content-Length, then closes after half the body), "norange" (always the whole body with a
     200, as simple servers do), "unsized" / "unsized-cut" (no Content-Length: the whole body or half
     of it, then closes), or an int status code. Each file has an ETag (from its bytes) and a
-    Last-Modified; `state.validators[path]` may name fewer: "last-modified" or "none"."""
+    Last-Modified; `state.validators[path]` may name fewer: "last-modified" or "none".
+    A HEAD answers with the GET's headers (Content-Length the whole size) and no body, unless
+    `state.head_plans[path]` scripts an int status code for it (405: a server refusing HEAD).
+    Every request is recorded in `state.requests`: method, path, range, if_range, auth, status."""
 
     def log_message(self, *args) -> None:  # keep the test output quiet
         pass
 
-    def do_GET(self) -> None:
+    def _begin(self, plans: dict[str, list]) -> tuple[dict, str | int, bytes | None]:
+        """Records the request; returns it, its scripted step and the file's bytes (None: no such file)."""
         state = self.server.state
         with state.lock:
-            request = {"path": self.path, "range": self.headers.get("Range"), "if_range": self.headers.get("If-Range")}
+            request = {"method": self.command, "path": self.path, "range": self.headers.get("Range"),
+                       "if_range": self.headers.get("If-Range"), "auth": self.headers.get("Authorization")}  # fmt: skip
             state.requests.append(request)
-            plan = state.plans.get(self.path, ["serve"])
+            plan = plans.get(self.path, ["serve"])
             step = plan.pop(0) if len(plan) > 1 else plan[0]
         body = state.files.get(self.path)
-        if isinstance(step, int):
-            self.send_error(step)
-            return
-        if body is None:
-            self.send_error(404)
-            return
+        status = step if isinstance(step, int) else 404 if body is None else None
+        if status:
+            request["status"] = status
+            self.send_error(status)
+        return request, step, None if status else body
+
+    def _validators(self, body: bytes) -> dict[str, str]:
         both = {"ETag": etag(body), "Last-Modified": LAST_MODIFIED}
-        kind = state.validators.get(self.path, "etag")
-        validators = {"etag": both, "last-modified": {"Last-Modified": LAST_MODIFIED}, "none": {}}[kind]
-        start = 0
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        kind = self.server.state.validators.get(self.path, "etag")
+        return {"etag": both, "last-modified": {"Last-Modified": LAST_MODIFIED}, "none": {}}[kind]
+
+    def do_HEAD(self) -> None:
+        request, _, body = self._begin(self.server.state.head_plans)
+        if body is None:
+            return
+        request["status"] = 200
+        self.send_response(200)
+        for name, value in self._validators(body).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        request, step, body = self._begin(self.server.state.plans)
+        if body is None:
+            return
+        validators = self._validators(body)
+        start, end = 0, len(body) - 1
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
         same_version = request["if_range"] in (None, *validators.values()) or step == "noifrange"
         if match and int(match.group(1)) < len(body) and step != "norange" and same_version:
-            start = int(match.group(1))
+            start, end = int(match.group(1)), min(int(match.group(2) or end), end)
             request["status"] = 206
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
         else:
             request["status"] = 200
             self.send_response(200)
-        payload = body[start:]
+        payload = body[start : end + 1]
         self.send_header("Content-Type", "application/octet-stream")
         for name, value in validators.items():
             self.send_header(name, value)
@@ -101,6 +126,7 @@ class _State:
         self.requests: list[dict] = []
         self.files: dict[str, bytes] = {}
         self.plans: dict[str, list] = {}
+        self.head_plans: dict[str, list] = {}
         self.validators: dict[str, str] = {}
 
     def url(self, path: str) -> str:
@@ -135,7 +161,7 @@ def test_http_download_writes_final_file_and_source_record_and_no_part(server, t
     assert path.read_bytes() == PAYLOAD
     record = json.loads((raw / "cells.zip.source.json").read_text())
     assert record == {"url": server.url("/cells.zip"), "sha256": PAYLOAD_SHA, "bytes": len(PAYLOAD),
-                      "etag": etag(PAYLOAD), "last_modified": LAST_MODIFIED}  # fmt: skip
+                      "etag": etag(PAYLOAD), "last_modified": LAST_MODIFIED, "mtime_ns": None}  # fmt: skip
     assert not (raw / "cells.zip.part").exists()
     assert sorted(p.name for p in raw.iterdir()) == ["cells.zip", "cells.zip.source.json"]
 
@@ -297,17 +323,113 @@ def test_checksum_mismatch_raises_and_leaves_no_final_file(server, tmp_path):
     assert not (raw / "cells.zip.source.json").exists()
 
 
-# With a checksum the file itself is verified; without one, the source.json record vouches for it.
-@pytest.mark.parametrize("sha256", [PAYLOAD_SHA, None])
-def test_an_archive_already_there_is_not_fetched_again(server, tmp_path, sha256):
+def test_an_archive_matching_data_sha256_is_kept_without_asking_the_source(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
-    data = params(server.url("/cells.zip"), sha256=sha256)
+    data = params(server.url("/cells.zip"), sha256=PAYLOAD_SHA)
     download(data, tmp_path / "raw")
     assert len(server.requests) == 1
     server.requests.clear()
+    server.files["/cells.zip"] = OTHER  # the content is pinned: a new file at the URL is not wanted
     path = download(data, tmp_path / "raw")
     assert server.requests == []
     assert path.read_bytes() == PAYLOAD
+
+
+def seen(server) -> list[tuple]:
+    """Returns (method, Range, status) of each request the server saw, and forgets them."""
+    requests = [(r["method"], r["range"], r["status"]) for r in server.requests]
+    server.requests.clear()
+    return requests
+
+
+def messages(caplog) -> str:
+    return "\n".join(record.getMessage() for record in caplog.records)
+
+
+def test_unchanged_source_is_asked_with_a_head_only_and_nothing_fetched(server, tmp_path, caplog):
+    server.files["/cells.zip"] = PAYLOAD
+    data = params(server.url("/cells.zip"))
+    download(data, tmp_path)
+    assert seen(server) == [("GET", None, 200)]
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        assert download(data, tmp_path).read_bytes() == PAYLOAD
+    assert seen(server) == [("HEAD", None, 200)]
+    proof = f"ETag {etag(PAYLOAD)}, Last-Modified {LAST_MODIFIED}, size 300000"
+    assert f"cells.zip: source unchanged ({proof}), nothing fetched" in messages(caplog)
+    assert source_change(data, tmp_path) is None
+
+
+def test_changed_etag_at_the_same_url_is_fetched_again_and_the_log_says_why(server, tmp_path, caplog):
+    server.files["/cells.zip"] = PAYLOAD
+    data = params(server.url("/cells.zip"))
+    download(data, tmp_path)
+    server.files["/cells.zip"] = OTHER  # same URL, same size, same Last-Modified: only the ETag tells
+    assert source_change(data, tmp_path) == "ETag changed"
+    seen(server)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        assert download(data, tmp_path).read_bytes() == OTHER
+    assert seen(server) == [("HEAD", None, 200), ("GET", None, 200)]
+    assert "cells.zip: ETag changed; fetching" in messages(caplog)
+    assert json.loads((tmp_path / "cells.zip.source.json").read_text())["etag"] == etag(OTHER)
+
+
+def test_the_head_carries_the_urls_credentials_as_basic_auth(server, tmp_path):
+    server.files["/cells.zip"] = PAYLOAD
+    data = params(server.url("/cells.zip").replace("://", "://reader:s%40cret@"))
+    download(data, tmp_path)
+    server.requests.clear()
+    assert source_change(data, tmp_path) is None
+    basic = "Basic " + base64.b64encode(b"reader:s@cret").decode()
+    assert [(r["method"], r["auth"]) for r in server.requests] == [("HEAD", basic)]
+
+
+def test_server_refusing_head_is_asked_with_a_one_byte_ranged_get(server, tmp_path):
+    server.files["/cells.zip"] = PAYLOAD
+    server.head_plans["/cells.zip"] = [405]
+    data = params(server.url("/cells.zip"))
+    download(data, tmp_path)
+    seen(server)
+    assert download(data, tmp_path).read_bytes() == PAYLOAD
+    assert seen(server) == [("HEAD", None, 405), ("GET", "bytes=0-0", 206)]
+    server.files["/cells.zip"] = OTHER
+    assert download(data, tmp_path).read_bytes() == OTHER
+    assert seen(server) == [("HEAD", None, 405), ("GET", "bytes=0-0", 206), ("GET", None, 200)]
+
+
+def test_without_validators_a_new_size_is_fetched_again_and_said(server, tmp_path):
+    server.files["/cells.zip"] = PAYLOAD
+    server.validators["/cells.zip"] = "none"
+    data = params(server.url("/cells.zip"))
+    download(data, tmp_path)
+    server.files["/cells.zip"] = PAYLOAD + b"more"
+    assert source_change(data, tmp_path) == "size changed: 300000 -> 300004 bytes"
+    assert download(data, tmp_path).read_bytes() == PAYLOAD + b"more"
+
+
+def test_asking_the_source_retries_transient_errors(server, tmp_path):
+    server.files["/cells.zip"] = PAYLOAD
+    data = params(server.url("/cells.zip"))
+    download(data, tmp_path)
+    server.head_plans["/cells.zip"] = [503, "serve"]
+    seen(server)
+    assert source_change(data, tmp_path) is None
+    assert seen(server) == [("HEAD", None, 503), ("HEAD", None, 200)]
+
+
+def test_source_gone_raises_one_line_naming_the_url_and_keeps_the_archive(server, tmp_path):
+    server.files["/cells.zip?token=secret"] = PAYLOAD
+    data = params(server.url("/cells.zip?token=secret"))
+    download(data, tmp_path)
+    del server.files["/cells.zip?token=secret"]
+    with pytest.raises(DownloadError) as raised:
+        download(data, tmp_path)
+    assert str(raised.value) == f"{server.url('/cells.zip')}?***: HTTP 404 Not Found"
+    assert (tmp_path / "cells.zip").read_bytes() == PAYLOAD
+
+
+def test_first_download_reports_no_archive_yet(server, tmp_path):
+    assert source_change(params(server.url("/cells.zip")), tmp_path) == "no archive downloaded yet"
+    assert server.requests == []
 
 
 def test_retries_exhausted_raises_gave_up_after_retries_plus_one_requests(server, tmp_path):
@@ -327,6 +449,20 @@ def test_file_url_copies_the_file(tmp_path):
     assert path == tmp_path / "raw" / "cells.zip"
     assert path.read_bytes() == PAYLOAD
     assert not (tmp_path / "raw" / "cells.zip.part").exists()
+
+
+def test_local_file_rewritten_with_the_same_size_is_copied_again(tmp_path):
+    source = tmp_path / "src" / "cells.zip"
+    source.parent.mkdir()
+    source.write_bytes(PAYLOAD)
+    data = params(str(source))
+    download(data, tmp_path / "raw")
+    assert source_change(data, tmp_path / "raw") is None
+    source.write_bytes(OTHER)
+    before = source.stat().st_mtime_ns
+    os.utime(source, ns=(before, before + 1_000_000_000))  # a coarse clock could give the same mtime twice
+    assert source_change(data, tmp_path / "raw") == "mtime changed"
+    assert download(data, tmp_path / "raw").read_bytes() == OTHER
 
 
 def test_plain_local_path_copies_the_file(tmp_path):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, sh
+from tests.conftest import dvc_project, sh
 
 
 def ran(output: str) -> list[str]:
@@ -18,21 +17,8 @@ def ran(output: str) -> list[str]:
 
 @pytest.fixture
 def project(tmp_path, demo_zip, cli_env) -> Path:
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root)
-    shutil.copy(REPO / ".gitignore", root)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(url=str(demo_zip), sha256=None)
-    params["prepare"]["image_size"] = 24
-    params["train"]["epochs"] = 2
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    sh(["git", "init", "-q"], root, cli_env)
-    sh(["dvc", "init", "-q"], root, cli_env)
-    sh(["git", "add", "-A"], root, cli_env)
-    sh(["git", "commit", "-qm", "init"], root, cli_env)
-    return root
+    return dvc_project(tmp_path / "project", cli_env, {"data": {"url": str(demo_zip), "sha256": None},
+                                                       "prepare": {"image_size": 24}, "train": {"epochs": 2}})  # fmt: skip
 
 
 def test_repro_runs_all_then_nothing_then_only_what_a_change_touches(project, cli_env):

@@ -12,17 +12,18 @@ from collections import Counter
 from pathlib import Path
 
 from tasks.demo_data import EXPECTED_DUPLICATES, EXPECTED_REJECTED, EXPECTED_SKIPPED, make_demo_archive
-from tests.conftest import PER_CLASS
+from tasks.stages import STAGES
+from tests.conftest import PER_CLASS, dvc_project, in_venv
 
 DATA_STAGES = ["download", "extract", "validate", "cache", "split"]
 OUTPUTS = ["data/manifest.csv", "data/split.csv", "data/extract_skipped.csv",
            "data/cache/images.npy", "data/cache/index.csv", "data/cache/meta.json"]  # fmt: skip
-MODEL_OUTPUTS = ["models/model.keras", "models/labels.json", "metrics/train.json", "metrics/eval.json",
+MODEL_OUTPUTS = ["models/model.keras", "models/model.json", "metrics/train.json", "metrics/eval.json",
                  "plots/confusion_matrix.png", "plots/roc.png", "plots/misclassified.png", "plots/training_curves.png"]  # fmt: skip
 
 
 def imgclf(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["imgclf", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(in_venv(["imgclf", *args]), cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def test_demo_archive_is_deterministic(tmp_path):
@@ -35,10 +36,11 @@ def test_flow_runs_the_demo_with_exact_counts_and_matches_the_stage_commands(tmp
     flow_dir, stage_dir = tmp_path / "flow", tmp_path / "stages"
     overrides = ["--set", f"data.url=file://{demo_zip}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
                  "--set", "train.epochs=1"]  # fmt: skip
-    flow_dir.mkdir()
+    dvc_project(flow_dir, cli_env, {})
     result = imgclf(["run", *overrides], flow_dir, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Finished in state Completed" in result.stdout + result.stderr
+    # The command ends with each stage's outcome (dvc.yaml's order), then the test score.
+    assert [line.split() for line in result.stdout.splitlines()[-len(STAGES) - 1 : -1]] == [[name, "ran"] for name in STAGES]
     assert "test accuracy" in result.stdout.splitlines()[-1]
 
     with open(flow_dir / "data/manifest.csv", newline="") as handle:
@@ -63,6 +65,7 @@ def test_flow_runs_the_demo_with_exact_counts_and_matches_the_stage_commands(tmp
 
 
 def test_flow_stops_on_bad_params_with_one_line(tmp_path, cli_env):
+    (tmp_path / "params.yaml").write_text("{}\n")
     result = imgclf(["run", "--set", "split.test=-0.2"], tmp_path, cli_env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]

@@ -1,10 +1,11 @@
-"""The Prefect flow as a DAG: cached like DVC, failing cleanly, resuming at the failed stage, versioned by DVC."""
+"""The Prefect flow over dvc.yaml: DVC decides what is stale, overrides stay with their run, one run at a time."""
 
 from __future__ import annotations
 
-import shutil
+import json
+import os
+import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,18 +13,19 @@ import yaml
 
 from tasks.download import DownloadError
 from tasks.model import ModelError
-from tests.conftest import REPO
+from tests.conftest import dvc_project, sh
 
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
-from flows.pipeline import pipeline  # noqa: E402
-from flows.versioning import version_outputs  # noqa: E402
+from flows.dvc_project import ProjectError  # noqa: E402
+from flows.pipeline import one_run_at_a_time, pipeline  # noqa: E402
+from flows.versioning import VersioningError, version_outputs  # noqa: E402
 from tasks.params import OrchestrationParams  # noqa: E402
 from tasks.stages import STAGES, Layout  # noqa: E402
 
 ALL = list(STAGES)
 # Small and quick: the demo at 24x24, one epoch.
-QUICK = {"data.sha256": None, "prepare.image_size": 24, "train.epochs": 1, "train.batch_size": 16}
+SETTINGS = {"data": {"sha256": None}, "prepare": {"image_size": 24}, "train": {"epochs": 1, "batch_size": 16}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,39 +34,138 @@ def prefect_api():
         yield
 
 
+@pytest.fixture
+def env(cli_env, monkeypatch) -> dict:
+    """cli_env, also for the git and dvc commands the flow itself runs."""
+    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(key, cli_env[key])
+    return cli_env
+
+
 def ran(outcome: dict[str, str]) -> list[str]:
     return [name for name, what in outcome.items() if what == "ran"]
 
 
-def run(root: Path, demo_zip: Path, **overrides) -> dict[str, str]:
-    return pipeline(overrides=QUICK | {"data.url": str(demo_zip)} | overrides, root=str(root))
+def repro_ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '(\w+)'", output)
 
 
-def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip):
-    assert ran(run(tmp_path, demo_zip)) == ALL
-    assert ran(run(tmp_path, demo_zip)) == []
-    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2})) == ["train", "evaluate", "publish"]
-    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "train", "evaluate",
-                                                                                             "publish"]  # fmt: skip
+def project(root: Path, env: dict, url: Path | str, **sections) -> Path:
+    """A git + DVC project at `root` whose params.yaml reads the archive at `url`, small and quick."""
+    updates = {section: dict(values) for section, values in SETTINGS.items()}
+    updates["data"]["url"] = str(url)
+    for section, values in sections.items():
+        updates.setdefault(section, {}).update(values)
+    return dvc_project(root, env, updates)
+
+
+def flow(root: Path, **overrides) -> dict[str, str]:
+    return pipeline(overrides=overrides, root=str(root))
+
+
+def dvc(root: Path, env: dict, *args: str) -> str:
+    return sh(["dvc", *args], root, env)
+
+
+def test_outside_a_dvc_project_the_flow_refuses_saying_how_to_make_one(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    with pytest.raises(ProjectError, match="imgclf init"):
+        flow(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip)
+    assert ran(flow(root)) == ALL
+    assert ran(flow(root)) == []
+    assert ran(flow(root, **{"train.epochs": 2})) == ["train", "evaluate", "publish"]
+    assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "train", "evaluate", "publish"]
     # A deleted output re-runs its stage; the same bytes come back, so nothing after it re-runs.
-    (tmp_path / "data" / "split.csv").unlink()
-    assert ran(run(tmp_path, demo_zip, **{"train.epochs": 2, "prepare.image_size": 32})) == ["split"]
+    (root / "data" / "split.csv").unlink()
+    assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["split"]
 
 
-def test_failed_stage_fails_the_flow_keeps_earlier_outputs_and_the_next_run_starts_there(tmp_path, demo_zip):
-    bad = {"train.model": "mobilenet_v3_small", "train.weights": str(tmp_path / "missing.weights.h5"),
-           "prepare.image_size": 32}  # fmt: skip
+def test_dvc_repro_then_the_flow_skips_every_stage_and_the_flow_then_dvc_repro_runs_nothing(tmp_path, demo_zip, env):
+    first = project(tmp_path / "repro-first", env, demo_zip)
+    assert repro_ran(dvc(first, env, "repro")) == ALL
+    assert ran(flow(first)) == []
+    second = project(tmp_path / "flow-first", env, demo_zip)
+    assert ran(flow(second)) == ALL
+    assert repro_ran(dvc(second, env, "repro")) == []
+    assert "up to date" in dvc(second, env, "status")
+
+
+def test_the_flow_and_dvc_repro_give_the_same_bytes_metrics_and_weights(tmp_path, demo_zip, env):
+    import keras
+    import numpy as np
+
+    by_flow = project(tmp_path / "flow", env, demo_zip)
+    by_repro = project(tmp_path / "repro", env, demo_zip)
+    flow(by_flow)
+    dvc(by_repro, env, "repro")
+    for output in ("data/manifest.csv", "data/split.csv", "data/cache/images.npy", "data/cache/index.csv",
+                   "metrics/eval.json", "models/model.json"):
+        assert (by_flow / output).read_bytes() == (by_repro / output).read_bytes(), output
+    weights = [keras.models.load_model(root / "models" / "model.keras").get_weights() for root in (by_flow, by_repro)]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
+def test_overrides_apply_to_their_run_alone_even_when_a_stage_fails(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip)
+    before = (root / "params.yaml").read_bytes()
+    assert ran(flow(root, **{"train.epochs": 2})) == ALL
+    assert (root / "params.yaml").read_bytes() == before
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 2  # what the run produced
+    status = json.loads(dvc(root, env, "status", "--json"))  # dvc.lock is truthful: params.yaml says 1 epoch
+    assert status == {"train": [{"changed deps": {"params.yaml": {"train": "modified"}}}]}
+    with pytest.raises(ModelError):
+        flow(root, **{"train.model": "mobilenet_v3_small", "train.weights": str(tmp_path / "missing.weights.h5"),
+                      "prepare.image_size": 32})  # fmt: skip
+    assert (root / "params.yaml").read_bytes() == before
+    assert not (root / ".imgclf" / "run-params.yaml").exists()
+
+
+def test_failed_train_leaves_earlier_stages_locked_and_dvc_repro_starts_at_train(tmp_path, demo_zip, env):
+    missing = tmp_path / "missing.weights.h5"
+    root = project(tmp_path / "p", env, demo_zip, prepare={"image_size": 32},
+                   train={"model": "mobilenet_v3_small", "weights": str(missing)})  # fmt: skip
     with pytest.raises(ModelError, match="train.weights: cannot load"):
-        run(tmp_path, demo_zip, **bad)
-    assert (tmp_path / "data" / "cache" / "images.npy").exists() and (tmp_path / "data" / "split.csv").exists()
-    assert not (tmp_path / "models" / "model.keras").exists()
-    assert ran(run(tmp_path, demo_zip, **{"prepare.image_size": 32})) == ["train", "evaluate", "publish"]
+        flow(root)
+    assert not (root / "models" / "model.keras").exists()
+    assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == {"download", "extract", "validate", "cache", "split"}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["model"] = "cnn"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert repro_ran(dvc(root, env, "repro")) == ["train", "evaluate", "publish"]
 
 
-def test_permanent_download_failure_fails_the_flow_with_the_url(tmp_path):
+def test_a_fresh_clone_after_dvc_pull_is_up_to_date_and_the_flow_skips_every_stage(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip)
+    dvc(root, env, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
+    assert ran(flow(root)) == ALL  # ends with dvc push
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "a run"], root, env)
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    dvc(clone, env, "pull")
+    assert "up to date" in dvc(clone, env, "status")
+    assert ran(flow(clone)) == []
+
+
+def test_a_second_run_in_the_same_project_is_refused_naming_the_first(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip)
+    with one_run_at_a_time(Layout(root)):
+        with pytest.raises(ProjectError, match=rf"imgclf run \(pid {os.getpid()}, started .*\) is running in this project"):
+            flow(root)
+    assert not (root / "data").exists()
+
+
+def test_permanent_download_failure_fails_the_flow_with_the_url(tmp_path, env):
     missing = tmp_path / "nowhere" / "cells.zip"
+    root = project(tmp_path / "p", env, missing)
     with pytest.raises(DownloadError, match=f"{missing}: no such file"):
-        pipeline(overrides=QUICK | {"data.url": str(missing)}, root=str(tmp_path))
+        flow(root)
 
 
 def test_outside_a_dvc_project_versioning_is_skipped_with_a_reason(tmp_path):
@@ -72,38 +173,27 @@ def test_outside_a_dvc_project_versioning_is_skipped_with_a_reason(tmp_path):
     assert said == [f"{tmp_path.resolve()} is not a DVC project: skipped versioning"]
 
 
-def git_dvc_project(root: Path, env: dict) -> Path:
-    root.mkdir()
-    shutil.copytree(REPO / "tasks", root / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(REPO / name, root)
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(command, cwd=root, env=env, check=True, capture_output=True)
-    return root
+def test_failed_dvc_push_says_dvc_s_error_not_its_support_footer(tmp_path, env):
+    root = dvc_project(tmp_path / "project", env, {})
+    (root / "notes.txt").write_text("something to push\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a remote cannot live below a file\n")
+    dvc(root, env, "add", "notes.txt")
+    dvc(root, env, "remote", "add", "-d", "storage", str(blocker / "store"))
+    with pytest.raises(VersioningError) as failed:
+        version_outputs(Layout(root), OrchestrationParams())
+    message = str(failed.value)
+    assert re.match(r"dvc push: exit \d+: ERROR: ", message) and "support" not in message, message
 
 
-def dvc(root: Path, env: dict, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return result.stdout + result.stderr
-
-
-def test_flow_run_in_a_git_dvc_repo_leaves_dvc_status_clean(tmp_path, demo_zip, cli_env, monkeypatch):
-    for key in ("GIT_AUTHOR_NAME", "GIT_AUTHOR_EMAIL", "GIT_COMMITTER_NAME", "GIT_COMMITTER_EMAIL"):
-        monkeypatch.setenv(key, cli_env[key])
-    root = git_dvc_project(tmp_path / "project", cli_env)
-    outcome = run(root, demo_zip, **{"orchestration.git_commit": True})
-    assert ran(outcome) == ALL
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    assert params["train"]["epochs"] == 1 and params["data"]["url"] == str(demo_zip)
-    assert "# imgclf: every knob" in (root / "params.yaml").read_text()  # comments kept
-    assert "up to date" in dvc(root, cli_env, "status")
-    assert "Running stage" not in dvc(root, cli_env, "repro")
+def test_git_commit_after_a_run_records_dvc_lock(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip, orchestration={"git_commit": True})
+    assert ran(flow(root)) == ALL
     log = subprocess.run(["git", "log", "--format=%s", "-1", "--name-only"], cwd=root, capture_output=True, text=True).stdout
     assert "imgclf: record pipeline run in dvc.lock" in log and "dvc.lock" in log
 
 
-def test_transient_download_failures_are_retried_and_the_flow_succeeds(tmp_path, demo_zip):
+def test_transient_download_failures_are_retried_and_the_flow_succeeds(tmp_path, demo_zip, env):
     import http.server
     import threading
 
@@ -126,31 +216,29 @@ def test_transient_download_failures_are_retried_and_the_flow_succeeds(tmp_path,
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/cells.zip"
-        outcome = pipeline(overrides=QUICK | {"data.url": url, "data.retry_backoff": 0.01}, root=str(tmp_path))
+        root = project(tmp_path / "p", env, f"http://127.0.0.1:{server.server_port}/cells.zip", data={"retry_backoff": 0.01})
+        outcome = flow(root)
     finally:
         server.shutdown()
     assert ran(outcome) == ALL
     assert len(requests) == 3
-    assert (tmp_path / "data" / "raw" / "cells.zip").read_bytes() == payload
+    assert (root / "data" / "raw" / "cells.zip").read_bytes() == payload
 
 
 @pytest.mark.parametrize("runner", ["processes", "threads"])
-def test_shards_fan_out_on_the_task_runner_with_the_same_bytes(tmp_path, runner):
+def test_shards_fan_out_on_the_task_runner_with_the_same_bytes(tmp_path, runner, env):
     from tasks.demo_data import make_demo_archive
+    from tasks.files import process_pool_map
+    from tasks.params import load_params
 
     # 524 files and 520 images: several validate and cache shards, so the runner really fans out.
     archive = make_demo_archive(tmp_path / "big.zip", per_class=260)
-    overrides = QUICK | {"data.url": str(archive), "orchestration.task_runner": runner}
-    assert ran(pipeline(overrides=overrides, root=str(tmp_path / "flow"))) == ALL
+    root = project(tmp_path / "flow", env, archive, orchestration={"task_runner": runner})
+    assert ran(flow(root)) == ALL
     for name in ("download", "extract", "validate", "cache", "split"):
-        run_stage_directly = STAGES[name].run
-        from tasks.files import process_pool_map
-        from tasks.params import load_params
-
-        run_stage_directly(load_params(tmp_path / "none.yaml", overrides), Layout(tmp_path / "direct"), process_pool_map)
+        STAGES[name](load_params(root / "params.yaml"), Layout(tmp_path / "direct"), process_pool_map)
     for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
-        assert (tmp_path / "flow" / output).read_bytes() == (tmp_path / "direct" / output).read_bytes(), output
+        assert (root / output).read_bytes() == (tmp_path / "direct" / output).read_bytes(), output
 
 
 @pytest.fixture
@@ -164,19 +252,18 @@ def dask_cluster():
         cluster.close()
 
 
-def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, dask_cluster):
+def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, dask_cluster, env):
     from tasks.demo_data import make_demo_archive
 
     archive = make_demo_archive(tmp_path / "big.zip", per_class=260)
-    base = QUICK | {"data.url": str(archive)}
-    on_dask = base | {"orchestration.task_runner": "dask", "orchestration.dask_address": dask_cluster.scheduler_address}
-    assert ran(pipeline(overrides=on_dask, root=str(tmp_path / "dask"))) == ALL
-    assert ran(pipeline(overrides=base, root=str(tmp_path / "local"))) == ALL
+    on_dask = {"task_runner": "dask", "dask_address": dask_cluster.scheduler_address}
+    assert ran(flow(project(tmp_path / "dask", env, archive, orchestration=on_dask))) == ALL
+    assert ran(flow(project(tmp_path / "local", env, archive))) == ALL
     for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
         assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output
 
 
-def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_cluster):
+def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_cluster, env):
     import os
     import signal
     import threading
@@ -204,12 +291,11 @@ def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_clus
 
     watcher = threading.Thread(target=kill_a_busy_worker, daemon=True)
     watcher.start()
-    overrides = QUICK | {"data.url": str(archive), "orchestration.task_runner": "dask",
-                         "orchestration.dask_address": dask_cluster.scheduler_address}  # fmt: skip
-    outcome = pipeline(overrides=overrides, root=str(tmp_path / "dask"))
+    on_dask = {"task_runner": "dask", "dask_address": dask_cluster.scheduler_address}
+    outcome = flow(project(tmp_path / "dask", env, archive, orchestration=on_dask))
     watcher.join(timeout=5)
     assert killed, "no shard was seen running on a worker"
     assert ran(outcome) == ALL
-    assert ran(pipeline(overrides=QUICK | {"data.url": str(archive)}, root=str(tmp_path / "local"))) == ALL
+    assert ran(flow(project(tmp_path / "local", env, archive))) == ALL
     for output in ("data/manifest.csv", "data/cache/images.npy"):
         assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output

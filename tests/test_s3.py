@@ -16,12 +16,12 @@ import boto3
 import pytest
 import yaml
 
-from tasks.download import DownloadError, download
+from tasks.download import DownloadError, download, source_change
 from tasks.layout import Layout
 from tasks.params import DataParams, PublishParams, S3Params
 from tasks.publish import publish
 from tasks.s3 import S3Error
-from tests.conftest import REPO, free_port, in_venv, sh
+from tests.conftest import REPO, dvc_project, free_port, in_venv, sh
 
 ACCESS_KEY = "AKIAIMGCLFTESTKEY01"
 SECRET = "imgclf-test-secret-4f9c1e7ab2d84c"
@@ -122,6 +122,20 @@ def test_s3_part_of_an_overwritten_object_is_started_over_not_spliced(moto, buck
     assert download(quick(url), tmp_path).read_bytes() == new
     assert json.loads((tmp_path / "a.zip.source.json").read_text())["etag"] == new_etag
     assert not (tmp_path / "a.zip.part.json").exists()
+
+
+def test_s3_object_overwritten_at_the_same_key_is_fetched_again(moto, bucket, tmp_path, caplog):
+    old, new = os.urandom(300_000), os.urandom(300_000)
+    url = f"s3://{bucket}/a.zip"
+    s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=old)
+    assert download(quick(url), tmp_path).read_bytes() == old
+    assert source_change(quick(url), tmp_path) is None  # head_object: the same ETag and size
+    new_etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=new)["ETag"]
+    assert source_change(quick(url), tmp_path) == "ETag changed"
+    with caplog.at_level("INFO", logger="imgclf"):
+        assert download(quick(url), tmp_path).read_bytes() == new
+    assert "a.zip: ETag changed; fetching" in caplog.text
+    assert json.loads((tmp_path / "a.zip.source.json").read_text())["etag"] == new_etag
 
 
 def test_missing_bucket_and_key_are_one_line_each(moto, bucket, tmp_path):
@@ -338,13 +352,11 @@ def test_dvc_push_then_pull_into_a_fresh_clone_gives_identical_data_and_model(mo
 
 def test_no_secret_in_any_log_artifact_or_output_of_a_run(moto, bucket, demo_zip, tmp_path, cli_env):
     s3c(moto).upload_file(str(demo_zip), bucket, "in/cells.zip")
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "params.yaml").write_text(yaml.safe_dump({
+    env = cli_env | {key: os.environ[key] for key in os.environ if key.startswith("AWS_")}
+    project = dvc_project(tmp_path / "project", env, {
         "data": {"url": f"s3://{bucket}/in/cells.zip", "sha256": None}, "s3": {"endpoint_url": moto},
         "publish": {"s3_uri": f"s3://{bucket}/out"}, "prepare": {"image_size": 24}, "train": {"epochs": 1},
-    }))  # fmt: skip
-    env = cli_env | {key: os.environ[key] for key in os.environ if key.startswith("AWS_")}
+    })  # fmt: skip
     result = subprocess.run(in_venv(["imgclf", "run"]), cwd=project, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert latest(moto, bucket, "out")["metrics"]["n_test"] > 0

@@ -1,0 +1,126 @@
+"""The pipeline as dvc.yaml describes it, asked through DVC's own API: the order, what is stale, what ran.
+
+DVC decides for both entry points: a stage is stale exactly when `dvc status` says so (its
+command, deps, params or outs differ from dvc.lock), and a stage that ran is recorded in
+dvc.lock as `dvc repro` records it (deps and outs hashed, outs committed to the DVC cache),
+at once, so a run that fails later keeps what it finished. A run with overrides hands DVC
+the params it uses (a file of its own beside params.yaml's content): dvc.lock records what
+the run produced, and params.yaml is never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.errors import StageError
+
+
+class ProjectError(StageError):
+    """Not a DVC project, or its dvc.yaml cannot be read; the message says what to do."""
+
+
+def is_dvc_project(root: Path) -> bool:
+    return (root / "dvc.yaml").is_file() and (root / ".dvc").is_dir()
+
+
+class DvcProject:
+    """One run's view of a DVC project. Thread-safe: stages that run side by side ask it in turn."""
+
+    def __init__(self, root: Path, params_file: Path | None = None):
+        """`params_file`: the params this run uses, if not params.yaml's own (a run with overrides)."""
+        if not is_dvc_project(root):
+            raise ProjectError(
+                f"{root.resolve()}: not an imgclf project (no dvc.yaml and .dvc/ here); "
+                "create one with `imgclf init DIR --url URL`, or run from the project's folder"
+            )
+        self.root, self.params_file = root, params_file
+        self._lock = threading.Lock()
+
+    # A process-pool task runner pickles the stage task's parameters with each shard: the
+    # lock stays behind, the where travels.
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "params_file": self.params_file}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["params_file"])
+
+    @contextlib.contextmanager
+    def _repo(self) -> Iterator:
+        from dvc.exceptions import DvcException
+        from dvc.repo import Repo
+
+        # DVC says "Updating lock file 'dvc.lock'" (on stdout too) for every stage recorded: the
+        # run's own log lines say more. (Set here: importing DVC sets its logger's level.)
+        logging.getLogger("dvc").setLevel(logging.WARNING)
+        with self._lock:
+            try:
+                with Repo(str(self.root)) as repo, repo.lock:
+                    yield repo
+            except DvcException as exc:  # a damaged dvc.yaml or dvc.lock, a lock held by `dvc repro`
+                raise ProjectError(f"{self.root / 'dvc.yaml'}: {str(exc).splitlines()[0]}") from None
+
+    def pipeline(self) -> dict[str, list[str]]:
+        """Returns {stage: the stages it depends on}, in an order where each comes after those."""
+        import networkx as nx
+
+        with self._repo() as repo:
+            graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+            written = {stage: position for position, stage in enumerate(repo.index.stages)}
+            # Dependencies first; among stages free to go, dvc.yaml's order.
+            order = nx.lexicographical_topological_sort(graph.reverse(), key=written.get)
+            return {stage.name: sorted(up.name for up in graph.successors(stage)) for stage in order}
+
+    def stale(self, name: str) -> str | None:
+        """Returns why the stage must run, as `dvc status` sees it with this run's params; None when up to date."""
+        with self._repo() as repo:
+            stage = self._stage(repo, name)
+            if not any(entry.hash_info for entry in (*stage.deps, *stage.outs)):
+                return "not in dvc.lock yet"
+            status = next(iter(stage.status().values()), [])
+        return "; ".join(_reasons(status)) or None
+
+    def record(self, name: str) -> None:
+        """Records the stage in dvc.lock and its outputs in the DVC cache, as `dvc repro` does when it finishes one."""
+        with self._repo() as repo:
+            stage = self._stage(repo, name)
+            stage.save(run_cache=False)  # the run cache resolves paths against the cwd; dvc.lock is what counts
+            stage.commit()
+            stage.dump(update_pipeline=False)
+
+    def _stage(self, repo, name: str):
+        from dvc.dependency.param import ParamsDependency
+
+        stage = repo.stage.collect(f"{Path(repo.root_dir) / 'dvc.yaml'}:{name}")[0]
+        if self.params_file is not None:
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):
+                    dep.read_params = functools.partial(_read_params, dep, str(self.params_file.resolve()))
+        return stage
+
+
+def _read_params(dep, path: str, flatten: bool = True, **kwargs) -> dict:
+    # ParamsDependency.read_params, from the run's own params file: DVC compares and records
+    # these values, and dvc.lock still names params.yaml.
+    from dvc.dependency.param import read_param_file
+
+    return read_param_file(dep.repo.fs, path, list(dep.params) if dep.params else None, flatten=flatten)
+
+
+def _reasons(status: list) -> Iterator[str]:
+    for entry in status:
+        if entry == "always changed":
+            yield "always runs"
+        elif entry == "changed checksum":
+            yield "its definition in dvc.yaml changed"
+        elif isinstance(entry, dict):
+            for kind, changes in entry.items():
+                for path, what in changes.items():
+                    if isinstance(what, dict):  # a params file: {key: modified | new | deleted}
+                        yield "params changed: " + ", ".join(sorted(what))
+                    else:
+                        yield f"{'output' if kind == 'changed outs' else 'input'} {path} {what}"
