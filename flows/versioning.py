@@ -63,7 +63,7 @@ def version_outputs(layout: Layout, orchestration: OrchestrationParams) -> list[
         return _say([f"{layout.root.resolve()} is not a DVC project: skipped versioning"])
     done = []
     if orchestration.dvc_push:
-        if _run(_dvc("remote", "list"), layout).strip():
+        if _has_remote(layout):
             _run(_dvc("push"), layout)
             done.append("pushed to the DVC remote")
         else:
@@ -71,6 +71,13 @@ def version_outputs(layout: Layout, orchestration: OrchestrationParams) -> list[
     if orchestration.git_commit:
         done.append(_git_commit_lock(layout))
     return _say(done)
+
+
+def _has_remote(layout: Layout) -> bool:
+    from dvc.repo import Repo  # in process: `dvc remote list` would start a second Python for one line
+
+    with Repo(str(layout.root)) as repo:
+        return bool(repo.config["remote"])
 
 
 def _git_commit_lock(layout: Layout) -> str:
