@@ -4,17 +4,22 @@ Each stage is a task over the same function `imgclf stage NAME` and `dvc repro` 
 order and the edges are dvc.yaml's; before a stage runs its task asks DVC whether it is
 stale (its command, deps, params or outs against dvc.lock), runs it only then, and records
 it in dvc.lock as `dvc repro` would. Stages that do not depend on each other run side by
-side. Shard work inside a stage (decoding in validate and cache) fans out on the task runner
-named by `orchestration.task_runner`. Every run ends with artifacts (a report, the rejected
-files, the confusion matrix, the metrics), then `dvc push` and an optional git commit.
+side. Shard work inside a stage (decoding in validate and cache) fans out from within the
+stage's task on the pool named by `orchestration.task_runner`: the local process pool,
+threads, or Dask futures; shards are not task runs, and the stage logs its own progress.
+Every run ends with artifacts (a report, the rejected files, the confusion matrix, the
+metrics), then `dvc push` and an optional git commit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,86 +29,129 @@ import yaml
 # Our stages log to "imgclf"; this makes those lines part of the Prefect run logs.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "imgclf")
 
-from prefect import flow, get_client, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner  # noqa: E402
 
 from flows.dvc_project import DvcProject, ProjectError  # noqa: E402
 from flows.report import publish_artifacts  # noqa: E402
 from flows.versioning import version_outputs  # noqa: E402
 from tasks.download import source_change  # noqa: E402
-from tasks.files import ShardMap, die_with_parent, remove_stale_temporaries  # noqa: E402
+from tasks.errors import StageError  # noqa: E402
+from tasks.files import (  # noqa: E402
+    ShardMap,
+    in_order,
+    on_one_thread,
+    process_pool_map,
+    remove_stale_temporaries,
+    thread_pool_map,
+)
 from tasks.params import OrchestrationParams, Params, load_params, params_tree  # noqa: E402
 from tasks.redact import redact, reveal  # noqa: E402
 from tasks.stages import Layout, run_stage  # noqa: E402
 
 
-@task(name="shard")
-def run_shard(fn: Callable[[Any], Any], shard: Sequence[Any]) -> Any:
-    return fn(shard)
+log = logging.getLogger("imgclf")
 
 
-def _task_runner(orchestration: OrchestrationParams):
-    workers = os.cpu_count() or 1
-    if orchestration.task_runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=workers)
-    if orchestration.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
-        if orchestration.dask_address:
-            return DaskTaskRunner(address=orchestration.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
-    return ProcessPoolTaskRunner(max_workers=workers, initializer=die_with_parent)
+class DaskError(StageError, ConnectionError):
+    """The Dask scheduler at `orchestration.dask_address` cannot be reached; the message says which and why."""
 
 
-@contextlib.contextmanager
-def _workers_report_here() -> Iterator[None]:
-    # Worker processes must report to this run's API (maybe a temporary local server):
-    # without PREFECT_API_URL in their environment each would start a server of its own.
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = str(get_client().api_url)
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+class DaskShards:
+    """A ShardMap on Dask: each shard a Dask future (a few per worker in flight), results in shard order.
 
-
-class PrefectShards:
-    """A ShardMap that runs shards as tasks on the configured task runner, started once per flow run.
-
-    One shard (a small set) runs inline: starting workers would cost more than it saves.
+    The cluster is the scheduler at `address`, or a local one (one single-threaded worker process
+    per core) started at the first call of the run; `close` ends what was started. One shard (a
+    small set) runs here: starting workers would cost more than it saves.
     """
 
-    def __init__(self, orchestration: OrchestrationParams):
-        self.orchestration = orchestration
+    def __init__(self, address: str | None):
+        self.address = address
         self._stack = contextlib.ExitStack()
-        self._runner = None
+        self._client = None
+        self._lock = threading.Lock()  # independent stages run side by side: one cluster for them all
 
     def __call__(self, fn: Callable[[Any], Any], shards: Sequence[Any]) -> Iterator[Any]:
         if len(shards) <= 1:
             yield from map(fn, shards)
             return
-        if self._runner is None:
-            self._stack.enter_context(_workers_report_here())
-            self._runner = self._stack.enter_context(_task_runner(self.orchestration))
-        futures = [self._runner.submit(run_shard, {"fn": fn, "shard": shard}) for shard in shards]
-        for future in futures:
-            yield future.result()
+        from dask.utils import funcname
+
+        client = self._connect()
+        name = funcname(fn).strip("_")  # judge_shard-<uuid>, decode_shard-<uuid> in Dask's dashboard
+
+        def submit(shard_fn: Callable[[Any], Any], shard: Any) -> Any:
+            return client.submit(on_one_thread, shard_fn, shard, key=f"{name}-{uuid.uuid4().hex}")
+
+        yield from in_order(submit, fn, shards, window=2 * sum(client.nthreads().values()))
+
+    def _connect(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from distributed import Client
+
+                if not self.address:
+                    cluster = self._stack.enter_context(local_cluster(os.cpu_count() or 1))
+                    self._client = self._stack.enter_context(Client(cluster, set_as_default=False))
+                else:
+                    try:
+                        self._client = self._stack.enter_context(Client(self.address, set_as_default=False))
+                    except OSError as error:
+                        raise DaskError(f"orchestration.dask_address: {redact(str(error))}") from None
+                log.info("dask: shards go to %s (%d workers)", redact(self._client.scheduler.address),
+                         len(self._client.nthreads()))  # fmt: skip
+            return self._client
 
     def close(self) -> None:
         self._stack.close()
 
-    # The stage task's parameters include this object, and a process-pool runner pickles them
-    # with each shard's context: only the settings travel, never the live runner.
-    def __getstate__(self) -> dict:
-        return {"orchestration": self.orchestration}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["orchestration"])
+# Dask's housekeeping, as the flow's own cluster runs it: the defaults (a stack sample every
+# 10 ms, an event-loop tick every 20 ms, system and memory checks several times a second, work
+# stealing) cost a 2-core machine ~6% of a core while idle, and more while busy.
+LEAN_DASK = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.scheduler.work-stealing": False,  # tasks queue at the scheduler: the first free worker takes one
+    # What Dask puts in this process's environment to start each worker: only what keeps the
+    # workers' INFO lines off the terminal; not its defaults (OMP_NUM_THREADS=1, ...), which
+    # the training in this process would inherit.
+    "distributed.nanny.pre-spawn-environ": {"DASK_LOGGING__DISTRIBUTED": "warning"},
+}
+
+
+@contextlib.contextmanager
+def local_cluster(workers: int) -> Iterator[Any]:
+    """Yields a Dask cluster on this machine: `workers` single-threaded worker processes (each
+    exits when this process does), no dashboard, lean housekeeping, and its chatter off the terminal."""
+    import dask
+    from distributed import LocalCluster
+
+    chatter, environ = logging.getLogger("distributed"), dict(os.environ)
+    level = chatter.level
+    chatter.setLevel(logging.WARNING)
+    try:
+        with dask.config.set(LEAN_DASK), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                      host="127.0.0.1", dashboard_address=None) as cluster:  # fmt: skip
+            yield cluster
+    finally:
+        chatter.setLevel(level)
+        for key in set(os.environ) - set(environ):
+            os.environ.pop(key, None)
+        os.environ.update(environ)
+
+
+@contextlib.contextmanager
+def shard_map(orchestration: OrchestrationParams) -> Iterator[ShardMap]:
+    """Yields the ShardMap of `orchestration.task_runner` for one flow run; a Dask cluster it started ends with it."""
+    if orchestration.task_runner == "dask":
+        with contextlib.closing(DaskShards(orchestration.dask_address)) as shards:
+            yield shards
+    else:
+        yield thread_pool_map if orchestration.task_runner == "threads" else process_pool_map
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -160,7 +208,7 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     with one_run_at_a_time(layout), params_for_dvc(layout, params_file, overrides) as run_params:
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
-        with contextlib.closing(PrefectShards(params.orchestration)) as map_shards:
+        with shard_map(params.orchestration) as map_shards:
             outcome = _run_dag(project, params, layout, map_shards)
         get_run_logger().info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
         publish_artifacts(layout, outcome)

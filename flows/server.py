@@ -51,7 +51,7 @@ def prefect_api() -> Iterator[None]:
         return
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline run
     server = _DiesWithParent()
-    server.start()
+    server.start(timeout=120)  # a loaded machine (a CI run, a training beside it) starts it slowly
     os.environ["PREFECT_API_URL"] = server.api_url
     try:
         yield

@@ -3,8 +3,10 @@
 `images.npy` holds every valid image as uint8 (N, height, width, channels) in manifest path
 order, memory-mappable with `np.load(..., mmap_mode="r")`; `index.csv` maps each row to its
 path, label, content hash and the sha256 of the row's pixels; `meta.json` says how the arrays
-were made, down to a fingerprint of the decoding code and library versions. Workers write
-their rows straight into the array file, so nothing image-sized crosses process boundaries.
+were made, down to a fingerprint of the decoding code and library versions. Each shard's
+worker returns its rows as one array (with their sha256 and its decoder fingerprint) and
+writes no file, so workers on other hosts never share one; this process alone writes the
+array file, a shard at a time, in row order.
 A re-run reuses a row only when its content hash, the settings and the decoder fingerprint
 are unchanged and its pixels still match their recorded sha256, so adding ten images decodes
 ten images, a damaged row is decoded again, and the bytes are always a fresh run's.
@@ -27,7 +29,8 @@ import numpy as np
 
 import tasks.images
 import tasks.png
-from tasks.files import Progress, ShardMap, atomic_dir, chunked, process_pool_map, read_csv
+from tasks.errors import StageError
+from tasks.files import Progress, ShardMap, atomic_dir, process_pool_map, read_csv, shards_of
 from tasks.images import decode, resize
 from tasks.manifest import read_valid_rows
 from tasks.params import PrepareParams
@@ -35,11 +38,16 @@ from tasks.params import PrepareParams
 log = logging.getLogger("imgclf")
 
 FORMAT_VERSION = 2  # 2: index.csv has pixels_sha256; meta.json has decoder
-SHARD_IMAGES = 512
+SHARD_IMAGES = 512  # the smallest shard; a larger set gets larger ones (shards_of), up to
+SHARD_BYTES = 16 << 20  # of pixels: what a worker sends back at once
 
 # What turns a file into a row: a cache made by other code or library versions is not reused.
 DECODER_SOURCES = (Path(tasks.images.__file__), Path(tasks.png.__file__), Path(__file__))
 DECODER_LIBRARIES = ("numpy", "cv2", "PIL", "pyspng", "imagecodecs")
+
+
+class CacheError(StageError, RuntimeError):
+    """A worker decoded with other code or libraries than the run that assembles the cache."""
 
 
 @dataclass(frozen=True)
@@ -74,17 +82,22 @@ def _settings(params: PrepareParams, decoder: str) -> dict:
     }
 
 
-def _decode_shard(root: str, images_npy: str, params: PrepareParams, shard: Sequence[tuple[int, str]]) -> list[str]:
-    """Returns the pixels' sha256 of each row of the shard, decoded and written into the array file."""
-    images = np.load(images_npy, mmap_mode="r+")
+@dataclass(frozen=True)
+class DecodedShard:
+    pixels: np.ndarray  # (rows, height, width, channels) uint8, in the shard's order
+    digests: list[str]  # pixels_sha256 of each row
+    decoder: str  # decoder_fingerprint() where the shard was decoded
+
+
+def _decode_shard(root: str, params: PrepareParams, paths: Sequence[str]) -> DecodedShard:
+    """Returns the shard's images decoded and resized, one row each, with each row's sha256."""
+    height, width = params.image_size
+    pixels = np.empty((len(paths), height, width, params.channels), dtype=np.uint8)
     draft = max(params.image_size)
-    digests = []
-    for row, path in shard:
-        pixels = decode((Path(root) / path).read_bytes(), params.channels, draft_size=draft)
-        images[row] = resize(pixels, params.image_size, params.resize)
-        digests.append(pixels_sha256(images[row]))
-    images.flush()
-    return digests
+    for row, path in enumerate(paths):
+        pixels[row] = resize(decode((Path(root) / path).read_bytes(), params.channels, draft_size=draft),
+                             params.image_size, params.resize)  # fmt: skip
+    return DecodedShard(pixels, [pixels_sha256(row) for row in pixels], decoder_fingerprint())
 
 
 def _previous_rows(cache_dir: Path, settings: dict) -> tuple[np.ndarray | None, dict[str, tuple[int, str]]]:
@@ -135,19 +148,25 @@ def cache(
                     images[index], digests[index] = pixels, recorded
                     continue
                 damaged += 1
-            todo.append((index, row["path"]))
+            todo.append(index)
         if damaged:
             log.warning("cache: %d rows of the previous cache no longer match their pixels_sha256; decoding them again",
                         damaged)  # fmt: skip
-        images.flush()
-        decode_shard = functools.partial(_decode_shard, str(extracted_dir.resolve()), str(images_npy), params)
+        decode_shard = functools.partial(_decode_shard, str(extracted_dir.resolve()), params)
         progress = Progress(len(todo), "cache", "images")
-        shards = chunked(todo, SHARD_IMAGES)
-        for shard, shard_digests in zip(shards, map_shards(decode_shard, shards), strict=True):
-            for (index, _), digest in zip(shard, shard_digests, strict=True):
+        shards = shards_of(todo, SHARD_IMAGES, largest=SHARD_BYTES // (height * width * params.channels))
+        paths = [[rows[index]["path"] for index in shard] for shard in shards]
+        for shard, decoded in zip(shards, map_shards(decode_shard, paths), strict=True):
+            if decoded.decoder != settings["decoder"]:
+                raise CacheError(f"{cache_dir}: a worker decodes with other code or library versions than this "
+                                 f"run (decoder {decoded.decoder[:12]}, here {settings['decoder'][:12]}); "
+                                 "install the same versions on every worker")  # fmt: skip
+            images[shard] = decoded.pixels
+            for index, digest in zip(shard, decoded.digests, strict=True):
                 digests[index] = digest
             progress.update(len(shard))
         progress.close()
+        images.flush()
         del images
         _write_index(temp / "index.csv", rows, digests)
         meta = settings | {

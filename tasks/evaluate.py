@@ -19,7 +19,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from tasks.dataset import CachedSet, DatasetError, load_cached_set, make_dataset
-from tasks.files import atomic_file
+from tasks.files import atomic_file, atomic_path
 from tasks.model import class_probabilities
 
 matplotlib.use("Agg")  # files only, no display
@@ -147,6 +147,7 @@ def _misclassified(data: CachedSet, rows, truth, predicted, probabilities, path:
 
 def _model_diagram(model: keras.Model, path: Path) -> None:
     try:
-        keras.utils.plot_model(model, to_file=str(path), show_shapes=True)
+        with atomic_path(path) as temp:
+            keras.utils.plot_model(model, to_file=str(temp), show_shapes=True)
     except (ImportError, OSError) as exc:  # pydot or the graphviz `dot` program is missing
         log.info("evaluate: no %s (%s)", path.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import csv
+import functools
 import hashlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -14,8 +16,9 @@ import shutil
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,8 +29,10 @@ log = logging.getLogger("imgclf")
 T = TypeVar("T")
 R = TypeVar("R")
 
-# (function, shards) -> results in shard order, yielded as they are ready. The flow passes
-# one backed by Prefect's task runner; scripts and tests get `process_pool_map`.
+# (function, shards) -> results in shard order, yielded as they are ready. A shard's result is
+# its own output: workers (maybe on other hosts) write no shared file, the caller assembles.
+# Scripts, tests and the flow's `processes` runner use `process_pool_map`; the flow's
+# `threads` runner `thread_pool_map`, its `dask` runner Dask futures (flows/pipeline.py).
 ShardMap = Callable[[Callable[[T], R], Sequence[T]], Iterable[R]]
 
 CHUNK = 1 << 20
@@ -199,6 +204,14 @@ def chunked(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+SHARDS = 64  # per stage: enough to keep the workers busy to the end, few enough that each one's cost (ms) is lost
+
+
+def shards_of(items: Sequence[T], smallest: int, largest: int = 4096) -> list[Sequence[T]]:
+    """Returns `items` in consecutive shards: about SHARDS of them, each of `smallest` to `largest` items."""
+    return chunked(items, max(1, min(largest, max(smallest, -(-len(items) // SHARDS)))))
+
+
 def die_with_parent() -> None:
     """Asks Linux to stop this process when its parent dies: a killed run leaves no worker behind."""
     if sys.platform == "linux":
@@ -207,20 +220,59 @@ def die_with_parent() -> None:
 
 def _single_threaded_worker() -> None:
     die_with_parent()
-    # One decoder thread per process: the pool already uses every core.
+    _one_opencv_thread()
+
+
+def _one_opencv_thread() -> None:
+    """Keeps OpenCV to one thread in this process: the pool already uses every core."""
     import cv2
 
     cv2.setNumThreads(1)
 
 
-def process_pool_map(fn: Callable[[T], R], shards: Sequence[T]) -> Iterator[R]:
-    """Yields `fn(shard)` for each shard, in order, computed on one worker process per core."""
+def on_one_thread(fn: Callable[[T], R], shard: T) -> R:
+    """Returns `fn(shard)`, OpenCV kept to one thread: how a Dask worker (one core's worth) runs a shard."""
+    _one_opencv_thread()
+    return fn(shard)
+
+
+def in_order(submit: Callable[[Callable[[T], R], T], Any], fn: Callable[[T], R], shards: Sequence[T],
+             window: int) -> Iterator[R]:  # fmt: skip
+    """Yields `fn(shard)` for each shard, in order, from the futures `submit(fn, shard)` returns.
+
+    At most `window` shards are submitted and not yet yielded, so the results waiting behind a
+    slow shard (in the workers or here) stay a few shards' worth. Left early, the rest are cancelled.
+    """
+    rest, pending = iter(shards), deque()
+    try:
+        pending.extend(submit(fn, shard) for shard in itertools.islice(rest, max(window, 1)))
+        while pending:
+            result = pending.popleft().result()
+            pending.extend(submit(fn, shard) for shard in itertools.islice(rest, 1))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def _pool_map(executor: Callable[..., Any], fn: Callable[[T], R], shards: Sequence[T]) -> Iterator[R]:
     workers = min(len(shards), os.cpu_count() or 1)
     if workers <= 1:
-        yield from map(fn, shards)
+        yield from map(fn, shards)  # one shard (a small set) or one core: workers would cost more than they save
         return
+    with executor(max_workers=workers) as pool:
+        yield from in_order(pool.submit, fn, shards, window=2 * workers)
+
+
+def process_pool_map(fn: Callable[[T], R], shards: Sequence[T]) -> Iterator[R]:
+    """Yields `fn(shard)` for each shard, in order, computed on one worker process per core."""
     # forkserver, not fork: forking a process that runs threads (Prefect's, TensorFlow's) can
     # deadlock the child; a clean server process forks the workers instead.
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_single_threaded_worker) as pool:
-        yield from pool.map(fn, shards)
+    return _pool_map(functools.partial(ProcessPoolExecutor, mp_context=context, initializer=_single_threaded_worker),
+                     fn, shards)  # fmt: skip
+
+
+def thread_pool_map(fn: Callable[[T], R], shards: Sequence[T]) -> Iterator[R]:
+    """Yields `fn(shard)` for each shard, in order, computed on one thread per core of this process."""
+    return _pool_map(ThreadPoolExecutor, fn, shards)

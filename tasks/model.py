@@ -2,17 +2,20 @@
 
 Every model takes raw uint8 images: casting, augmentation (active in training only) and the
 model's own preprocessing are its first layers, so they run on the accelerator and the saved
-file predicts on raw pixels. One sigmoid unit for two classes, softmax otherwise.
+file predicts on raw pixels. One sigmoid unit for two classes, softmax otherwise: `Head`
+makes that choice, for the output layer, the loss and the reading of the outputs alike.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 from keras import layers
 
 from tasks.errors import StageError
-from tasks.params import AugmentParams, CnnParams, TrainParams
+from tasks.params import AugmentParams, CnnParams, TrainParams, recipe_settings
 
 
 class ModelError(StageError, ValueError):
@@ -28,6 +31,38 @@ class CaffePreprocess(layers.Layer):
     def call(self, inputs):
         bgr = keras.ops.flip(inputs, axis=-1)
         return bgr - keras.ops.cast(keras.ops.convert_to_tensor(self.MEAN_BGR), bgr.dtype)
+
+
+@dataclass(frozen=True)
+class Head:
+    """The output for n classes: one sigmoid unit and binary cross-entropy for two, else a softmax
+    over n and sparse categorical cross-entropy."""
+
+    n_classes: int
+
+    @property
+    def binary(self) -> bool:
+        return self.n_classes == 2
+
+    def layer(self) -> layers.Dense:
+        """Returns the output layer: float32 probabilities, also under mixed precision."""
+        units, activation = (1, "sigmoid") if self.binary else (self.n_classes, "softmax")
+        return layers.Dense(units, activation=activation, dtype="float32", name="probabilities")
+
+    def loss(self, reduction: str | None = "sum_over_batch_size") -> keras.losses.Loss:
+        """Returns the loss on (targets, outputs); reduction None gives one value per example."""
+        loss = keras.losses.BinaryCrossentropy if self.binary else keras.losses.SparseCategoricalCrossentropy
+        return loss(reduction=reduction)
+
+    def targets(self, labels):
+        """Returns int class labels as the loss takes them: a float column for the sigmoid unit."""
+        return keras.ops.cast(labels, "float32")[:, None] if self.binary else labels
+
+    @staticmethod
+    def probabilities(outputs) -> np.ndarray:
+        """Returns (N, n_classes) probabilities from a model's outputs: a sigmoid unit's p as [1 - p, p]."""
+        scores = np.asarray(outputs, dtype=np.float64)
+        return np.hstack([1 - scores, scores]) if scores.shape[1] == 1 else scores
 
 
 # name -> (constructor, preprocessing layer for 0-255 RGB input, or None when built in)
@@ -46,12 +81,13 @@ def augmentation(params: AugmentParams, seed: int) -> list[layers.Layer]:
     if params.flip != "none":
         mode = "horizontal_and_vertical" if params.flip == "both" else params.flip
         found.append(layers.RandomFlip(mode, seed=seed))
+    resample = {"fill_mode": params.fill_mode, "interpolation": params.interpolation}
     if params.rotation:
-        found.append(layers.RandomRotation(params.rotation, fill_mode="constant", seed=seed + 1))
+        found.append(layers.RandomRotation(params.rotation, seed=seed + 1, **resample))
     if params.zoom:
-        found.append(layers.RandomZoom(params.zoom, fill_mode="constant", seed=seed + 2))
+        found.append(layers.RandomZoom(params.zoom, seed=seed + 2, **resample))
     if params.translation:
-        found.append(layers.RandomTranslation(params.translation, params.translation, fill_mode="constant", seed=seed + 3))
+        found.append(layers.RandomTranslation(params.translation, params.translation, seed=seed + 3, **resample))
     if params.contrast:
         found.append(layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
     if params.brightness:
@@ -64,10 +100,11 @@ def _cnn_body(x, params: CnnParams):
     for block, filters in enumerate(params.filters):
         if block:
             x = layers.MaxPooling2D(params.pool_size)(x)
-        x = conv(filters, params.kernel_size, padding=params.padding, use_bias=not params.batch_norm)(x)
-        if params.batch_norm:
-            x = layers.BatchNormalization()(x)
-        x = layers.Activation("relu")(x)
+        if params.batch_norm:  # conv, then normalise, then relu: the bias is BatchNorm's
+            x = conv(filters, params.kernel_size, padding=params.padding, use_bias=False)(x)
+            x = layers.Activation("relu")(layers.BatchNormalization()(x))
+        else:  # the seed notebook's Conv2D(..., activation="relu")
+            x = conv(filters, params.kernel_size, padding=params.padding, activation="relu")(x)
     x = layers.Flatten()(x)
     x = layers.Dense(params.dense_units, activation="relu")(x)
     if params.dropout:
@@ -99,7 +136,11 @@ def load_base(name: str, weights: str, input_shape: tuple[int, int, int]) -> ker
 def build_model(
     params: TrainParams, augment: AugmentParams, image_size: tuple[int, int], channels: int, n_classes: int
 ) -> tuple[keras.Model, keras.Model | None]:
-    """Returns (model, transfer base or None). The model maps uint8 images to class probabilities."""
+    """Returns (model, transfer base or None). The model maps uint8 images to class probabilities.
+
+    Built as the recipe says: `train.recipe: seed` is the seed notebook's CNN without augmentation.
+    """
+    params, augment = recipe_settings(params, augment)
     inputs = keras.Input(shape=(*image_size, channels), dtype="uint8", name="image")
     x = layers.Rescaling(1.0, name="to_float")(inputs)  # uint8 -> float, 0-255
     for layer in augmentation(augment, params.seed):
@@ -120,8 +161,7 @@ def build_model(
         x = base(x, training=False)
         x = layers.GlobalAveragePooling2D()(x)
         x = layers.Dropout(0.2)(x)
-    units, activation = (1, "sigmoid") if n_classes == 2 else (n_classes, "softmax")
-    outputs = layers.Dense(units, activation=activation, dtype="float32", name="probabilities")(x)
+    outputs = Head(n_classes).layer()(x)
     return keras.Model(inputs, outputs, name=f"imgclf_{params.model}"), base
 
 
@@ -135,5 +175,4 @@ def unfreeze_top(base: keras.Model, count: int) -> None:
 
 def class_probabilities(model: keras.Model, images) -> np.ndarray:
     """Returns (N, n_classes) probabilities; a one-unit sigmoid model gives [1 - p, p]."""
-    scores = np.asarray(model.predict(images, verbose=0), dtype=np.float64)
-    return np.hstack([1 - scores, scores]) if scores.shape[1] == 1 else scores
+    return Head.probabilities(model.predict(images, verbose=0))

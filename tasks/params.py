@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import re
 import warnings
+from urllib.parse import urlparse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from croniter import croniter
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import StageError
 
 MALARIA_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
+URL_SCHEMES = ("http", "https", "s3", "file", "")  # "": a local path
+
+
+def url_scheme(url: str) -> str:
+    """Returns the URL's scheme in lower case; "" for a local path (a Windows drive letter too)."""
+    scheme = urlparse(url).scheme.lower()
+    return "" if len(scheme) == 1 else scheme
 
 
 class ParamsError(StageError, ValueError):
@@ -48,10 +57,15 @@ class DataParams(_Section):
 
     @field_validator("url")
     @classmethod
-    def _url_not_empty(cls, url: str) -> str:
-        if not url.strip():
+    def _url_we_can_fetch(cls, url: str) -> str:
+        url = url.strip()
+        if not url:
             raise ValueError("must not be empty")
-        return url.strip()
+        scheme = url_scheme(url)
+        if scheme not in URL_SCHEMES:
+            supported = ", ".join(f"{s}://" for s in URL_SCHEMES if s)
+            raise ValueError(f"unsupported scheme {scheme}:// (supported: {supported}, or a local path)")
+        return url
 
     @field_validator("sha256", mode="before")
     @classmethod
@@ -117,11 +131,19 @@ class AugmentParams(_Section):
     """Random transforms of training batches, as layers at the front of the model (0 disables each)."""
 
     flip: Literal["horizontal", "vertical", "both", "none"] = "horizontal"
-    rotation: float = Field(default=0.1, ge=0, le=1)  # fraction of a full turn, either way
-    zoom: float = Field(default=0.1, ge=0, lt=1)
-    translation: float = Field(default=0.1, ge=0, lt=1)  # fraction of height and width
+    rotation: float = Field(default=0.03, ge=0, le=1)  # fraction of a full turn, either way (0.03: 11 degrees)
+    zoom: float = Field(default=0.0, ge=0, lt=1)
+    translation: float = Field(default=0.05, ge=0, lt=1)  # fraction of height and width
     contrast: float = Field(default=0.0, ge=0, lt=1)
     brightness: float = Field(default=0.0, ge=0, le=1)
+    # What rotation, zoom and translation put where the image has no pixels: reflect or nearest
+    # repeat the image's own; constant paints black, an edge the model may learn as a feature.
+    fill_mode: Literal["reflect", "nearest", "constant"] = "reflect"
+    # How they resample: nearest keeps the image's own pixel values; bilinear blurs them a little.
+    interpolation: Literal["nearest", "bilinear"] = "nearest"
+
+
+NO_AUGMENT = AugmentParams(flip="none", rotation=0, zoom=0, translation=0, contrast=0, brightness=0)
 
 
 class CnnParams(_Section):
@@ -144,16 +166,32 @@ class CnnParams(_Section):
         return filters
 
 
+# The seed notebook's CNN, layer for layer: Conv2D 32, MaxPool, Conv2D 64, MaxPool, Conv2D 64
+# (3x3, relu, valid), Flatten, Dense 64 relu, then the output layer.
+SEED_CNN = CnnParams(filters=(32, 64, 64), kernel_size=3, pool_size=2, padding="valid", dense_units=64, dropout=0.0,
+                     batch_norm=False, separable=False)  # fmt: skip
+
+
 TRANSFER_MODELS = ("vgg16", "mobilenet_v3_small", "efficientnet_b0")
 
 
 class TrainParams(_Section):
+    # default: the settings below. seed: the seed notebook's recipe, for comparison: its CNN
+    # (SEED_CNN, whatever train.cnn says), no augmentation, plain Adam at 1e-3 with no schedule
+    # or weight decay, every epoch run and the last one's weights kept (see `recipe_settings`).
+    recipe: Literal["default", "seed"] = "default"
     model: Literal["cnn", "vgg16", "mobilenet_v3_small", "efficientnet_b0"] = "cnn"
-    epochs: int = Field(default=10, gt=0)
+    epochs: int = Field(default=40, gt=0)
     batch_size: int = Field(default=32, gt=0)  # per replica
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)  # the start of the schedule
+    schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decays to 0 over each phase's epochs
+    weight_decay: float = Field(default=0.0, ge=0, lt=1)  # decoupled, as AdamW; 0: plain Adam
     seed: Seed = 42
-    patience: int = Field(default=3, ge=0)  # epochs without val-loss gain before stopping; 0 never stops
+    patience: int = Field(default=5, ge=0)  # epochs without val-loss gain before stopping; 0 never stops
+    # Early stopping waits this many batches first: a small set (an epoch of a few batches, a noisy
+    # val split) runs all its epochs; a large one may stop after a few. 0: patience alone decides.
+    min_steps: int = Field(default=1000, ge=0)
+    restore_best: bool = True  # end with the best val-loss epoch's weights; false: the last epoch's
     # Transfer models: imagenet, none, or the path of a local weights file (include_top=False).
     weights: str = "imagenet"
     fine_tune_layers: int = Field(default=0, ge=0)  # top base layers unfrozen in phase two; 0 skips it
@@ -170,6 +208,23 @@ class TrainParams(_Section):
     @classmethod
     def _yaml_booleans(cls, value: Any) -> Any:
         return str(value).lower() if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _seed_recipe_is_a_cnn(self) -> TrainParams:
+        if self.recipe == "seed" and self.model != "cnn":
+            raise ValueError(f"recipe: seed is the seed notebook's CNN; it cannot train model {self.model} "
+                             "(set train.model: cnn, or train.recipe: default)")  # fmt: skip
+        return self
+
+
+def recipe_settings(train: TrainParams, augment: AugmentParams) -> tuple[TrainParams, AugmentParams]:
+    """Returns the train and augment settings a run uses: as given for recipe default; for
+    recipe seed, the seed notebook's CNN and loop, every extra off (the rest as given)."""
+    if train.recipe != "seed":
+        return train, augment
+    seed = {"learning_rate": 1e-3, "schedule": "constant", "weight_decay": 0.0, "patience": 0, "min_steps": 0,
+            "restore_best": False, "cnn": SEED_CNN}  # fmt: skip
+    return train.model_copy(update=seed), NO_AUGMENT
 
 
 class S3Params(_Section):
@@ -197,10 +252,18 @@ class OrchestrationParams(_Section):
 
     task_runner: Literal["threads", "processes", "dask"] = "processes"  # for shard fan-out
     dask_address: OptionalText = None  # an existing Dask scheduler; empty: a temporary local cluster
-    dvc_commit: bool = True  # record the run in dvc.lock (in a DVC project)
+    dvc_commit: bool = True  # record each stage that ran in dvc.lock; false: nothing recorded, all re-run
     dvc_push: bool = True  # push data and model when a DVC remote is configured
     git_commit: bool = False  # commit dvc.lock after the run (in a git repo)
     schedule: str = "0 3 * * 1"  # cron of `imgclf serve` (weekly retrain: Mondays 03:00)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, schedule: str) -> str:
+        # Prefect refuses croniter's random (R) and hashed (H) fields too.
+        if not croniter.is_valid(schedule) or any(field.upper() in ("R", "H") for field in schedule.split()):
+            raise ValueError(f"not a cron expression: {schedule!r} (e.g. '0 3 * * 1', Mondays 03:00)")
+        return schedule
 
 
 # The section is named for its stage; as a field it shadows the deprecated
@@ -226,7 +289,7 @@ with warnings.catch_warnings():
                 if min(height, width) < 32:
                     raise ValueError(f"train.model: {self.train.model} needs prepare.image_size of at least 32")
                 return self
-            cnn = self.train.cnn
+            cnn = recipe_settings(self.train, self.augment)[0].cnn
             for side in (height, width):
                 for block in range(len(cnn.filters)):
                     side = side // cnn.pool_size if block else side
@@ -244,7 +307,10 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     key, sep, raw = assignment.partition("=")
     if not sep or not key.strip():
         raise ParamsError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5")
-    return key.strip(), (yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        return key.strip(), (yaml.safe_load(raw) if raw.strip() else None)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {key.strip()}: not a valid YAML value: {str(exc).splitlines()[0]}") from None
 
 
 def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -270,19 +336,26 @@ def _one_line(source: str, error: ValidationError) -> str:
     return f"{source}: " + "; ".join(problems)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
-    """Returns the typed params from `path` (missing file: all defaults) with dotted overrides applied."""
+def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Returns the params file as read from YAML, with dotted overrides applied; not yet checked."""
     path = Path(path)
-    tree: Any = {}
-    if path.exists():
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    # A mistyped --params must not quietly run on the defaults (and start the 337 MB download).
+    try:
+        tree: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
         _apply_override(tree, dotted, value)
+    return tree
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Returns the typed params from `path` with dotted overrides applied; keys it leaves out take their defaults."""
+    tree = params_tree(path, overrides)
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:

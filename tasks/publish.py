@@ -13,7 +13,7 @@ import logging
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.files import atomic_file, retrying, sha256_file
+from tasks.files import atomic_file, model_json, retrying, sha256_file
 from tasks.layout import Layout
 from tasks.params import PublishParams, S3Params
 from tasks.report import read_json, report_markdown
@@ -25,8 +25,9 @@ ATTEMPTS = 4
 
 
 def run_files(layout: Layout) -> list[Path]:
-    """Returns the files a run publishes: model, labels, summary, metrics and plots."""
-    fixed = [layout.model_dir / name for name in ("model.keras", "labels.json", "summary.txt")]
+    """Returns the files a run publishes: model, its description and summary, metrics and plots."""
+    model_dir = layout.model_dir
+    fixed = [model_dir / "model.keras", model_json(model_dir), model_dir / "summary.txt"]
     fixed += [layout.metrics_dir / name for name in ("train.json", "eval.json")]
     plots = sorted(p for p in layout.plots_dir.glob("*") if p.suffix in (".png", ".csv"))
     return [*fixed, *plots]
@@ -62,8 +63,8 @@ def publish(params: PublishParams, s3: S3Params, layout: Layout, record: Path) -
     s3_client = client(s3)
     objects: dict[str, str] = {}
     report = layout.root / ".imgclf" / "report.md"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(report_markdown(layout))
+    with atomic_file(report) as handle:
+        handle.write(report_markdown(layout))
     # Smallest first: the model, by far the largest, goes last before latest.json.
     for path in sorted([*files, report], key=lambda path: path.stat().st_size):
         relative = path.name if path == report else path.relative_to(layout.root).as_posix()

@@ -1,34 +1,42 @@
-"""Stage train: cache + split -> `models/model.keras`, `models/labels.json`, `metrics/train.json`.
+"""Stage train: cache + split -> `models/model.keras`, `models/model.json`, `metrics/train.json`.
 
 The whole loop is here: pick the devices (MirroredStrategy over GPUs, mixed precision and
 XLA there; plain, deterministic CPU otherwise), feed uint8 batches from the memory-mapped
-cache, fit with early stopping on val loss, back up every epoch so a killed run resumes at
-its last epoch, and log each epoch with dvclive for `dvc plots` and `dvc exp show`. Transfer
-models train their head on a frozen base first, then fine-tune the base's top layers.
+cache in an order drawn from the seed and the epoch, fit as `train.recipe` says (by default a
+cosine-decayed rate, early stopping on val loss once `train.min_steps` batches have run, the
+best epoch kept; the seed notebook's plain loop for `recipe: seed`), back up the whole training state every epoch (a killed run resumes at its last epoch and
+ends with the weights it would have had), and log each epoch with dvclive for `dvc plots`
+and `dvc exp show`. Transfer models train their head on a frozen base first, then fine-tune
+the base's top layers. A loss that turns NaN or infinite stops the run before anything is saved.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 import tensorflow as tf
+from sklearn.utils.class_weight import compute_class_weight
 
 from tasks.errors import StageError
 from tasks.dataset import CachedSet, load_cached_set, make_dataset
-from tasks.files import atomic_file
-from tasks.model import build_model, unfreeze_top
+from tasks.files import MODEL_JSON, atomic_file, atomic_path
+from tasks.model import Head, build_model, unfreeze_top
 from tasks.multi_worker import fit_multi_worker, local_scores
-from tasks.params import AugmentParams, TrainParams
+from tasks.params import AugmentParams, TrainParams, recipe_settings
 
 log = logging.getLogger("imgclf")
 
@@ -83,22 +91,353 @@ def choose_devices(params: TrainParams) -> Devices:
     return Devices(strategy, precision, jit, f"{kind}, {strategy.num_replicas_in_sync} replica(s)")
 
 
-def _compile(model: keras.Model, learning_rate: float, n_classes: int, jit: bool) -> None:
-    binary = n_classes == 2
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss="binary_crossentropy" if binary else "sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-        jit_compile=jit,
-    )
+def train(
+    params: TrainParams, augment: AugmentParams, cache_dir: Path, split_csv: Path, model_dir: Path, metrics_dir: Path
+) -> Path:
+    """Returns the path of the saved model, trained on the train split and early-stopped on val."""
+    params, augment = recipe_settings(params, augment)  # what `train.recipe` makes of them
+    devices = choose_devices(params)
+    keras.utils.set_random_seed(params.seed)
+    # Only the chief writes the model, metrics and logs; other workers use a scratch folder.
+    scratch = None if devices.chief else Path(tempfile.mkdtemp(prefix="imgclf-worker-"))
+    if scratch is not None:
+        model_dir, metrics_dir = scratch / "models", scratch / "metrics"
+    data = _load(cache_dir, split_csv)
+    batch = params.batch_size * devices.strategy.num_replicas_in_sync
+    steps = math.ceil(len(data.rows["train"]) / batch)  # per epoch
+    val_ds = make_dataset(data, "val", batch) if len(data.rows["val"]) else None
+    class_weight = _class_weight(data, params.class_weight)
+    with devices.strategy.scope():
+        model, base = build_model(params, augment, tuple(data.meta["image_size"]), int(data.meta["channels"]),
+                                  len(data.classes))  # fmt: skip
+        _compile(model, _rate(params, params.learning_rate, params.epochs * steps), params, len(data.classes),
+                 devices.jit_compile)  # fmt: skip
+    log.info("train: recipe %s, %s on %s, %s, %d train / %d val images, batch %d",
+             params.recipe, params.model, devices.description, devices.precision, len(data.rows["train"]), len(data.rows["val"]), batch)  # fmt: skip
+
+    backup_root = model_dir / ".backup"
+    if not devices.multi_worker:  # (no backups there: its loop does not resume)
+        _open_backup(backup_root, _fingerprint(params, augment, cache_dir, split_csv))
+    # One dvclive log for the whole run: every epoch of both phases, the backed-up ones replayed.
+    loop = _Loop(model, devices, data, batch, params, class_weight, val_ds, _live(metrics_dir / "live"), backup_root)
+    started = time.perf_counter()
+    phases = [_fit(loop, _Phase("head", params.epochs, params.learning_rate, "train.learning_rate", first_epoch=0))]
+    if base is not None and params.fine_tune_layers and params.fine_tune_epochs:
+        with devices.strategy.scope():
+            unfreeze_top(base, params.fine_tune_layers)
+            _compile(model, _rate(params, params.fine_tune_lr, params.fine_tune_epochs * steps), params,
+                     len(data.classes), devices.jit_compile)  # fmt: skip
+        phases.append(_fit(loop, _Phase("fine_tune", params.fine_tune_epochs, params.fine_tune_lr, "train.fine_tune_lr",
+                                        first_epoch=params.epochs)))  # fmt: skip
+    seconds = time.perf_counter() - started
+    loop.live.end()
+
+    report = _report(loop, phases, seconds, _final_scores(loop))
+    # Valid JSON or nothing: a NaN that got past the per-epoch check fails here, before any file is written.
+    text = json.dumps(report, indent=2, allow_nan=False)
+    model_path = _save(model, data, params, augment, model_dir)
+    with atomic_file(metrics_dir / "train.json") as handle:
+        handle.write(text)
+    shutil.rmtree(backup_root, ignore_errors=True)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log.info("train: %d epochs, %.0f images/s, val accuracy %.4f -> %s",
+             report["epochs_run"], report["images_per_second"], report["val_accuracy"], model_path)  # fmt: skip
+    return model_path
+
+
+def _load(cache_dir: Path, split_csv: Path) -> CachedSet:
+    """Returns the cache joined with the split; a TrainError unless it holds two classes or more and train rows."""
+    data = load_cached_set(cache_dir, split_csv)
+    if len(data.classes) < 2:
+        raise TrainError(f"train: {cache_dir} holds {len(data.classes)} class(es); a classifier needs two or more")
+    if not len(data.rows["train"]):
+        raise TrainError(f"train: {split_csv} has no train rows")
+    return data
+
+
+def _rate(params: TrainParams, start: float, steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Returns a phase's learning rate: `start` throughout, or cosine-decayed from it to 0 over the phase's steps.
+
+    The schedule reads the optimizer's step count, which each epoch's backup keeps: a resumed
+    run continues the schedule where the killed one was.
+    """
+    if params.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(start, decay_steps=max(steps, 1))
+    return start
+
+
+def _compile(model: keras.Model, rate, params: TrainParams, n_classes: int, jit: bool) -> None:
+    """Compiles the model with Adam (AdamW when train.weight_decay is set) at `rate`, a float or a schedule."""
+    if params.weight_decay:
+        optimizer = keras.optimizers.AdamW(rate, weight_decay=params.weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(rate)
+    model.compile(optimizer=optimizer, loss=Head(n_classes).loss(), metrics=["accuracy"], jit_compile=jit)
 
 
 def _class_weight(data: CachedSet, mode: str) -> dict[int, float] | None:
+    """Returns {class index: weight} for train.class_weight: balanced, as scikit-learn computes it."""
     if mode != "balanced":
         return None
-    counts = np.bincount(data.labels[data.rows["train"]], minlength=len(data.classes))
-    # n_samples / (n_classes * count), as scikit-learn's "balanced".
-    return {i: float(counts.sum() / (len(counts) * c)) for i, c in enumerate(counts) if c}
+    labels = data.labels[data.rows["train"]]
+    # Only the classes the train split holds: the others never meet a weight (scikit-learn refuses them).
+    present = np.unique(labels)
+    weights = compute_class_weight("balanced", classes=present, y=labels)
+    return {int(c): float(w) for c, w in zip(present, weights)}
+
+
+@dataclass(frozen=True)
+class _Loop:
+    """What every phase of the run trains with."""
+
+    model: keras.Model
+    devices: Devices
+    data: CachedSet
+    batch: int  # global: train.batch_size per replica
+    params: TrainParams
+    class_weight: dict[int, float] | None
+    val_ds: tf.data.Dataset | None
+    live: Any  # the run's dvclive logger
+    backup_root: Path
+
+
+class _Phase(NamedTuple):
+    """One fit of the model: its head (on a frozen base), or then the base's top layers too."""
+
+    name: str
+    epochs: int
+    learning_rate: float
+    rate_key: str  # the param that sets it, named when the loss blows up
+    first_epoch: int  # in the whole run: each epoch's order is drawn from the seed and the run's epoch
+
+
+class _Fitted(NamedTuple):
+    history: dict[str, list[float]]  # per epoch, resumed ones included
+    images_per_second: float  # 0.0 when nothing was left to train
+    resumed_from: int  # the epochs a killed run had done
+
+
+def _fit(loop: _Loop, phase: _Phase) -> _Fitted:
+    """Trains the compiled model for one phase, resumed from its backup if a killed run left one."""
+    batches = functools.partial(_epoch_batches, loop.data, loop.batch, loop.params.seed, phase.first_epoch)
+    if loop.devices.multi_worker:  # its loop builds a plain Adam: the schedule, but no weight decay
+        if loop.params.weight_decay:
+            log.warning("train: strategy multi_worker trains without train.weight_decay (%g)", loop.params.weight_decay)
+        schedule = _rate(loop.params, phase.learning_rate, phase.epochs * math.ceil(len(loop.data.rows["train"]) / loop.batch))
+        history, rate = fit_multi_worker(loop.model, loop.devices.strategy, batches, phase.epochs, schedule,
+                                         len(loop.data.classes), loop.class_weight,
+                                         [_StopOnNonFiniteLoss(phase), _Curves(loop.live)])  # fmt: skip
+        return _Fitted(history, rate, 0)
+    # Keep the best epoch's weights (train.restore_best); stop early only when train.patience is set,
+    # and not before train.min_steps batches.
+    steps = math.ceil(len(loop.data.rows["train"]) / loop.batch)
+    stopper = _EarlyStopping(math.ceil(loop.params.min_steps / steps),
+                             monitor="val_loss" if loop.val_ds is not None else "loss",
+                             patience=loop.params.patience or loop.params.epochs + loop.params.fine_tune_epochs,
+                             restore_best_weights=loop.params.restore_best)  # fmt: skip
+    backup = _Backup(loop.backup_root / phase.name, stopper, phase.epochs)
+    resumed = backup.epoch
+    _log_epochs(loop.live, backup.history)  # the epochs a killed run did, so the curves keep them
+    if backup.done:  # killed in a later phase: this one's result is all it needs
+        backup.restore_end(loop.model)
+        return _Fitted(backup.history, 0.0, resumed)
+    throughput = _Throughput(len(loop.data.rows["train"]))
+    loop.model.fit(
+        functools.reduce(tf.data.Dataset.concatenate, map(batches, range(resumed, phase.epochs))),
+        steps_per_epoch=steps,
+        validation_data=loop.val_ds,
+        epochs=phase.epochs,
+        initial_epoch=resumed,
+        shuffle=False,  # each epoch's order is drawn in _epoch_batches
+        class_weight=loop.class_weight,
+        # At each epoch's end, in this order: a NaN loss stops the run before it is backed up or logged.
+        callbacks=[_StopOnNonFiniteLoss(phase), stopper, backup, _Curves(loop.live), throughput],
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    return _Fitted(backup.history, throughput.rate(), resumed)
+
+
+def _epoch_batches(data: CachedSet, batch: int, seed: int, first_epoch: int, epoch: int) -> tf.data.Dataset:
+    """Returns the train batches of a phase's epoch, in an order drawn from (seed, the run's epoch) alone.
+
+    tf.data's own reshuffling depends on how many epochs this process has run, so a resumed
+    run would see other orders than the killed one; this way it sees the same.
+    """
+    order = np.random.default_rng([seed, first_epoch + epoch]).permutation(data.rows["train"])
+    return make_dataset(replace(data, rows=data.rows | {"train": order}), "train", batch)
+
+
+def _final_scores(loop: _Loop) -> dict:
+    """Returns {"loss", "accuracy", ...} of the final weights on val (on train when there is no val)."""
+    scored = loop.val_ds if loop.val_ds is not None else make_dataset(loop.data, "train", loop.batch)
+    if loop.devices.multi_worker:  # in this process alone: Keras' evaluate does not run multi-worker either
+        return local_scores(loop.model, scored, len(loop.data.classes))
+    return loop.model.evaluate(scored, verbose=0, return_dict=True)
+
+
+def _report(loop: _Loop, phases: list[_Fitted], seconds: float, final: dict) -> dict:
+    """Returns train.json: the run's devices, sizes, speed, final val scores and per-epoch history."""
+    keys = dict.fromkeys(key for phase in phases for key in phase.history)
+    history = {key: [value for phase in phases for value in phase.history.get(key, [])] for key in keys}
+    rates = [phase.images_per_second for phase in phases if phase.images_per_second]
+    return {
+        "recipe": loop.params.recipe,
+        "model": loop.params.model,
+        "device": loop.devices.description,
+        "precision": loop.devices.precision,
+        "jit_compile": loop.devices.jit_compile,
+        "n_train": len(loop.data.rows["train"]),
+        "n_val": len(loop.data.rows["val"]),
+        "epochs_run": len(next(iter(history.values()), [])),  # every epoch, resumed ones included
+        "resumed_from_epoch": sum(phase.resumed_from for phase in phases),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(float(np.mean(rates or [0.0])), 1),
+        # After restoring the best weights: what the saved model scores on val (train if no val).
+        "val_loss": float(final["loss"]),
+        "val_accuracy": float(final["accuracy"]),
+        "history": history,
+    }
+
+
+def _digest(*parts: bytes) -> str:
+    return hashlib.sha256(b"".join(hashlib.sha256(part).digest() for part in parts)).hexdigest()
+
+
+def _fingerprint(params: TrainParams, augment: AugmentParams, cache_dir: Path, split_csv: Path) -> dict[str, str]:
+    """Returns sha256 digests of what training depends on: the params, the split, the cache."""
+    return {
+        "train/augment params": _digest(params.model_dump_json().encode(), augment.model_dump_json().encode()),
+        "split": _digest(split_csv.read_bytes()),
+        "cache": _digest((cache_dir / "meta.json").read_bytes(), (cache_dir / "index.csv").read_bytes()),
+    }
+
+
+def _open_backup(root: Path, fingerprint: dict[str, str]) -> None:
+    """Keeps a killed run's backup only for a run on the same params, split and cache; else discards it.
+
+    Resumed weights trained on other params, or on rows that are now val or test, would leak
+    into the new model unseen.
+    """
+    marker = root / "fingerprint.json"
+    if root.exists():
+        try:
+            found = dict(json.loads(marker.read_text()))
+        except (OSError, ValueError, TypeError):
+            found = {}
+        if found != fingerprint:
+            changed = [key for key in fingerprint if key in found and found[key] != fingerprint[key]]
+            why = f"{', '.join(changed)}: changed since it was made" if changed else "it has no fingerprint"
+            log.warning("train: discarding the backup in %s (%s): training starts from epoch 1", root, why)
+            shutil.rmtree(root)
+    if not root.exists():
+        with atomic_file(marker) as handle:
+            json.dump(fingerprint, handle, indent=2)
+
+
+def _generator_states(model: keras.Model) -> list:
+    # The random layers' (augmentation, dropout) generator states: model variables that are not
+    # weights, so save_weights leaves them out, yet the next epoch's draws depend on them.
+    weights = {w.path for w in model.weights}
+    return [v for v in model.variables if v.path not in weights]
+
+
+class _Backup(keras.callbacks.Callback):
+    """Saves one phase's training state after every epoch; restores it when a killed run is resumed.
+
+    The state is all the next epoch depends on: model and optimizer weights, the random layers'
+    generator states, early stopping's best loss, patience count and best weights, and the
+    per-epoch history. Each save is a new numbered folder, renamed into place once whole, and
+    only then are the older ones removed: the newest complete save is there at every moment.
+    (`atomic_dir`'s swap under one name would leave none, had a kill come between its two renames.)
+    The last epoch's save is marked done, so a run killed in a later phase does not train this one again.
+    """
+
+    def __init__(self, folder: Path, stopper: _EarlyStopping, epochs: int):
+        super().__init__()
+        self.folder, self.stopper, self.epochs = folder, stopper, epochs
+        saved = sorted(p for p in folder.glob("[0-9]*") if p.is_dir())
+        self.latest = saved[-1] if saved else None
+        self.state = json.loads((self.latest / "state.json").read_text()) if self.latest else {}
+        self.epoch: int = self.state.get("epoch", 0)  # epochs done
+        self.done: bool = self.state.get("done", False)
+        self.history: dict[str, list[float]] = self.state.get("history", {})
+
+    def restore(self, model: keras.Model) -> None:
+        if self.latest is None:
+            return
+        with model.distribute_strategy.scope():
+            if not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            model.load_weights(self.latest / "model.weights.h5")
+            for variable, value in zip(_generator_states(model), self.state["generators"]):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
+        self.stopper.best, self.stopper.best_epoch, self.stopper.wait = self.state["stopper"]
+        if (self.latest / "best.npz").exists():
+            with np.load(self.latest / "best.npz") as best:
+                self.stopper.best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]
+
+    def restore_end(self, model: keras.Model) -> None:
+        """Sets the weights the phase ended with: the best epoch's, as early stopping restored them."""
+        self.restore(model)
+        if self.stopper.best_weights is not None:
+            model.set_weights(self.stopper.best_weights)
+
+    def on_train_begin(self, logs=None):
+        self.restore(self.model)  # after EarlyStopping's on_train_begin, which resets its state
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch = epoch + 1
+        for name, value in (logs or {}).items():
+            self.history.setdefault(name, []).append(float(value))
+        number = int(self.latest.name) + 1 if self.latest else 1
+        with atomic_path(self.folder / f"{number:06d}") as temp:  # the folder appears whole or not at all
+            temp.mkdir()
+            self.model.save_weights(temp / "model.weights.h5")
+            if self.stopper.best_weights is not None:
+                np.savez(temp / "best.npz", *self.stopper.best_weights)
+            best = None if self.stopper.best is None else float(self.stopper.best)
+            state = {
+                "epoch": self.epoch,
+                "done": bool(self.model.stop_training) or self.epoch >= self.epochs,
+                "history": self.history,
+                "generators": [np.asarray(v.numpy()).tolist() for v in _generator_states(self.model)],
+                "stopper": [best, int(self.stopper.best_epoch), int(self.stopper.wait)],
+            }
+            (temp / "state.json").write_text(json.dumps(state))
+        self.latest = self.folder / f"{number:06d}"
+        for older in self.folder.glob("[0-9]*"):
+            if older != self.latest:
+                shutil.rmtree(older)
+
+
+class _EarlyStopping(keras.callbacks.EarlyStopping):
+    """Keras's early stopping, which never stops before `min_epochs` epochs; the best epoch is
+    tracked from the first all the same (Keras's own start_from_epoch would ignore the early ones)."""
+
+    def __init__(self, min_epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.min_epochs = min_epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if epoch + 1 < self.min_epochs:
+            self.model.stop_training, self.stopped_epoch = False, 0
+
+
+class _StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Raises a TrainError at the end of an epoch whose loss is NaN or infinite: nothing after it is worth keeping."""
+
+    def __init__(self, phase: _Phase):
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch, logs=None):
+        bad = ", ".join(f"{name} {float(value)}" for name, value in (logs or {}).items() if not math.isfinite(float(value)))
+        if bad:
+            where = f"epoch {epoch + 1}" + (" of fine-tuning" if self.phase.name == "fine_tune" else "")
+            raise TrainError(f"train: {bad} in {where}: training stopped and no model was saved; "
+                             f"lower {self.phase.rate_key} (now {self.phase.learning_rate:g}) and run again")  # fmt: skip
 
 
 class _Throughput(keras.callbacks.Callback):
@@ -127,8 +466,8 @@ class _Throughput(keras.callbacks.Callback):
         return float(np.median(steady)) if steady else 0.0
 
 
-def _live(live_dir: Path, resume: bool):
-    """Returns a dvclive logger; in a git repo with no commit yet it logs without DVC's experiment view."""
+def _live(live_dir: Path):
+    """Returns a fresh dvclive logger; in a git repo with no commit yet it logs without DVC's experiment view."""
     from dvclive import Live
     from scmrepo.exceptions import SCMError
 
@@ -139,154 +478,45 @@ def _live(live_dir: Path, resume: bool):
             except SCMError as exc:  # dvclive reads the current commit, and there is none
                 log.warning("train: dvclive: %s; per-epoch metrics are still written to %s", exc, live_dir)
 
-    return RepoTolerantLive(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    return RepoTolerantLive(str(live_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
 
 
-def _callbacks(params: TrainParams, backup_dir: Path, live_dir: Path, has_val: bool, throughput) -> list:
-    from dvclive.keras import DVCLiveCallback
+def _log_epochs(live, history: dict[str, list[float]]) -> None:
+    """Logs the epochs of the history to dvclive, one step each (train/loss, eval/loss, ...)."""
+    from dvclive.utils import standardize_metric_name
 
-    resuming = backup_dir.exists()
-    found = [
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
-        DVCLiveCallback(live=_live(live_dir, resuming)),
-        throughput,
-    ]
-    # Keep the best epoch's weights; stop early only when train.patience is set.
-    patience = params.patience or params.epochs + params.fine_tune_epochs
-    monitor = "val_loss" if has_val else "loss"
-    found.insert(0, keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True))
-    return found
+    for epoch in range(len(next(iter(history.values()), []))):
+        for name, values in history.items():
+            live.log_metric(standardize_metric_name(name, "dvclive.keras"), values[epoch])
+        live.next_step()
 
 
-def _fit(model, params, data, train_ds, val_ds, epochs: int, backup_dir: Path, live_dir: Path) -> keras.callbacks.History:
-    throughput = _Throughput(len(data.rows["train"]))
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=epochs,
-        shuffle=False,  # the dataset reshuffles itself, seeded, each epoch
-        class_weight=_class_weight(data, params.class_weight),
-        callbacks=_callbacks(params, backup_dir, live_dir, val_ds is not None, throughput),
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
-    history.images_per_second = throughput.rate()
-    return history
+class _Curves(keras.callbacks.Callback):
+    """Logs each epoch's metrics to dvclive, one step each."""
 
+    def __init__(self, live):
+        super().__init__()
+        self.live = live
 
-def _resumed_epoch(backup_dir: Path) -> int:
-    try:
-        return int(json.loads((backup_dir / "training_metadata.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def train(
-    params: TrainParams, augment: AugmentParams, cache_dir: Path, split_csv: Path, model_dir: Path, metrics_dir: Path
-) -> Path:
-    """Returns the path of the saved model, trained on the train split and early-stopped on val."""
-    devices = choose_devices(params)
-    keras.utils.set_random_seed(params.seed)
-    scratch = None
-    if not devices.chief:
-        # Only the chief writes the model, metrics and logs; other workers use a scratch folder.
-        scratch = Path(tempfile.mkdtemp(prefix="imgclf-worker-"))
-        model_dir, metrics_dir = scratch / "models", scratch / "metrics"
-    data = load_cached_set(cache_dir, split_csv)
-    if len(data.classes) < 2:
-        raise TrainError(f"train: {cache_dir} holds {len(data.classes)} class(es); a classifier needs two or more")
-    if not len(data.rows["train"]):
-        raise TrainError(f"train: {split_csv} has no train rows")
-    batch = params.batch_size * devices.strategy.num_replicas_in_sync
-    train_ds = make_dataset(data, "train", batch, shuffle=True, seed=params.seed)
-    val_ds = make_dataset(data, "val", batch) if len(data.rows["val"]) else None
-    image_size = tuple(data.meta["image_size"])
-    channels = int(data.meta["channels"])
-    with devices.strategy.scope():
-        model, base = build_model(params, augment, image_size, channels, len(data.classes))
-        _compile(model, params.learning_rate, len(data.classes), devices.jit_compile)
-    log.info("train: %s on %s, %s, %d train / %d val images, batch %d",
-             params.model, devices.description, devices.precision, len(data.rows["train"]), len(data.rows["val"]), batch)  # fmt: skip
-
-    backup_root, live_dir = model_dir / ".backup", metrics_dir / "live"
-    resumed_from = _resumed_epoch(backup_root / "head")
-    live = _live(live_dir, False) if devices.multi_worker else None
-
-    def phase(epochs: int, learning_rate: float, name: str) -> tuple[dict[str, list[float]], float]:
-        if devices.multi_worker:
-            def on_epoch(epoch: int, loss: float) -> None:
-                live.log_metric("loss", loss)
-                live.next_step()
-
-            return fit_multi_worker(model, devices.strategy, train_ds, epochs, learning_rate, len(data.classes), batch,
-                                    _class_weight(data, params.class_weight), on_epoch)  # fmt: skip
-        history = _fit(model, params, data, train_ds, val_ds, epochs, backup_root / name, live_dir)
-        return {k: list(map(float, v)) for k, v in history.history.items()}, history.images_per_second
-
-    started = time.perf_counter()
-    epochs, rate = phase(params.epochs, params.learning_rate, "head")
-    rates = [rate]
-    if base is not None and params.fine_tune_layers and params.fine_tune_epochs:
-        with devices.strategy.scope():
-            unfreeze_top(base, params.fine_tune_layers)
-            _compile(model, params.fine_tune_lr, len(data.classes), devices.jit_compile)
-        tuned, rate = phase(params.fine_tune_epochs, params.fine_tune_lr, "fine_tune")
-        for key, values in tuned.items():
-            epochs.setdefault(key, []).extend(values)
-        rates.append(rate)
-    seconds = time.perf_counter() - started
-    if live is not None:
-        live.end()
-
-    scored = val_ds if val_ds is not None else train_ds
-    if devices.multi_worker:  # in this process alone: Keras' evaluate does not run multi-worker either
-        final = local_scores(model, scored, len(data.classes))
-    else:
-        final = model.evaluate(scored, verbose=0, return_dict=True)
-    model_path = _save(model, data, params, augment, model_dir)
-    report = {
-        "model": params.model,
-        "device": devices.description,
-        "precision": devices.precision,
-        "jit_compile": devices.jit_compile,
-        "n_train": len(data.rows["train"]),
-        "n_val": len(data.rows["val"]),
-        "epochs_run": len(next(iter(epochs.values()), [])),
-        "resumed_from_epoch": resumed_from,
-        "seconds": round(seconds, 3),
-        "images_per_second": round(float(np.mean(rates)), 1),
-        # After restoring the best weights: what the saved model scores on val (train if no val).
-        "val_loss": float(final["loss"]),
-        "val_accuracy": float(final["accuracy"]),
-        "history": epochs,
-    }
-    with atomic_file(metrics_dir / "train.json") as handle:
-        json.dump(report, handle, indent=2)
-    shutil.rmtree(backup_root, ignore_errors=True)
-    if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info("train: %d epochs, %.0f images/s, val accuracy %.4f -> %s",
-             report["epochs_run"], report["images_per_second"], report["val_accuracy"], model_path)  # fmt: skip
-    return model_path
+    def on_epoch_end(self, epoch, logs=None):
+        _log_epochs(self.live, {name: [float(value)] for name, value in (logs or {}).items()})
 
 
 def _save(model: keras.Model, data: CachedSet, params: TrainParams, augment: AugmentParams, model_dir: Path) -> Path:
-    model_dir.mkdir(parents=True, exist_ok=True)
     model_path = model_dir / "model.keras"
-    temp = model_dir / f".model.tmp-{os.getpid()}.keras"
-    try:
+    with atomic_path(model_path) as temp:
         model.save(temp)
-        os.replace(temp, model_path)
-    finally:
-        temp.unlink(missing_ok=True)
     described = {
         "classes": data.classes,
         "image_size": data.meta["image_size"],
         "channels": data.meta["channels"],
         "resize": data.meta["resize"],
+        "recipe": params.recipe,
+        # The settings the model was trained with: for recipe seed, the seed's, not the params file's.
         "train": params.model_dump(mode="json"),
         "augment": augment.model_dump(mode="json"),
     }
-    with atomic_file(model_dir / "labels.json") as handle:
+    with atomic_file(model_dir / MODEL_JSON) as handle:
         json.dump(described, handle, indent=2)
     lines: list[str] = []
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))

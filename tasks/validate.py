@@ -21,14 +21,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tasks.errors import StageError
-from tasks.files import Progress, ShardMap, atomic_file, chunked, process_pool_map
+from tasks.files import Progress, ShardMap, atomic_file, process_pool_map, shards_of
 from tasks.images import Verdict, judge
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import ValidateParams
 
 log = logging.getLogger("imgclf")
 
-SHARD_FILES = 256
+SHARD_FILES = 256  # the smallest shard; a larger set gets larger ones (shards_of)
 # Folder names (case-insensitive) of an archive that brings its own split, and the split each means.
 ARCHIVE_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "test": "test", "testing": "test"}  # fmt: skip
@@ -139,7 +139,7 @@ def validate(
     judge_shard = functools.partial(_judge_shard, str(extracted_dir.resolve()), params.max_pixels, split_layout)
     rows: list[dict] = []
     progress = Progress(len(paths), "validate", "files")
-    for shard_rows in map_shards(judge_shard, chunked(paths, SHARD_FILES)):
+    for shard_rows in map_shards(judge_shard, shards_of(paths, SHARD_FILES)):
         rows.extend(shard_rows)
         progress.update(len(shard_rows))
     progress.close()

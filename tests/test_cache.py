@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 import tasks.cache
-from tasks.cache import cache
+from tasks.cache import CacheError, cache
 from tasks.params import PrepareParams, ValidateParams
 from tasks.validate import validate
 from tests.conftest import PER_CLASS, in_process
@@ -46,6 +47,38 @@ def test_same_inputs_give_the_same_bytes_in_process_or_on_a_pool(validated_demo)
     first = cache(params, validated_demo / "manifest.csv", validated_demo / "extracted", validated_demo / "a", in_process)
     second = cache(params, validated_demo / "manifest.csv", validated_demo / "extracted", validated_demo / "b")
     assert read_bytes(first.path) == read_bytes(second.path)
+
+
+def test_shards_write_no_file_and_this_process_assembles_the_cache(validated_demo):
+    # A worker on another host must not share a file with any other: each shard returns its rows.
+    def snapshot() -> dict[Path, bytes]:
+        return {path: path.read_bytes() for path in validated_demo.rglob("*") if path.is_file()}
+
+    def watched(fn, shards):
+        for shard in shards:
+            before = snapshot()
+            result = fn(shard)
+            assert snapshot() == before
+            yield result
+
+    params = PrepareParams(image_size=16)
+    manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
+    watched_run = cache(params, manifest, extracted, validated_demo / "a", watched)
+    plain = cache(params, manifest, extracted, validated_demo / "b", in_process)
+    assert read_bytes(watched_run.path) == read_bytes(plain.path)
+
+
+def test_a_worker_with_other_decoder_versions_fails_the_stage_and_keeps_the_previous_cache(validated_demo):
+    manifest, extracted, cache_dir = (validated_demo / name for name in ("manifest.csv", "extracted", "cache"))
+    cache(PrepareParams(image_size=16), manifest, extracted, cache_dir, in_process)
+    before = read_bytes(cache_dir)
+
+    def elsewhere(fn, shards):  # a worker whose OpenCV (say) is another version
+        return (dataclasses.replace(fn(shard), decoder="0" * 64) for shard in shards)
+
+    with pytest.raises(CacheError, match="a worker decodes with other code or library versions"):
+        cache(PrepareParams(image_size=24), manifest, extracted, cache_dir, elsewhere)
+    assert read_bytes(cache_dir) == before
 
 
 def test_adding_ten_images_decodes_ten_and_matches_a_fresh_run(validated_demo):

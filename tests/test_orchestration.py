@@ -225,8 +225,51 @@ def test_transient_download_failures_are_retried_and_the_flow_succeeds(tmp_path,
     assert (root / "data" / "raw" / "cells.zip").read_bytes() == payload
 
 
+def task_runs(state) -> list[str]:
+    """Returns the names of the task runs of the flow run that ended in `state`."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return sorted(run.name for run in client.read_task_runs(flow_run_filter=this_run))
+
+
+def test_in_order_yields_shard_results_in_order_with_a_few_shards_in_flight():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.files import in_order
+
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def slow_first(shard: int) -> int:  # the first shards take longest: later ones finish first
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.002 * (20 - shard % 100))
+        with lock:
+            running[0] -= 1
+        return shard * shard
+
+    submitted = []
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        def submit(fn, shard):
+            submitted.append(shard)
+            return pool.submit(fn, shard)
+
+        assert list(in_order(submit, slow_first, range(20), window=3)) == [shard * shard for shard in range(20)]
+        assert most[0] <= 3
+        results = in_order(submit, slow_first, range(100, 120), window=3)
+        assert next(results) == 100 * 100
+        results.close()  # left early: nothing more is submitted
+    assert submitted[20:] == [100, 101, 102, 103]
+
+
 @pytest.mark.parametrize("runner", ["processes", "threads"])
-def test_shards_fan_out_on_the_task_runner_with_the_same_bytes(tmp_path, runner, env):
+def test_shards_fan_out_on_the_configured_pool_with_the_same_bytes_and_no_task_run_each(tmp_path, runner, env):
     from tasks.demo_data import make_demo_archive
     from tasks.files import process_pool_map
     from tasks.params import load_params
@@ -234,7 +277,9 @@ def test_shards_fan_out_on_the_task_runner_with_the_same_bytes(tmp_path, runner,
     # 524 files and 520 images: several validate and cache shards, so the runner really fans out.
     archive = make_demo_archive(tmp_path / "big.zip", per_class=260)
     root = project(tmp_path / "flow", env, archive, orchestration={"task_runner": runner})
-    assert ran(flow(root)) == ALL
+    state = pipeline(root=str(root), return_state=True)
+    assert ran(state.result()) == ALL
+    assert len(task_runs(state)) == len(ALL)  # one task run a stage; shards are not task runs
     for name in ("download", "extract", "validate", "cache", "split"):
         STAGES[name](load_params(root / "params.yaml"), Layout(tmp_path / "direct"), process_pool_map)
     for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
@@ -252,15 +297,37 @@ def dask_cluster():
         cluster.close()
 
 
-def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, dask_cluster, env):
+def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, dask_cluster, env, monkeypatch, caplog):
     from tasks.demo_data import make_demo_archive
+    from tasks.files import Progress
 
+    monkeypatch.setattr(Progress, "LOG_EVERY_S", 0.0)  # every 10% step logged, however quick
     archive = make_demo_archive(tmp_path / "big.zip", per_class=260)
     on_dask = {"task_runner": "dask", "dask_address": dask_cluster.scheduler_address}
-    assert ran(flow(project(tmp_path / "dask", env, archive, orchestration=on_dask))) == ALL
+    with caplog.at_level("INFO", logger="imgclf"):
+        state = pipeline(root=str(project(tmp_path / "dask", env, archive, orchestration=on_dask)), return_state=True)
+    assert ran(state.result()) == ALL
+    # The shards were Dask tasks, not task runs; the stages logged their progress as they came back.
+    assert {"judge_shard", "decode_shard"} <= set(dask_cluster.scheduler.task_prefixes)
+    assert len(task_runs(state)) == len(ALL)
+    assert "validate: 100% (524/524 files)" in caplog.text and "cache: 100% (520/520 images)" in caplog.text
     assert ran(flow(project(tmp_path / "local", env, archive))) == ALL
     for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
         assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output
+
+
+def test_an_unreachable_dask_scheduler_fails_the_stage_in_one_line_naming_the_key(tmp_path, env):
+    import dask
+
+    from flows.pipeline import DaskError
+    from tasks.demo_data import make_demo_archive
+
+    archive = make_demo_archive(tmp_path / "big.zip", per_class=260)  # more than one shard: Dask is asked
+    on_dask = {"task_runner": "dask", "dask_address": "tcp://127.0.0.1:9"}  # the discard port: refused
+    root = project(tmp_path / "dask", env, archive, orchestration=on_dask)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(DaskError) as failed:
+        flow(root)
+    assert re.fullmatch(r"orchestration\.dask_address: .*tcp://127\.0\.0\.1:9.*", str(failed.value))
 
 
 def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_cluster, env):

@@ -53,6 +53,16 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"train": {"model": "resnet"}}, "train.model"),
         ({"train": {"cnn": {"filters": []}}}, "train.cnn.filters"),
         ({"augment": {"flip": "sideways"}}, "augment.flip"),
+        ({"augment": {"fill_mode": "wrap"}}, "augment.fill_mode"),
+        ({"augment": {"interpolation": "bicubic"}}, "augment.interpolation"),
+        ({"augment": {"rotation": 1.5}}, "augment.rotation"),
+        ({"train": {"recipe": "notebook"}}, "train.recipe"),
+        ({"train": {"recipe": "seed", "model": "vgg16"}}, "train: recipe: seed is the seed notebook's CNN"),
+        ({"train": {"schedule": "step"}}, "train.schedule"),
+        ({"train": {"weight_decay": -0.1}}, "train.weight_decay"),
+        ({"train": {"weight_decay": 1}}, "train.weight_decay"),
+        ({"train": {"min_steps": -1}}, "train.min_steps"),
+        ({"train": {"restore_best": "sometimes"}}, "train.restore_best"),
         ({"prepare": {"image_size": 16}}, "train.cnn: 3 conv blocks"),
         ({"train": {"model": "vgg16"}, "prepare": {"image_size": 24}}, "train.model: vgg16 needs prepare.image_size"),
         ({"publish": {"s3_uri": "bucket/prefix"}}, "publish.s3_uri"),
@@ -98,3 +108,61 @@ def test_cli_stops_on_bad_params_before_any_work(tmp_path, cli_env):
     assert result.stderr.strip().count("\n") == 0
     assert "split.test" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_infinite_learning_rate_is_refused_at_load_with_its_dotted_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  learning_rate: .inf\n")  # YAML's infinity, as a user would type it
+    with pytest.raises(ParamsError, match=r"train\.learning_rate: "):
+        load_params(path)
+    with pytest.raises(ParamsError, match=r"train\.fine_tune_lr: "):
+        load_params(write(tmp_path, {}), {"train.fine_tune_lr": float("nan")})
+
+
+def test_infinite_timeout_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  timeout: .inf\n")
+    with pytest.raises(ParamsError, match=r"data\.timeout: "):
+        load_params(path)
+    with pytest.raises(ParamsError, match=r"data\.timeout: "):
+        load_params(write(tmp_path, {}), dict([parse_override("data.timeout=.inf")]))
+
+
+@pytest.mark.parametrize(("key", "value"), [("split.seed", -1), ("train.seed", 2**32)])
+def test_seeds_outside_unsigned_32_bits_are_refused(tmp_path, key, value):
+    with pytest.raises(ParamsError, match=rf"{key}: "):
+        load_params(write(tmp_path, {}), {key: value})
+    params = load_params(write(tmp_path, {}), {"split.seed": 0, "train.seed": 2**32 - 1})  # the ends are fine
+    assert (params.split.seed, params.train.seed) == (0, 2**32 - 1)
+
+
+def test_repo_params_are_the_defaults_the_quality_benchmark_chose(tmp_path):
+    # params.yaml and the code's defaults agree: a key left out of params.yaml changes nothing.
+    repo = load_params(REPO / "params.yaml")
+    bare = load_params(write(tmp_path, {}))
+    assert repo.train == bare.train and repo.augment == bare.augment
+    assert (repo.train.recipe, repo.train.schedule, repo.augment.fill_mode) == ("default", "cosine", "reflect")
+
+
+def test_seed_recipe_replaces_the_cnn_augmentation_and_loop_with_the_notebooks(tmp_path):
+    from tasks.params import NO_AUGMENT, SEED_CNN, recipe_settings
+
+    params = load_params(write(tmp_path, {"train": {"recipe": "seed", "learning_rate": 0.01, "schedule": "cosine",
+                                                    "weight_decay": 0.1, "patience": 2, "epochs": 7,
+                                                    "cnn": {"filters": [8], "dropout": 0.5}},
+                                          "augment": {"rotation": 0.2}}))  # fmt: skip
+    train, augment = recipe_settings(params.train, params.augment)
+    assert train.cnn == SEED_CNN and augment == NO_AUGMENT
+    assert (train.learning_rate, train.schedule, train.weight_decay) == (1e-3, "constant", 0.0)
+    assert (train.patience, train.min_steps, train.restore_best) == (0, 0, False)
+    assert (train.epochs, train.seed, train.recipe) == (7, 42, "seed")  # the rest as given
+    default = load_params(write(tmp_path, {"augment": {"rotation": 0.2}}))
+    assert recipe_settings(default.train, default.augment) == (default.train, default.augment)
+
+
+def test_seed_recipe_checks_its_own_cnn_against_the_image_size(tmp_path):
+    # train.cnn's one 3x3 block fits 8x8 images; the seed's three blocks do not.
+    tree = {"prepare": {"image_size": 8}, "train": {"cnn": {"filters": [8]}}}
+    load_params(write(tmp_path, tree))
+    with pytest.raises(ParamsError, match="train.cnn: 3 conv blocks"):
+        load_params(write(tmp_path, tree), {"train.recipe": "seed"})

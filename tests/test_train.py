@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -31,7 +33,7 @@ from tasks.dataset import load_cached_set, make_dataset  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.model import build_model, class_probabilities, load_base  # noqa: E402
 from tasks.predict import predict  # noqa: E402
-from tasks.train import _class_weight, train  # noqa: E402
+from tasks.train import TrainError, _class_weight, train  # noqa: E402
 
 NO_AUGMENT = AugmentParams(flip="none", rotation=0, zoom=0, translation=0)
 FAST = dict(batch_size=8, learning_rate=1e-3, patience=0)
@@ -69,9 +71,33 @@ def colours(tmp_path_factory) -> Path:
     return prepare(root, root / "extracted")
 
 
-def run_train(data: Path, out: Path, augment: AugmentParams = NO_AUGMENT, **overrides) -> Path:
+def run_train(data: Path, out: Path, augment: AugmentParams = NO_AUGMENT, split_csv: Path | None = None,
+              **overrides) -> Path:  # fmt: skip
     params = TrainParams(**(FAST | overrides))
-    return train(params, augment, data / "cache", data / "split.csv", out / "models", out / "metrics")
+    return train(params, augment, data / "cache", split_csv or data / "split.csv", out / "models", out / "metrics")
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised once an epoch's backup is written."""
+
+
+def interrupt_after(monkeypatch, epochs: int) -> None:
+    """Makes the next train() die at the end of its `epochs`-th epoch, after the backup, as a killed run would."""
+    from tasks import train as stage
+
+    original, seen = stage._Throughput.on_epoch_end, []  # the last callback of each epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        original(self, epoch, logs)
+        seen.append(epoch)
+        if len(seen) == epochs:
+            raise Interrupted
+
+    monkeypatch.setattr(stage._Throughput, "on_epoch_end", on_epoch_end)
+
+
+def weights_of(model_path: Path) -> list[np.ndarray]:
+    return keras.models.load_model(model_path, compile=False).get_weights()
 
 
 def test_demo_classes_are_learnt_in_three_epochs(cells, tmp_path):
@@ -121,12 +147,85 @@ def test_three_classes_train_with_softmax(colours, tmp_path):
     model_path = run_train(colours, tmp_path, epochs=3, class_weight="balanced")
     model = keras.models.load_model(model_path)
     assert model.output_shape == (None, 3)
-    described = json.loads((tmp_path / "models" / "labels.json").read_text())
+    described = json.loads((tmp_path / "models" / "model.json").read_text())
     assert described["classes"] == ["blue", "green", "red"] and described["image_size"] == [32, 32]
     scores = json.loads(evaluate(model_path, colours / "cache", colours / "split.csv", tmp_path / "none.json",
                                  tmp_path / "metrics", tmp_path / "plots").read_text())  # fmt: skip
     assert scores["accuracy"] >= 0.9 and "roc_auc" not in scores
     assert np.array(scores["confusion_matrix"]).shape == (3, 3)
+
+
+def test_seed_recipe_builds_the_seed_notebooks_layer_stack():
+    # Whatever train.cnn and augment say: the recipe is the notebook's CNN, nothing added.
+    params = TrainParams(recipe="seed", cnn={"filters": [8], "kernel_size": 5, "dropout": 0.5, "batch_norm": True})
+    model, _ = build_model(params, AugmentParams(rotation=0.2, zoom=0.2, contrast=0.3), (32, 32), 3, 10)
+    layers = keras.layers
+    found = [layer for layer in model.layers if not isinstance(layer, (layers.InputLayer, layers.Rescaling))]
+    expected = [(layers.Conv2D, {"filters": 32, "kernel_size": (3, 3), "activation": "relu", "padding": "valid"}),
+                (layers.MaxPooling2D, {"pool_size": (2, 2)}),
+                (layers.Conv2D, {"filters": 64, "kernel_size": (3, 3), "activation": "relu", "padding": "valid"}),
+                (layers.MaxPooling2D, {"pool_size": (2, 2)}),
+                (layers.Conv2D, {"filters": 64, "kernel_size": (3, 3), "activation": "relu", "padding": "valid"}),
+                (layers.Flatten, {}),
+                (layers.Dense, {"units": 64, "activation": "relu"}),
+                (layers.Dense, {"units": 10, "activation": "softmax"})]  # fmt: skip
+    assert [type(layer) for layer in found] == [kind for kind, _ in expected]
+    for layer, (_, settings) in zip(found, expected):
+        config = layer.get_config()
+        assert {key: config[key] for key in settings} == {key: value for key, value in settings.items()}, layer.name
+    # Rescaled to 0-1 as the notebook's images / 255; no augmentation, dropout or normalisation anywhere.
+    assert [layer.get_config()["scale"] for layer in model.layers if isinstance(layer, layers.Rescaling)] == [1.0, 1 / 255]
+
+
+def test_seed_recipe_trains_as_the_notebook_and_the_model_json_records_it(colours, tmp_path):
+    run_train(colours, tmp_path, AugmentParams(), recipe="seed", epochs=2, learning_rate=0.01, patience=1)
+    described = json.loads((tmp_path / "models" / "model.json").read_text())
+    assert described["recipe"] == "seed"
+    trained = described["train"]
+    assert trained["cnn"] == {"filters": [32, 64, 64], "kernel_size": 3, "pool_size": 2, "padding": "valid",
+                              "dense_units": 64, "dropout": 0.0, "batch_norm": False, "separable": False}  # fmt: skip
+    assert (trained["learning_rate"], trained["schedule"], trained["weight_decay"]) == (1e-3, "constant", 0.0)
+    assert (trained["patience"], trained["min_steps"], trained["restore_best"]) == (0, 0, False)
+    augment = described["augment"]
+    assert augment["flip"] == "none"
+    assert [augment[key] for key in ("rotation", "zoom", "translation", "contrast", "brightness")] == [0.0] * 5
+    report = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert report["recipe"] == "seed" and report["epochs_run"] == 2
+
+
+def test_default_recipe_records_its_own_settings_in_the_model_json(colours, tmp_path):
+    augment = AugmentParams(rotation=0.05)
+    run_train(colours, tmp_path, augment, epochs=1, weight_decay=0.01)
+    described = json.loads((tmp_path / "models" / "model.json").read_text())
+    assert described["recipe"] == "default"
+    assert described["train"] == TrainParams(**(FAST | {"epochs": 1, "weight_decay": 0.01})).model_dump(mode="json")
+    assert described["augment"] == augment.model_dump(mode="json")
+
+
+def test_cosine_schedule_decays_the_rate_to_zero_over_the_phase():
+    from tasks.train import _rate
+
+    schedule = _rate(TrainParams(schedule="cosine"), 1e-3, 100)
+    assert [float(schedule(step)) for step in (0, 50, 100)] == pytest.approx([1e-3, 5e-4, 0.0], abs=1e-9)
+    assert _rate(TrainParams(schedule="constant"), 1e-3, 100) == 1e-3
+
+
+def test_early_stopping_waits_min_epochs_yet_keeps_the_best_epoch_from_the_first():
+    from tasks.train import _EarlyStopping
+
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    stopper = _EarlyStopping(4, monitor="val_loss", patience=1, restore_best_weights=True)
+    stopper.set_model(model)
+    stopper.on_train_begin()
+    stopped = None
+    for epoch, loss in enumerate([0.5, 0.9, 0.8, 0.7, 0.6, 0.55]):
+        model.stop_training = False
+        stopper.on_epoch_end(epoch, {"val_loss": loss})
+        if model.stop_training:
+            stopped = epoch
+            break
+    assert stopped == 3  # patience ran out after the 2nd epoch; min_epochs held it to the 4th
+    assert stopper.best_epoch == 0 and stopper.best == 0.5  # an epoch before min_epochs can be the best
 
 
 def test_same_seed_trains_the_same_weights_on_cpu(cells, tmp_path):
@@ -137,12 +236,20 @@ def test_same_seed_trains_the_same_weights_on_cpu(cells, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_balanced_class_weight_comes_from_the_train_split(cells):
+def test_balanced_class_weight_matches_scikit_learn_on_an_imbalanced_split(cells):
+    from sklearn.utils.class_weight import compute_class_weight
+
     data = load_cached_set(cells / "cache", cells / "split.csv")
-    weights = _class_weight(data, "balanced")
-    counts = np.bincount(data.labels[data.rows["train"]])
-    assert weights == pytest.approx({i: counts.sum() / (2 * c) for i, c in enumerate(counts)})
-    assert _class_weight(data, "none") is None
+    # Three classes, 3:1 in train, the third with no train rows at all (it sits in val only).
+    labels = np.zeros(len(data.labels), dtype=np.int32)
+    labels[data.rows["train"][::4]] = 1
+    labels[data.rows["val"][:5]] = 2
+    imbalanced = replace(data, labels=labels, classes=["a", "b", "c"])
+    train_labels = labels[data.rows["train"]]
+    expected = compute_class_weight("balanced", classes=np.array([0, 1]), y=train_labels)
+    assert _class_weight(imbalanced, "balanced") == pytest.approx({0: expected[0], 1: expected[1]})
+    assert expected[1] > 2.5 * expected[0]
+    assert _class_weight(imbalanced, "none") is None
 
 
 def test_transfer_base_loads_weights_from_a_local_file(tmp_path):
@@ -188,34 +295,108 @@ train(TrainParams(strategy="mirrored", epochs=1, batch_size=8), AugmentParams(),
     assert (tmp_path / "models" / "model.keras").exists()
 
 
-def test_a_killed_fit_resumes_at_its_last_epoch(cells, tmp_path, cli_env):
+def saved_epoch(backup: Path) -> int:
+    """Returns the epochs done in the newest complete backup folder of a phase (0 if none yet)."""
+    for state in sorted(backup.glob("[0-9]*/state.json"), reverse=True):
+        try:
+            return json.loads(state.read_text())["epoch"]
+        except (OSError, ValueError):  # replaced while being read
+            continue
+    return 0
+
+
+def test_a_killed_fit_resumes_at_its_last_epoch_and_ends_with_the_uninterrupted_weights(cells, tmp_path, cli_env):
+    # Augmentation on: its random draws must carry over too, as must Adam's moments, early
+    # stopping's best epoch and weights, and each epoch's shuffle order.
+    epochs = 12
     project = tmp_path / "project"
     (project / "data").mkdir(parents=True)
     for name in ("cache", "split.csv"):
         os.symlink(cells / name, project / "data" / name)
-    (project / "params.yaml").write_text(yaml.safe_dump({"train": {"epochs": 40, "patience": 0, "batch_size": 8}}))
+    (project / "params.yaml").write_text(yaml.safe_dump({"train": {"epochs": epochs, "patience": 0, "batch_size": 8}}))
     command = [sys.executable, "-m", "flows.cli", "stage", "train"]
     env = cli_env | {"PYTHONPATH": str(REPO)}
     run = subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metadata = project / "models" / ".backup" / "head" / "training_metadata.json"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and run.poll() is None:
-        try:
-            if json.loads(metadata.read_text())["epoch"] >= 3:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    backup, deadline = project / "models" / ".backup" / "head", time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None and saved_epoch(backup) < 3:
+        time.sleep(0.02)
     run.send_signal(signal.SIGKILL)
     run.wait()
     assert not (project / "models" / "model.keras").exists()
+    killed_at = saved_epoch(backup)
+    assert 3 <= killed_at < epochs
 
     finished = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
     report = json.loads((project / "metrics" / "train.json").read_text())
-    assert report["resumed_from_epoch"] >= 3
-    assert report["resumed_from_epoch"] + report["epochs_run"] == 40
+    assert report["resumed_from_epoch"] == killed_at
+    assert report["epochs_run"] == epochs and len(report["history"]["val_loss"]) == epochs
     assert not (project / "models" / ".backup").exists()
+
+    uninterrupted = train(TrainParams(epochs=epochs, patience=0, batch_size=8), AugmentParams(), cells / "cache",
+                          cells / "split.csv", tmp_path / "once" / "models", tmp_path / "once" / "metrics")  # fmt: skip
+    once = json.loads((tmp_path / "once" / "metrics" / "train.json").read_text())
+    for key, values in once["history"].items():
+        assert report["history"][key] == pytest.approx(values, rel=1e-6), key
+    for resumed, straight in zip(weights_of(project / "models" / "model.keras"), weights_of(uninterrupted)):
+        np.testing.assert_allclose(resumed, straight, rtol=0, atol=1e-6)
+
+
+def test_backup_from_other_split_is_discarded(colours, tmp_path, monkeypatch, caplog):
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        run_train(colours, tmp_path, epochs=2)
+    assert (tmp_path / "models" / ".backup").exists()
+    other = tmp_path / "other_split.csv"
+    split(SplitParams(val=0.2, test=0.2, seed=1), colours / "manifest.csv", other)
+
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        run_train(colours, tmp_path, epochs=2, split_csv=other)
+    report = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert report["resumed_from_epoch"] == 0 and report["epochs_run"] == 2
+    discarded = [record.getMessage() for record in caplog.records if "discarding the backup" in record.getMessage()]
+    assert len(discarded) == 1 and "(split: changed since it was made)" in discarded[0], discarded
+
+
+def test_backup_from_other_params_is_discarded(colours, tmp_path, monkeypatch, caplog):
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        run_train(colours, tmp_path, epochs=2)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        run_train(colours, tmp_path, AugmentParams(flip="horizontal", rotation=0, zoom=0, translation=0), epochs=2)
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["resumed_from_epoch"] == 0
+    assert "(train/augment params: changed since it was made)" in caplog.text
+
+
+def test_nan_loss_stops_training_and_saves_no_model(cells, tmp_path):
+    # A huge (finite) step size sends the weights, then the loss, to inf and NaN in the first epoch.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.keras").write_bytes(b"the last good model")
+    with pytest.raises(TrainError) as caught:
+        run_train(cells, tmp_path, epochs=3, learning_rate=1e30)
+    message = str(caught.value)
+    assert "\n" not in message and "epoch 1:" in message, message
+    assert "lower train.learning_rate (now 1e+30)" in message, message
+    assert (tmp_path / "models" / "model.keras").read_bytes() == b"the last good model"
+    assert not (tmp_path / "models" / "model.json").exists()
+    assert not (tmp_path / "metrics" / "train.json").exists()
+
+
+def test_curves_keep_every_epoch_across_fine_tune_and_resume(colours, tmp_path, monkeypatch):
+    transfer = dict(model="mobilenet_v3_small", weights="none", epochs=2, fine_tune_layers=6, fine_tune_epochs=2)
+    interrupt_after(monkeypatch, 3)  # killed after the first fine-tuning epoch
+    with pytest.raises(Interrupted):
+        run_train(colours, tmp_path, **transfer)
+    run_train(colours, tmp_path, **transfer)
+
+    report = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert report["resumed_from_epoch"] == 3 and report["epochs_run"] == 4
+    for curve, key in (("train/loss", "loss"), ("eval/loss", "val_loss"), ("eval/accuracy", "val_accuracy")):
+        with open(tmp_path / "metrics" / "live" / "plots" / "metrics" / f"{curve}.tsv", newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        assert [int(row["step"]) for row in rows] == [0, 1, 2, 3], curve
+        assert [float(row[curve.split("/")[1]]) for row in rows] == pytest.approx(report["history"][key]), curve
+    assert all(len(values) == 4 for values in report["history"].values())
 
 
 def test_offline_imagenet_weights_fail_with_one_line_on_how_to_pass_a_file(tmp_path):
@@ -236,32 +417,74 @@ except ModelError as exc:
     assert "set train.weights to its local path" in message
 
 
-def test_multi_worker_training_on_loopback_finishes_and_only_the_chief_writes(cells, tmp_path):
-    ports = [free_port(), free_port()]
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    script = """
-import sys
+WORKER = """
+import json, sys
 from pathlib import Path
 from tasks.params import AugmentParams, TrainParams
 from tasks.train import train
 out, cache, split = (Path(a) for a in sys.argv[1:4])
-train(TrainParams(strategy="multi_worker", epochs=2, batch_size=16), AugmentParams(), cache, split, out / "models",
+train(TrainParams(**json.loads(sys.argv[4])), AugmentParams(**json.loads(sys.argv[5])), cache, split, out / "models",
       out / "metrics")
 """
+
+
+def run_workers(data: Path, tmp_path: Path, augment: AugmentParams, **overrides) -> None:
+    """Trains with strategy multi_worker on two workers on loopback (worker i writes to tmp_path/worker<i>)."""
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    params = json.dumps({"strategy": "multi_worker"} | overrides)
     workers = []
     for index in range(2):
         config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
-        out = tmp_path / f"worker{index}"
         env = os.environ | {"TF_CONFIG": config, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        command = [sys.executable, "-c", script, str(out), str(cells / "cache"), str(cells / "split.csv")]
+        command = [sys.executable, "-c", WORKER, str(tmp_path / f"worker{index}"), str(data / "cache"),
+                   str(data / "split.csv"), params, augment.model_dump_json()]  # fmt: skip
         workers.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+
+
+def test_multi_worker_training_on_loopback_finishes_and_only_the_chief_writes(cells, tmp_path):
+    run_workers(cells, tmp_path, AugmentParams(), epochs=2, batch_size=16)
     report = json.loads((tmp_path / "worker0" / "metrics" / "train.json").read_text())
     assert report["device"] == "multi-worker, 2 replica(s)" and report["epochs_run"] == 2
     assert (tmp_path / "worker0" / "models" / "model.keras").exists()
-    assert (tmp_path / "worker0" / "metrics" / "live" / "plots" / "metrics" / "loss.tsv").exists()
+    assert (tmp_path / "worker0" / "metrics" / "live" / "plots" / "metrics" / "train" / "loss.tsv").exists()
     assert not (tmp_path / "worker1").exists()  # the other worker wrote nothing of its own
+
+
+def test_two_workers_match_one_process_on_a_partial_last_batch(colours, tmp_path):
+    data = load_cached_set(colours / "cache", colours / "split.csv")
+    assert len(data.rows["train"]) % 16 == 8  # the last global batch holds 8 images: 4 per worker
+    run_workers(colours, tmp_path, NO_AUGMENT, epochs=1, batch_size=8, learning_rate=1e-3)
+    one_process = run_train(colours, tmp_path / "one", epochs=1, batch_size=16, learning_rate=1e-3)
+    for two, one in zip(weights_of(tmp_path / "worker0" / "models" / "model.keras"), weights_of(one_process)):
+        np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
+
+
+def test_multi_worker_step_scales_the_loss_under_mixed_float16():
+    from tasks.multi_worker import make_step
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model, _ = build_model(TrainParams(cnn={"filters": [8], "dense_units": 8}), NO_AUGMENT, (16, 16), 3, 2)
+        step, optimizer = make_step(model, tf.distribute.get_strategy(), 1e-3, 2, None)
+        assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+        labels = np.array([0, 1, 0, 1, 1, 0], dtype=np.int32)
+        before = model.get_weights()
+        for _ in range(3):
+            loss, examples = step(images, labels)
+        after = model.get_weights()
+        assert float(examples) == 6 and np.isfinite(float(loss))
+        assert all(np.isfinite(w).all() for w in after)
+        assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+        assert float(optimizer.dynamic_scale.numpy()) > 1  # the loss was scaled (and the updates unscaled)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def test_the_chief_is_tf_config_s_chief_or_worker_zero():
