@@ -216,6 +216,10 @@ def die_with_parent() -> None:
     """Asks Linux to stop this process when its parent dies: a killed run leaves no worker behind."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    # A parent killed while this worker was still starting sends no signal: check once.
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
 
 
 def _single_threaded_worker() -> None:
@@ -266,9 +270,10 @@ def _pool_map(executor: Callable[..., Any], fn: Callable[[T], R], shards: Sequen
 
 def process_pool_map(fn: Callable[[T], R], shards: Sequence[T]) -> Iterator[R]:
     """Yields `fn(shard)` for each shard, in order, computed on one worker process per core."""
-    # forkserver, not fork: forking a process that runs threads (Prefect's, TensorFlow's) can
-    # deadlock the child; a clean server process forks the workers instead.
-    context = multiprocessing.get_context("forkserver")
+    # spawn, not fork: forking a process that runs threads (Prefect's, TensorFlow's) can
+    # deadlock the child. Not forkserver either: its server outlives a SIGKILLed run, and so
+    # do the workers it forked; spawned workers are this process's children and die with it.
+    context = multiprocessing.get_context("spawn")
     return _pool_map(functools.partial(ProcessPoolExecutor, mp_context=context, initializer=_single_threaded_worker),
                      fn, shards)  # fmt: skip
 
