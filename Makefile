@@ -28,14 +28,18 @@ demo: install
 	$(BIN)/imgclf demo-data $(DEMO_ARCHIVE)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/imgclf run --set data.url=$(DEMO_ARCHIVE) --set data.sha256= \
 		--set orchestration.dvc_commit=false
+	@echo "make: the run report, to open in a browser: $(CURDIR)/reports/index.html"
 
+# Two workers: most tests wait on subprocesses (dvc, git, imgclf, servers), so two share 2 cores well.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 bench: install
 	$(BIN)/python benchmarks/bench_cache.py --encoder opencv
 	$(BIN)/python benchmarks/bench_cache.py --encoder libpng
+	$(BIN)/python benchmarks/bench_near_duplicates.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_quality.py
 	$(BIN)/python benchmarks/bench_orchestration.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_e2e.py

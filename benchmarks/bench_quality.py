@@ -19,9 +19,13 @@ The sets (classes x images, size the cache stage gives them):
   demo      tasks.demo_data's malaria-like archive, junk files included, 2 x 300, at 48x48
 Test accuracy comes with a 95% Wilson interval. A set passes when the defaults are no worse
 than the seed recipe by more than the seed's interval half-width; on average the defaults
-should be at least 1 point better. Needs scikit-image (`pip install -e '.[test]'`).
+should be at least 1 point better. With --precisions (train.precision values, e.g.
+float32,mixed_bfloat16) each recipe also runs under each, and each later precision is held
+to the first the same way: no worse than it by more than its half-width. Needs scikit-image
+(`pip install -e '.[test]'`).
 
     python benchmarks/bench_quality.py [--sets digits,textures] [--recipes seed,default]
+                                       [--precisions float32,mixed_bfloat16]
                                        [--set train.epochs=20 ...] [--json results.json]
 """
 
@@ -165,7 +169,7 @@ def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def run(name: str, recipe: str, overrides: dict) -> dict:
-    """Trains and evaluates one recipe on one set; returns its scores, epochs and time."""
+    """Trains and evaluates one recipe on one set; returns its scores, precision, epochs and time."""
     import keras
 
     from tasks.evaluate import evaluate
@@ -175,7 +179,7 @@ def run(name: str, recipe: str, overrides: dict) -> dict:
     root, spec = prepared(name), SETS[name]
     sets = {f"augment.{key}": value for key, value in spec.augment.items()} | overrides | {"train.recipe": recipe}
     params = load_params(ROOT / "params.yaml", sets | {"prepare.image_size": spec.size, "prepare.channels": spec.channels})
-    out = root / "runs" / recipe
+    out = root / "runs" / f"{recipe}-{params.train.precision}"
     shutil.rmtree(out, ignore_errors=True)
     keras.backend.clear_session()
     started = time.perf_counter()
@@ -187,32 +191,47 @@ def run(name: str, recipe: str, overrides: dict) -> dict:
     trained = json.loads((out / "metrics" / "train.json").read_text())
     n, accuracy = scores["n_test"], scores["accuracy"]
     low, high = wilson(round(accuracy * n), n)
-    return {"set": name, "recipe": recipe, "classes": len(scores["classes"]), "n_test": n, "accuracy": accuracy,
+    return {"set": name, "recipe": recipe, "precision": trained["precision"], "classes": len(scores["classes"]),
+            "n_test": n, "accuracy": accuracy,
             "low": low, "high": high, "epochs": trained["epochs_run"], "seconds": seconds,
             "images_per_second": trained["images_per_second"], "n_train": trained["n_train"]}  # fmt: skip
 
 
+def _held_to(row: dict, baseline: dict, name: str) -> str:
+    """Returns one line: row's accuracy minus the baseline's, judged against the baseline's interval half-width."""
+    gain, half = row["accuracy"] - baseline["accuracy"], (baseline["high"] - baseline["low"]) / 2
+    verdict = "ok" if gain >= -half else f"WORSE than {name} beyond its half-width"
+    return f"{gain:+.3f} ({name}'s half-width {half:.3f}): {verdict}"
+
+
 def table(results: list[dict]) -> str:
-    lines = [f"{'set':<9} {'source':<27} {'classes':>7} {'size':>5} {'train':>5} {'test':>4}  {'recipe':<8}"
+    lines = [f"{'set':<9} {'source':<27} {'classes':>7} {'size':>5} {'train':>5} {'test':>4}  {'recipe':<8} {'precision':<14}"
              f"{'test accuracy [95% CI]':>25} {'epochs':>6} {'time s':>7} {'img/s':>6}"]  # fmt: skip
-    by_set: dict[str, dict[str, dict]] = {}
+    by_set: dict[str, dict[tuple[str, str], dict]] = {}
     for row in results:
-        by_set.setdefault(row["set"], {})[row["recipe"]] = row
+        by_set.setdefault(row["set"], {})[row["recipe"], row["precision"]] = row
+    recipes = list(dict.fromkeys(row["recipe"] for row in results))
+    precisions = list(dict.fromkeys(row["precision"] for row in results))
     gains = []
     for name, rows in by_set.items():
         spec = SETS[name]
-        for recipe, row in rows.items():
+        for (recipe, precision), row in rows.items():
             lines.append(f"{name:<9} {spec.source:<27} {row['classes']:>7} {spec.size:>5} {row['n_train']:>5} "
-                         f"{row['n_test']:>4}  {recipe:<8}{row['accuracy']:>10.3f} [{row['low']:.3f}, {row['high']:.3f}] "
-                         f"{row['epochs']:>6} {row['seconds']:>7.0f} {row['images_per_second']:>6.0f}")  # fmt: skip
-        if {"seed", "default"} <= rows.keys():
-            seed, default = rows["seed"], rows["default"]
-            gain, half = default["accuracy"] - seed["accuracy"], (seed["high"] - seed["low"]) / 2
-            gains.append(gain)
-            verdict = "ok" if gain >= -half else "WORSE than seed beyond its half-width"
-            lines.append(f"{'':<9} default - seed: {gain:+.3f} (seed's half-width {half:.3f}): {verdict}")
+                         f"{row['n_test']:>4}  {recipe:<8} {precision:<14}{row['accuracy']:>10.3f} "
+                         f"[{row['low']:.3f}, {row['high']:.3f}] {row['epochs']:>6} {row['seconds']:>7.0f} "
+                         f"{row['images_per_second']:>6.0f}")  # fmt: skip
+        for precision in precisions:
+            if ("seed", precision) in rows and ("default", precision) in rows:
+                seed, default = rows["seed", precision], rows["default", precision]
+                gains.append(default["accuracy"] - seed["accuracy"])
+                lines.append(f"{'':<9} default - seed ({precision}): {_held_to(default, seed, 'seed')}")
+        for recipe in recipes:
+            for precision in precisions[1:]:
+                if (recipe, precisions[0]) in rows and (recipe, precision) in rows:
+                    first, later = rows[recipe, precisions[0]], rows[recipe, precision]
+                    lines.append(f"{'':<9} {recipe}, {precision} - {precisions[0]}: {_held_to(later, first, precisions[0])}")
     if gains:
-        lines.append(f"mean default - seed over {len(gains)} sets: {np.mean(gains):+.3f} "
+        lines.append(f"mean default - seed over {len(gains)} pairs: {np.mean(gains):+.3f} "
                      f"({'ok' if np.mean(gains) >= 0.01 else 'below the +0.010 asked'})")  # fmt: skip
     return "\n".join(lines)
 
@@ -221,6 +240,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default=",".join(SETS), help="comma-separated, from: " + ", ".join(SETS))
     parser.add_argument("--recipes", default="seed,default")
+    parser.add_argument("--precisions", help="comma-separated train.precision values, each run for every recipe "
+                                             "(default: params.yaml's)")  # fmt: skip
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params override for every run, e.g. train.epochs=20 (for experiments)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -233,9 +254,11 @@ def main() -> None:
     results = []
     for name in args.sets.split(","):
         for recipe in args.recipes.split(","):
-            results.append(run(name, recipe, overrides))
-            print(f"  {name} {recipe}: {results[-1]['accuracy']:.3f} in {results[-1]['epochs']} epochs, "
-                  f"{results[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+            for precision in args.precisions.split(",") if args.precisions else [None]:
+                chosen = overrides | ({"train.precision": precision} if precision else {})
+                results.append(run(name, recipe, chosen))
+                print(f"  {name} {recipe} {results[-1]['precision']}: {results[-1]['accuracy']:.3f} in "
+                      f"{results[-1]['epochs']} epochs, {results[-1]['seconds']:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     print(f"model quality: seed recipe vs defaults, split test {SPLIT['test']} / val {SPLIT['val']} (seed {SPLIT['seed']}), "

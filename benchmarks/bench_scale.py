@@ -42,6 +42,7 @@ def main() -> None:
     from tasks.cache import cache
     from tasks.files import process_pool_map
     from tasks.params import PrepareParams, ValidateParams
+    from tasks.rows import Staging, staging_dir
     from tasks.validate import validate
 
     folder = "cells" if args.images == 27_558 else f"cells-{args.images}"  # bench_cache.py's set, or one of its own
@@ -52,9 +53,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-scale-") as folder:
             work, cpu = Path(folder), cpu_seconds()
             started = time.perf_counter()
-            validate(ValidateParams(), cells, work / "manifest.csv", map_shards)
+            # As the stages run them: validate decodes each image once and stages its row for cache.
+            staging = Staging(PrepareParams(), staging_dir(work / "cache"))
+            validate(ValidateParams(), cells, work / "manifest.csv", map_shards, staging)
             validated = time.perf_counter()
-            cache(PrepareParams(), work / "manifest.csv", cells, work / "cache", map_shards)
+            cache(PrepareParams(), work / "manifest.csv", cells, work / "cache", map_shards, staging.folder)
             return validated - started, time.perf_counter() - validated, cpu_seconds() - cpu
 
     starts: list[float] = []

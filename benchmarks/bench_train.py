@@ -8,11 +8,13 @@ each in a fresh process:
               (the upper bound: no input cost at all)
   seed-idg    ImageDataGenerator(rescale, rotation, flip).flow_from_directory over the PNGs,
               as the seed notebook (decodes every image every epoch)
-Target: ours >= 0.9x in-memory. Then memory: one epoch of our input pipeline over a
-27,558-image cache at 224x224 (a 4.1 GB file), peak anonymous memory (RssAnon) sampled
-every 10 ms. Target: under 2 GB.
+Target: ours >= 0.9x in-memory. Each feed runs under every precision of --precisions
+(default: float32, and what `train.precision: auto` picks on this CPU when that differs,
+e.g. mixed_bfloat16 on a CPU with AVX512_BF16), with its speed-up over float32. Then memory:
+one epoch of our input pipeline over a 27,558-image cache at 224x224 (a 4.1 GB file), peak
+anonymous memory (RssAnon) sampled every 10 ms. Target: under 2 GB.
 
-    python benchmarks/bench_train.py [--steps 120] [--skip-memory]
+    python benchmarks/bench_train.py [--steps 120] [--precisions float32,mixed_bfloat16] [--skip-memory]
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 DATA = ROOT / "benchmarks" / ".data"
 BATCH = 32
+
+
+def auto_precision() -> str:
+    """Returns what `train.precision: auto` picks on this machine's CPU."""
+    from tasks.train import cpu_flags, resolve_precision
+
+    return resolve_precision("auto", 0, cpu_flags())
 
 
 def prepared(size: int) -> Path:
@@ -54,40 +63,44 @@ def prepared(size: int) -> Path:
     return root
 
 
-def _model(with_input_layers: bool):
+def _model(with_input_layers: bool, precision: str):
     import keras
 
-    from tasks.model import _cnn_body, build_model
+    from tasks.model import Head, _cnn_body, build_model
     from tasks.params import AugmentParams, TrainParams
 
+    keras.mixed_precision.set_global_policy(precision)
     params = TrainParams()
     if with_input_layers:
         model, _ = build_model(params, AugmentParams(), (64, 64), 3, 2)
     else:  # the generator already rescales and augments: the same CNN on its float input
         inputs = keras.Input((64, 64, 3))
-        model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(_cnn_body(inputs, params.cnn)))
+        model = keras.Model(inputs, Head(2).layer()(_cnn_body(inputs, params.cnn)))
     model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
     return model
 
 
-def _timed_fit(model, dataset, steps: int) -> float:
+def _timed_fit(model, dataset, steps: int) -> dict:
+    """Returns images per second and per CPU second (this process's threads: other work on a shared
+    machine moves the first more than the second)."""
     model.fit(dataset, epochs=1, steps_per_epoch=10, verbose=0)  # tracing and warm-up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
-    return steps * BATCH / (time.perf_counter() - started)
+    images = steps * BATCH
+    return {"images_per_s": images / (time.perf_counter() - started), "images_per_cpu_s": images / (time.process_time() - cpu)}
 
 
-def run_ours(steps: int) -> dict:
+def run_ours(steps: int, precision: str) -> dict:
     import keras
 
     from tasks.dataset import load_cached_set, make_dataset
 
     keras.utils.set_random_seed(0)
     data = load_cached_set(prepared(64) / "cache", prepared(64) / "split.csv")
-    return {"images_per_s": _timed_fit(_model(True), make_dataset(data, "train", BATCH, shuffle=True).repeat(), steps)}
+    return _timed_fit(_model(True, precision), make_dataset(data, "train", BATCH, shuffle=True).repeat(), steps)
 
 
-def run_in_memory(steps: int) -> dict:
+def run_in_memory(steps: int, precision: str) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -99,10 +112,10 @@ def run_in_memory(steps: int) -> dict:
     rows = data.rows["train"]
     images, labels = np.asarray(data.images[rows]), data.labels[rows]
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).shuffle(len(rows), seed=0).batch(BATCH).repeat()
-    return {"images_per_s": _timed_fit(_model(True), dataset.prefetch(tf.data.AUTOTUNE), steps)}
+    return _timed_fit(_model(True, precision), dataset.prefetch(tf.data.AUTOTUNE), steps)
 
 
-def run_seed_idg(steps: int) -> dict:
+def run_seed_idg(steps: int, precision: str) -> dict:
     import keras
 
     # Keras 3 keeps ImageDataGenerator only as a legacy class, no longer exported.
@@ -112,10 +125,10 @@ def run_seed_idg(steps: int) -> dict:
     generator = ImageDataGenerator(rescale=1.0 / 255, rotation_range=36, horizontal_flip=True)
     flow = generator.flow_from_directory(str(DATA / "cells"), target_size=(64, 64), batch_size=BATCH,
                                          class_mode="binary", seed=0)  # fmt: skip
-    return {"images_per_s": _timed_fit(_model(False), flow, steps)}
+    return _timed_fit(_model(False, precision), flow, steps)
 
 
-def run_memory(_: int) -> dict:
+def run_memory(_: int, __: str) -> dict:
     import numpy as np
 
     from tasks.dataset import CachedSet, load_cached_set, make_dataset
@@ -146,8 +159,8 @@ def run_memory(_: int) -> dict:
 METHODS = {"ours": run_ours, "in-memory": run_in_memory, "seed-idg": run_seed_idg, "memory": run_memory}
 
 
-def child(name: str, steps: int) -> dict:
-    command = [sys.executable, __file__, "--only", name, "--steps", str(steps)]
+def child(name: str, steps: int, precision: str = "float32") -> dict:
+    command = [sys.executable, __file__, "--only", name, "--steps", str(steps), "--precisions", precision]
     output = subprocess.run(command, check=True, capture_output=True, text=True,
                             cwd=Path(__file__).parent)  # fmt: skip
     return json.loads(output.stdout.strip().splitlines()[-1])
@@ -156,19 +169,29 @@ def child(name: str, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=120, help="timed training steps of 32 images per method")
+    parser.add_argument("--precisions", default=",".join(dict.fromkeys(["float32", auto_precision()])),
+                        help="comma-separated Keras dtype policies (default: float32 and auto's choice here)")  # fmt: skip
     parser.add_argument("--skip-memory", action="store_true", help="skip the 224x224 memory check (builds a 4 GB cache)")
     parser.add_argument("--only", choices=list(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    precisions = args.precisions.split(",")
     if args.only:
-        print(json.dumps(METHODS[args.only](args.steps)))
+        print(json.dumps(METHODS[args.only](args.steps, precisions[0])))
         return
     prepared(64)
-    speeds = {name: child(name, args.steps)["images_per_s"] for name in ("ours", "in-memory", "seed-idg")}
+    feeds = ("ours", "in-memory", "seed-idg")
+    # A feed's precisions back to back: the ratio between them sees the least drift in the machine's other work.
+    speeds = {(name, precision): child(name, args.steps, precision) for name in feeds for precision in precisions}
     print(f"training input benchmark: seed CNN + default augmentation, 64x64, batch {BATCH}, "
           f"{args.steps} steps, {os.cpu_count()} cores")  # fmt: skip
-    print(f"{'feed':<10} {'images/s':>9} {'vs in-memory':>13}")
-    for name, rate in speeds.items():
-        print(f"{name:<10} {rate:>9.0f} {rate / speeds['in-memory']:>12.2f}x")
+    print(f"{'feed':<10} {'precision':<15} {'images/s':>9} {'vs in-memory':>13} {'vs float32':>11} "
+          f"{'per CPU s':>10} {'vs float32':>11}")  # fmt: skip
+    for (name, precision), speed in speeds.items():
+        baseline = speeds.get((name, "float32"))
+        ratios = [f"{speed[key] / baseline[key]:.2f}x" if baseline else "-" for key in ("images_per_s", "images_per_cpu_s")]
+        rate, memory_rate = speed["images_per_s"], speeds["in-memory", precision]["images_per_s"]
+        print(f"{name:<10} {precision:<15} {rate:>9.0f} {rate / memory_rate:>12.2f}x {ratios[0]:>11} "
+              f"{speed['images_per_cpu_s']:>10.0f} {ratios[1]:>11}")  # fmt: skip
     if not args.skip_memory:
         prepared(224)
         memory = child("memory", 0)

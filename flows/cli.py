@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from tasks.errors import StageError
 from tasks.files import remove_stale_temporaries
 from tasks.params import ParamsError, load_params, parse_override
 from tasks.redact import RedactingFilter, hide_secrets, redact
-from tasks.report import read_json, score_line
+from tasks.report import gate_line, read_json, score_line
 from tasks.stages import STAGES, Layout, run_stage
 
 # Errors whose message already says what is wrong: printed as one line, no traceback.
@@ -52,9 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     remote = commands.add_parser("remote", help="make s3://bucket/prefix the DVC remote (endpoint from s3.endpoint_url)")
     remote.add_argument("uri", help="s3://bucket/prefix")
 
-    predict = commands.add_parser("predict", help="predict labels of image files or folders with a saved model")
+    predict = commands.add_parser("predict", help="predict labels of image files or folders with a saved model, "
+                                                      "calibrated and thresholded as evaluate chose (calibration.json)")
     predict.add_argument("--model", type=Path, default=Path("models/model.keras"), help="default: models/model.keras")
     predict.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
+    predict.add_argument("--explain", type=Path, metavar="DIR",
+                         help="also write a Grad-CAM overlay PNG per image into DIR: where the model looked")  # fmt: skip
     predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
 
     init = commands.add_parser("init", help="make DIR a ready git + DVC project: params.yaml, dvc.yaml, prefect.yaml")
@@ -109,15 +113,22 @@ def _command(args: argparse.Namespace) -> None:
         overrides = dict(parse_override(item) for item in args.overrides)
         load_params(args.params, overrides)  # bad params stop here, before Prefect starts
         DvcProject(Path("."))  # and so does a folder that is not a project
+        from flows.server import prefect_api, start_server
+
+        server = start_server()
+        # Loaded while the server boots on the other core: the flow's modules, and DVC's API,
+        # which the flow asks first (seconds each).
+        importlib.import_module("dvc.repo")
         from flows.pipeline import pipeline
-        from flows.server import prefect_api
 
         quiet_prefect_console(args.verbose)
-        with prefect_api():
+        with prefect_api(server):
             outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params)
         for name, what in outcome.items():
             print(f"{name:<10} {what}")
-        print(score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json")))
+        summary = score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json"))
+        decision = gate_line(Layout(Path("."))) if outcome.get("publish") == "ran" else ""
+        print(f"{summary}; {decision}" if decision else summary)  # the last line: how the model scored, and where it went
     elif args.command == "serve":
         load_params(args.params)
         from flows.pipeline import serve
@@ -133,6 +144,11 @@ def _command(args: argparse.Namespace) -> None:
         from tasks.predict import predict, write_rows
 
         write_rows(predict(args.model, args.paths), args.out)
+        if args.explain:
+            from tasks.gradcam import explain_files
+
+            written = explain_files(args.model, args.paths, args.explain)
+            print(f"imgclf: {len(written)} Grad-CAM overlays in {args.explain}", file=sys.stderr)
     elif args.command == "init":
         from flows.init import init_project
 

@@ -48,6 +48,7 @@ from tasks.files import (  # noqa: E402
 )
 from tasks.params import OrchestrationParams, Params, load_params, params_tree  # noqa: E402
 from tasks.redact import redact, reveal  # noqa: E402
+from tasks.report import REPORT_HTML, gate_line  # noqa: E402
 from tasks.stages import Layout, run_stage  # noqa: E402
 
 
@@ -211,8 +212,12 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
         with shard_map(params.orchestration) as map_shards:
             outcome = _run_dag(project, params, layout, map_shards)
         get_run_logger().info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
+        if outcome.get("publish") == "ran":
+            get_run_logger().info("%s", gate_line(layout))
         publish_artifacts(layout, outcome)
         version_outputs(layout, params.orchestration)
+        if (layout.root / REPORT_HTML).exists():
+            get_run_logger().info("report: %s", (layout.root / REPORT_HTML).resolve())
     return outcome
 
 
@@ -271,10 +276,14 @@ def params_for_dvc(layout: Layout, params_file: Path, overrides: dict[str, Any])
 
 def serve(params_path: str = "params.yaml", name: str = "weekly-retrain") -> None:
     """Serves the flow from this machine on `orchestration.schedule` until interrupted."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
     params = load_params(params_path)
     pipeline.serve(
         name=name,
         cron=params.orchestration.schedule,
         parameters={"params_path": params_path, "root": str(Path.cwd())},
         description="imgclf: download -> extract -> validate -> cache -> split -> train -> evaluate",
+        # One run at a time, as prefect.yaml's deployments: a run due meanwhile waits its turn (queued).
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
     )

@@ -1,18 +1,30 @@
-"""What a flow run shows in Prefect: a markdown report, the rejected files, the confusion matrix, the metrics."""
+"""What a flow run shows in Prefect: a markdown report, a link to the HTML report, the rejected files, the
+confusion matrix, the metrics."""
 
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.layout import Layout
-from tasks.report import read_json, read_rows, report_markdown
+from tasks.report import REPORT_HTML, gate_markdown, published_report, read_json, read_rows, report_markdown
 
 
 def publish_artifacts(layout: Layout, outcome: dict[str, str]) -> None:
-    """Creates the run's artifacts: report, rejected files, confusion matrix image, metrics table."""
-    create_markdown_artifact(key="imgclf-report", markdown=report_markdown(layout, outcome), description="imgclf run report")
+    """Creates the run's artifacts: report, a link to the HTML report, the gate's decision, rejected files, confusion
+    matrix image, metrics table."""
+    gate = read_json(layout.metrics_dir / "publish.json").get("gate")
+    create_markdown_artifact(key="imgclf-report", markdown=report_markdown(layout, outcome, gate), description="imgclf run report")
+    page = layout.root / REPORT_HTML
+    if page.exists():
+        where = published_report(layout) or str(page)  # the published copy outlives this machine's
+        create_link_artifact(key="imgclf-html-report", link=where if "://" in where else Path(where).resolve().as_uri(),
+                             link_text="Run report (HTML)", description="The run report to open in a browser")  # fmt: skip
+    if gate:
+        create_markdown_artifact(key="imgclf-gate", markdown=gate_markdown(gate),
+                                 description="Champion/challenger gate: whether latest.json moved to this run, and why")  # fmt: skip
     rejected = [{key: row[key] for key in ("path", "label", "status", "reason", "detail")}
                 for row in read_rows(layout.manifest_csv) if row["status"] != "valid"]  # fmt: skip
     create_table_artifact(key="imgclf-rejected", table=rejected or [{"path": "", "reason": "none rejected"}],

@@ -1,10 +1,12 @@
 """Image reading shared by validate, cache and predict: judge a file, decode it, resize it.
 
-Pillow judges (truncation and broken streams raise; for JPEG, libjpeg-turbo's strict mode
-first catches data that ends early behind an end marker) and decodes the unusual modes;
-plain 8-bit RGB/gray PNGs, the bulk of real sets, take `tasks.png`, which gives libpng's
-pixels faster. Every decoded image is normalised to uint8 RGB (or gray), upright
-per its EXIF orientation, alpha dropped.
+One strict decode gives both the verdict and the pixels (`read_image`), so validate can hand
+its pixels on and a file decodes the same wherever it is read. Plain 8-bit RGB/gray PNGs, the
+bulk of real sets, take `tasks.png` once their chunks pass their CRCs: libpng's pixels, faster.
+Other files go through Pillow, whose full decode raises on truncated and broken streams; for
+JPEG, libjpeg-turbo's strict mode first catches data that ends early behind an end marker.
+Every decoded image is normalised to uint8 RGB (or gray), upright per its EXIF orientation,
+alpha dropped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.png import decode_plain_png
+from tasks.png import decode_plain_png, plain_png_header, png_damage
 
 # We enforce validate.max_pixels ourselves, from the header, before any decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -64,31 +66,82 @@ class Verdict:
 
 def judge(data: bytes, max_pixels: int) -> Verdict:
     """Returns the verdict on an image file's bytes, decoding it fully unless the header rules it out."""
+    return read_image(data, max_pixels, 3)[0]
+
+
+def decode(data: bytes, channels: int, draft_size: int | None = None) -> np.ndarray:
+    """Returns the image as a uint8 array (height, width, channels), RGB or gray; raises ValueError
+    naming the reason when the bytes are not a usable image.
+
+    `draft_size` lets JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping both
+    sides at least that many pixels: far less work when the target is much smaller.
+    """
+    verdict, pixels = read_image(data, None, channels, draft_size)
+    if pixels is None:
+        raise ValueError(verdict.reason + (f": {verdict.detail}" if verdict.detail else ""))
+    return pixels
+
+
+def read_image(data: bytes, max_pixels: int | None, channels: int,
+               draft_size: int | None = None) -> tuple[Verdict, np.ndarray | None]:  # fmt: skip
+    """Returns (verdict, pixels): one strict decode gives both, the pixels as `decode` describes
+    them when the image is usable, else None. `max_pixels` None: no limit.
+
+    The verdict does not depend on `draft_size`: a JPEG decoded at a reduced scale still
+    entropy-decodes every block, which is where its damage shows.
+    """
+    verdict, rgb = _read_plain_png(data, max_pixels) or _read_with_pillow(data, max_pixels, draft_size)
+    if rgb is None:
+        return verdict, None
+    if rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, axis=2)
+    if channels == 1:
+        return verdict, cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)[:, :, None]
+    return verdict, np.ascontiguousarray(rgb)
+
+
+def _read_plain_png(data: bytes, max_pixels: int | None) -> tuple[Verdict, np.ndarray] | None:
+    """Returns (verdict, pixels) of a plain PNG whose header, chunks and data all pass, else None:
+    the bulk of real sets, without Pillow. Anything else is Pillow's to judge, as before."""
+    header = plain_png_header(data)
+    if header is None:
+        return None
+    width, height, bands = header
+    if (max_pixels is not None and width * height > max_pixels) or png_damage(data):
+        return None
+    rgb = decode_plain_png(data)
+    if rgb is None:
+        return None
+    return Verdict("", format="PNG", mode="L" if bands == 1 else "RGB", width=width, height=height), rgb
+
+
+def _read_with_pillow(data: bytes, max_pixels: int | None, draft_size: int | None) -> tuple[Verdict, np.ndarray | None]:
     if not data:
-        return Verdict("empty")
+        return Verdict("empty"), None
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         if any(data[offset : offset + len(sig)] == sig for offset, sig in _OTHER_IMAGE_SIGNATURES):
-            return Verdict("unsupported_format", "not readable by Pillow")
-        return Verdict("not_an_image")
+            return Verdict("unsupported_format", "not readable by Pillow"), None
+        return Verdict("not_an_image"), None
     except Exception as exc:  # Pillow raises many types on a broken header
-        return Verdict("corrupt", f"header: {exc}")
+        return Verdict("corrupt", f"header: {exc}"), None
     header = dict(format=image.format or "", mode=image.mode, width=image.width, height=image.height)
     if image.format not in SUPPORTED_FORMATS:
-        return Verdict("unsupported_format", image.format or "", **header)
-    if image.width * image.height > max_pixels:
-        return Verdict("too_large", f"{image.width}x{image.height} > validate.max_pixels", **header)
+        return Verdict("unsupported_format", image.format or "", **header), None
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        return Verdict("too_large", f"{image.width}x{image.height} > validate.max_pixels", **header), None
+    if image.format == "PNG" and (damage := png_damage(data)):
+        return Verdict(*damage, **header), None
     if image.format in ("JPEG", "MPO") and (damage := _jpeg_damage(data, image.mode)):
-        return Verdict(*damage, **header)
+        return Verdict(*damage, **header), None
     try:
-        image.load()
+        return Verdict("", **header), _decode_with_pillow(image, draft_size)
     except OSError as exc:
         reason = "truncated" if "truncated" in str(exc) else "corrupt"
-        return Verdict(reason, str(exc), **header)
+        return Verdict(reason, str(exc), **header), None
     except Exception as exc:
-        return Verdict("corrupt", str(exc), **header)
-    return Verdict("", **header)
+        return Verdict("corrupt", str(exc), **header), None
 
 
 def _jpeg_damage(data: bytes, mode: str) -> tuple[str, str] | None:
@@ -105,26 +158,11 @@ def _jpeg_damage(data: bytes, mode: str) -> tuple[str, str] | None:
     return None
 
 
-def decode(data: bytes, channels: int, draft_size: int | None = None) -> np.ndarray:
-    """Returns the image as a uint8 array (height, width, channels), RGB or gray.
-
-    `draft_size` lets JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping both
-    sides at least that many pixels: far less work when the target is much smaller.
-    """
-    rgb = decode_plain_png(data)
-    if rgb is None:
-        rgb = _decode_with_pillow(data, draft_size)
-    elif rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, axis=2)
-    if channels == 1:
-        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)[:, :, None]
-    return np.ascontiguousarray(rgb)
-
-
-def _decode_with_pillow(data: bytes, draft_size: int | None) -> np.ndarray:
-    image = Image.open(io.BytesIO(data))
+def _decode_with_pillow(image: Image.Image, draft_size: int | None) -> np.ndarray:
+    """Returns the opened image decoded (raising as Pillow does on damage), upright, as uint8 RGB."""
     if draft_size and image.format in ("JPEG", "MPO"):
         image.draft("RGB", (draft_size, draft_size))
+    image.load()
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit gray: keep the high byte, as Pillow's 8-bit modes and OpenCV do.

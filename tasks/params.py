@@ -80,6 +80,9 @@ class DataParams(_Section):
 
 class ValidateParams(_Section):
     max_pixels: int = Field(default=50_000_000, gt=0)
+    # Near-duplicates (their own stage, after cache): images whose 8x8 gray thumbnails differ by at
+    # most this many gray levels (RMS, of 255) are one cluster, kept in one split; 0: off.
+    near_duplicate_distance: float = Field(default=4.0, ge=0, le=255)
 
 
 class PrepareParams(_Section):
@@ -198,11 +201,15 @@ class TrainParams(_Section):
     fine_tune_epochs: int = Field(default=5, ge=0)
     fine_tune_lr: float = Field(default=1e-5, gt=0)
     class_weight: Literal["none", "balanced"] = "none"
-    precision: Literal["auto", "float32", "mixed_float16"] = "auto"  # auto: mixed_float16 on GPU
+    # auto: mixed_float16 on GPU, mixed_bfloat16 on a CPU with native bfloat16 (AVX512_BF16, AMX), else float32
+    precision: Literal["auto", "float32", "mixed_float16", "mixed_bfloat16"] = "auto"
     jit_compile: Literal["auto", "true", "false"] = "auto"  # auto: XLA on GPU
     # auto: MirroredStrategy when 2+ GPUs; multi_worker: MultiWorkerMirroredStrategy over TF_CONFIG's hosts
     strategy: Literal["auto", "mirrored", "multi_worker"] = "auto"
     cnn: CnnParams = CnnParams()
+    # A CSV with a `path` column (e.g. the rows of data/label_issues.csv you agree with): those images
+    # are dropped from the train and val splits. Its sha256 goes into models/model.json.
+    exclude: OptionalText = None
 
     @field_validator("jit_compile", mode="before")
     @classmethod
@@ -227,6 +234,48 @@ def recipe_settings(train: TrainParams, augment: AugmentParams) -> tuple[TrainPa
     return train.model_copy(update=seed), NO_AUGMENT
 
 
+class EvaluateParams(_Section):
+    """Calibration and the operating point, both fitted on the val split and reported on test."""
+
+    calibrate: bool = True  # temperature scaling fitted on val; false: the model's own probabilities
+    # Two classes: the class to catch and the recall wanted on val; the threshold is chosen to reach
+    # it. Empty: the class with the higher probability wins (threshold 0.5 for two classes).
+    positive_class: OptionalText = None
+    target_recall: float | None = Field(default=None, gt=0, le=1)
+    bootstrap: int = Field(default=1000, ge=100)  # resamples for the 95% intervals
+    seed: Seed = 42
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> EvaluateParams:
+        if (self.positive_class is None) != (self.target_recall is None):
+            raise ValueError("positive_class and target_recall go together: set both, or neither")
+        return self
+
+
+class AuditParams(_Section):
+    """Grouped cross-validation of the train recipe on train+val, outside the path to publish."""
+
+    folds: int = Field(default=0, ge=0)  # k folds by group and near-duplicate cluster; 0: off
+    seed: Seed = 42
+
+    @field_validator("folds")
+    @classmethod
+    def _off_or_two_or_more(cls, folds: int) -> int:
+        if folds == 1:
+            raise ValueError("must be 0 (off) or at least 2")
+        return folds
+
+
+class GateParams(_Section):
+    """Champion/challenger: when this run's model may replace the published one."""
+
+    metric: Literal["macro_f1", "sensitivity"] = "macro_f1"  # sensitivity: at the threshold, needs positive_class
+    tolerance: float = Field(default=0.0, ge=0, le=1)  # promote when challenger - champion >= -tolerance on both sets
+    force: bool = False  # promote whatever the scores say; recorded as forced
+    bootstrap: int = Field(default=1000, ge=100)  # paired resamples for the differences' 95% intervals
+    seed: Seed = 42
+
+
 class S3Params(_Section):
     """Where S3 is: boto3's credential chain supplies who you are (never put keys here)."""
 
@@ -235,7 +284,8 @@ class S3Params(_Section):
 
 
 class PublishParams(_Section):
-    s3_uri: str | None = None  # s3://bucket/prefix for each run's model, metrics, plots; empty: no publishing
+    s3_uri: str | None = None  # s3://bucket/prefix for each run's model, metrics, plots; empty: local_dir
+    local_dir: str = "models/champion"  # with s3_uri empty: the champion folder the gate compares against
 
     @field_validator("s3_uri", mode="before")
     @classmethod
@@ -278,12 +328,17 @@ with warnings.catch_warnings():
         split: SplitParams = SplitParams()
         augment: AugmentParams = AugmentParams()
         train: TrainParams = TrainParams()
+        evaluate: EvaluateParams = EvaluateParams()
         s3: S3Params = S3Params()
+        gate: GateParams = GateParams()
         publish: PublishParams = PublishParams()
+        audit: AuditParams = AuditParams()
         orchestration: OrchestrationParams = OrchestrationParams()
 
         @model_validator(mode="after")
         def _model_fits_image_size(self) -> Params:
+            if self.gate.metric == "sensitivity" and self.evaluate.positive_class is None:
+                raise ValueError("gate.metric: sensitivity needs evaluate.positive_class and evaluate.target_recall")
             height, width = self.prepare.image_size
             if self.train.model != "cnn":
                 if min(height, width) < 32:

@@ -1,8 +1,10 @@
 """Prediction: a saved model and raw image files -> rows of (path, label, probability, error).
 
 The model's `model.json` says how its images were prepared (size, resize mode, channels);
-each file is judged and prepared exactly as the validate and cache stages do, so predictions
-match evaluation. A file that cannot be read is a row with an error, not a crash.
+each file is judged and prepared exactly as the validate and cache stages do, and its
+`calibration.json` (evaluate's) turns the probabilities into calibrated ones and a label as
+evaluate and the export do, so predictions match evaluation. A file that cannot be read is a
+row with an error, not a crash.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from tasks.calibration import CALIBRATION_JSON, Calibration, calibrated_probabilities, load_calibration, predicted_indices, uncalibrated
 from tasks.errors import StageError
 from tasks.files import atomic_file, chunked, model_json
 from tasks.images import decode, judge, resize
@@ -38,7 +41,7 @@ def expand(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-def _prepare(path: Path, described: dict, max_pixels: int) -> np.ndarray:
+def prepare_file(path: Path, described: dict, max_pixels: int) -> np.ndarray:
     if not path.is_file():  # a FIFO or a device would block or never end
         raise ValueError("not a regular file" if path.exists() else "no such file")
     data = path.read_bytes()
@@ -52,6 +55,7 @@ def _prepare(path: Path, described: dict, max_pixels: int) -> np.ndarray:
 def predict(model_path: Path, paths: Iterable[Path], max_pixels: int = ValidateParams().max_pixels) -> list[dict]:
     """Returns one row per file: the predicted label and its probability, or the error."""
     described, model = load_described_model(model_path)
+    calibration = load_model_calibration(model_path, described["classes"])
     rows: list[dict] = []
     for batch in chunked(expand(paths), BATCH):
         images, ready = [], []
@@ -59,16 +63,56 @@ def predict(model_path: Path, paths: Iterable[Path], max_pixels: int = ValidateP
             row = {"path": str(path), "label": "", "probability": "", "error": ""}
             rows.append(row)
             try:
-                images.append(_prepare(path, described, max_pixels))
+                images.append(prepare_file(path, described, max_pixels))
                 ready.append(row)
             except (OSError, ValueError) as exc:
                 row["error"] = str(exc) or type(exc).__name__
         if images:
-            probabilities = class_probabilities(model, np.stack(images))
-            for row, p in zip(ready, probabilities):
-                row["label"] = described["classes"][int(p.argmax())]
-                row["probability"] = f"{p.max():.6f}"
+            probabilities = calibrated_probabilities(class_probabilities(model, np.stack(images)), calibration)
+            for row, p, index in zip(ready, probabilities, predicted_indices(probabilities, calibration)):
+                row["label"] = described["classes"][int(index)]
+                row["probability"] = f"{p[index]:.6f}"
     return rows
+
+
+def load_inference_model(model_path: Path) -> keras.Model:
+    """Returns the saved model, computing in float32 whatever precision it was trained in.
+
+    Mixed precision is a training speed-up: the weights are float32 either way. Predicting in
+    float32 everywhere (evaluate, predict, the export) keeps their probabilities the same to
+    float32 rounding, and TFLite has no bfloat16 kernels.
+    """
+    model = keras.models.load_model(model_path, compile=False)
+    config = model.get_config()
+    float32 = _float32_policies(config)
+    if float32 == config:
+        return model
+    rebuilt = model.__class__.from_config(float32)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def _float32_policies(config):
+    if isinstance(config, dict):
+        if str(config.get("class_name", "")).endswith("DTypePolicy") and str(config["config"].get("name")).startswith("mixed_"):
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_policies(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(value) for value in config]
+    return config
+
+
+def load_model_calibration(model_path: Path, classes: list[str]) -> Calibration:
+    """Returns the calibration evaluate saved beside the model; none (temperature 1, the likelier
+    class wins) for a model evaluate has not seen."""
+    path = model_path.parent / CALIBRATION_JSON
+    if not path.exists():
+        return uncalibrated(classes)
+    calibration = load_calibration(path)
+    if calibration.classes != list(classes):
+        raise PredictError(f"{path}: calibrated for classes {calibration.classes}, but the model has {list(classes)} "
+                           "(re-run evaluate)")  # fmt: skip
+    return calibration
 
 
 def load_described_model(model_path: Path) -> tuple[dict, keras.Model]:
@@ -86,7 +130,7 @@ def load_described_model(model_path: Path) -> tuple[dict, keras.Model]:
     if not model_path.is_file():
         raise PredictError(f"{model_path}: no such model file")
     try:
-        model = keras.models.load_model(model_path)
+        model = load_inference_model(model_path)
     except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... on a damaged file
         raise PredictError(f"{model_path}: not a readable Keras model ({type(exc).__name__})") from None
     expected = (*size, channels)

@@ -1,92 +1,157 @@
-"""Stage publish: the run's model, metrics, plots and report -> `<publish.s3_uri>/runs/<run-id>/`.
+"""Stage publish: the run -> `<store>/runs/<run-id>/`, then, if the gate promotes it, `<store>/latest.json`.
 
-Every file of the run is uploaded first; `<publish.s3_uri>/latest.json` (run id, metrics,
-object keys) is written last, so a reader never sees a `latest` that points at a
-half-uploaded run: an interrupted publish leaves it on the previous complete run. With an
-empty `publish.s3_uri` the stage publishes nothing and says so in `metrics/publish.json`.
+The store is `publish.s3_uri`, or with it empty the local folder `publish.local_dir` (default
+models/champion), laid out alike (tasks/champion.py). First the gate (tasks/gate.py) scores
+this run's model against the champion `latest.json` points at. Then every file of the run is
+uploaded, promoted or not (a run that is not promoted stays there for inspection); a
+promoted run adds its reference set (its test images as raw files, and `labels.csv`) for the
+next challengers. `latest.json` (run id, metrics, object keys, the gate's decision) is written
+last, so a reader never sees a `latest` that points at a half-uploaded run, and only if it is
+still the one the gate compared against: a publish that lost that race says so and leaves it.
+The decision goes to `metrics/publish.json` and the run's report.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import secrets
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tasks.files import atomic_file, model_json, retrying, sha256_file
+from tasks.calibration import CALIBRATION_JSON
+from tasks.champion import LATEST, Store, StoreError, open_store
+from tasks.errors import StageError
+from tasks.files import atomic_file, model_json, sha256_file
+from tasks.gate import FIRST_RUN, Champion, Decision, LabelledFiles, judge, reference_set, run_test_set
 from tasks.layout import Layout
-from tasks.params import PublishParams, S3Params
+from tasks.params import GateParams, PublishParams, S3Params
 from tasks.report import read_json, report_markdown
-from tasks.s3 import S3Error, S3Transient, S3Uri, client, explain_error, parse_uri
 
 log = logging.getLogger("imgclf")
 
-ATTEMPTS = 4
+TRANSFERS = 16  # reference images moved at once: each is a small request, so waiting dominates
+MODEL_FILES = ("model.keras", "model.json", "labels.json", CALIBRATION_JSON)  # what the gate loads of a champion
+
+
+class PublishError(StageError):
+    """The run cannot be published as it stands; the message names what is missing."""
 
 
 def run_files(layout: Layout) -> list[Path]:
-    """Returns the files a run publishes: model, its description and summary, metrics and plots."""
+    """Returns the files a run publishes: model, its description, calibration, summary and exports (when
+    the run made them), metrics and plots."""
     model_dir = layout.model_dir
     fixed = [model_dir / "model.keras", model_json(model_dir), model_dir / "summary.txt"]
     fixed += [layout.metrics_dir / name for name in ("train.json", "eval.json")]
+    made = [model_dir / CALIBRATION_JSON, model_dir / "model.tflite", layout.metrics_dir / "export.json"]
+    exports = sorted(p for p in (model_dir / "serving").rglob("*") if p.is_file())
     plots = sorted(p for p in layout.plots_dir.glob("*") if p.suffix in (".png", ".csv"))
-    return [*fixed, *plots]
+    return [*fixed, *(p for p in made if p.is_file()), *exports, *plots]
 
 
-def _retrying(uri: S3Uri, call) -> None:
-    def explained_call() -> None:
-        try:
-            call()
-        except Exception as exc:
-            raise explain_error(uri, exc) from None
-
-    try:
-        retrying(explained_call, ATTEMPTS, 0.5, S3Transient, f"publish: {uri}")
-    except S3Transient as exc:
-        raise S3Error(f"{exc} (gave up after {ATTEMPTS} attempts)") from None
-
-
-def publish(params: PublishParams, s3: S3Params, layout: Layout, record: Path) -> Path:
-    """Returns `record`, which says what was published where (or that nothing was)."""
-    if not params.s3_uri:
-        with atomic_file(record) as handle:
-            json.dump({"published": False, "reason": "publish.s3_uri is empty"}, handle, indent=2)
-        log.info("publish: skipped (publish.s3_uri is empty)")
-        return record
+def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layout, record: Path) -> Path:
+    """Returns `record`, which says where the run went and what the gate decided."""
     files = run_files(layout)
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
-        raise S3Error(f"publish: missing run files (run train and evaluate first): {', '.join(missing)}")
-    base = parse_uri(params.s3_uri)
+        raise PublishError(f"publish: missing run files (run train and evaluate first): {', '.join(missing)}")
+    store = open_store(params, s3, layout.root)
     model_hash = sha256_file(layout.model_dir / "model.keras")
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{model_hash[:8]}"
-    s3_client = client(s3)
-    objects: dict[str, str] = {}
-    report = layout.root / ".imgclf" / "report.md"
-    with atomic_file(report) as handle:
-        handle.write(report_markdown(layout))
-    # Smallest first: the model, by far the largest, goes last before latest.json.
-    for path in sorted([*files, report], key=lambda path: path.stat().st_size):
-        relative = path.name if path == report else path.relative_to(layout.root).as_posix()
-        target = base.child("runs", run_id, relative)
-        _retrying(target, lambda path=path, target=target: s3_client.upload_file(str(path), target.bucket, target.key))
-        objects[relative] = target.key
-    evaluation = read_json(layout.metrics_dir / "eval.json")
-    latest = {
-        "run_id": run_id,
-        "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": objects["models/model.keras"],
-        "model_sha256": model_hash,
-        "metrics": {key: evaluation[key] for key in ("accuracy", "macro_f1", "roc_auc", "n_test") if key in evaluation},
-        "objects": objects,
-    }
-    pointer = base.child("latest.json")
-    body = json.dumps(latest, indent=2).encode()
-    # Last, once every object of the run is in place.
-    _retrying(pointer, lambda: s3_client.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=body,
-                                                     ContentType="application/json"))  # fmt: skip
+    # The random part keeps two publishes of one model in the same second apart.
+    run = f"runs/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{model_hash[:8]}-{secrets.token_hex(2)}"
+    run_id = run.removeprefix("runs/")
+    test = run_test_set(layout.extracted_dir, layout.split_csv)
+    # The champion fetched from S3 and the report: the system's temporary folder, not the project's.
+    with tempfile.TemporaryDirectory(prefix="imgclf-publish-") as scratch:
+        pointer = store.read(LATEST)
+        decision = _gate(gate, store, pointer, layout.model_dir / "model.keras", test, Path(scratch))
+        if gate.force:
+            decision = decision.forced_through()
+        report = Path(scratch) / "report.md"
+        _write_report(report, layout, decision.as_json(gate))
+        objects: dict[str, str] = {}
+        # Smallest first: the model, by far the largest file of the run, goes last of them.
+        for path in sorted([*files, report], key=lambda path: path.stat().st_size):
+            relative = path.name if path == report else path.relative_to(layout.root).as_posix()
+            objects[relative] = store.put(path, f"{run}/{relative}")
+        evaluation = read_json(layout.metrics_dir / "eval.json")
+        latest = {
+            "run_id": run_id,
+            "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": objects["models/model.keras"],
+            "model_sha256": model_hash,
+            "metrics": {key: evaluation[key] for key in ("accuracy", "macro_f1", "roc_auc", "n_test") if key in evaluation},
+            "objects": objects,
+            "gate": decision.as_json(gate),
+        }
+        if decision.promoted:
+            latest["reference"] = _put_reference(store, run, test, Path(scratch))
+            # Last, once every object of the run is in place; only over the champion the gate compared against.
+            if not store.replace_if(LATEST, json.dumps(latest, indent=2).encode(), pointer[1] if pointer else None):
+                decision = _lost_race(store, decision)
+                latest["gate"] = decision.as_json(gate)
+                _write_report(report, layout, latest["gate"])
+                store.put(report, f"{run}/report.md")  # this run is not the champion: nobody reads it as one
     with atomic_file(record) as handle:
-        json.dump({"published": True, "uri": str(base.child("runs", run_id)), "latest": str(pointer), **latest},
-                  handle, indent=2)  # fmt: skip
-    log.info("publish: %d objects to %s, then %s", len(objects), base.child("runs", run_id), pointer)
+        json.dump({"published": True, "promoted": decision.promoted, "uri": store.where(run), "latest": store.where(LATEST),
+                   **latest}, handle, indent=2)  # fmt: skip
+    log.info("publish: %d objects to %s; %s", len(objects), store.where(run), decision.reason)
     return record
+
+
+def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, model_path: Path, test: LabelledFiles,
+          scratch: Path) -> Decision:  # fmt: skip
+    """Returns the gate's decision on this run against the champion `pointer` (latest.json's bytes) names."""
+    if pointer is None:
+        return Decision(True, FIRST_RUN)
+    try:
+        champion = _fetch_champion(store, pointer[0], scratch)
+    except (StageError, ValueError, KeyError, TypeError) as exc:
+        return Decision(False, f"the champion cannot be read ({store.where(LATEST)}): {exc}")
+    return judge(gate, model_path, test, champion)
+
+
+def _fetch_champion(store: Store, pointer: bytes, scratch: Path) -> Champion:
+    latest = json.loads(pointer)
+    run_id, objects = str(latest["run_id"]), latest["objects"]
+    run = f"runs/{run_id}"
+    if "reference" not in latest:
+        raise StoreError(f"its run {run_id} has no reference set (published before the gate); gate.force=true "
+                         "promotes this run and makes its test split the reference set")  # fmt: skip
+    wanted = {f"models/{name}" for name in MODEL_FILES}
+    fetched = {relative: store.get(f"{run}/{relative}", scratch) for relative in objects if relative in wanted}
+    if "models/model.keras" not in fetched:
+        raise StoreError(f"its run {run_id} lists no models/model.keras")
+    labels_csv = store.get(f"{run}/reference/labels.csv", scratch)
+    reference = reference_set(labels_csv, labels_csv.parent / "images")
+    with ThreadPoolExecutor(TRANSFERS) as pool:
+        list(pool.map(lambda path: store.get(f"{run}/reference/images/{path}", scratch), reference.paths))
+    return Champion(run_id, fetched["models/model.keras"], reference)
+
+
+def _put_reference(store: Store, run: str, test: LabelledFiles, scratch: Path) -> dict:
+    """Publishes the test split as the reference set: each raw file, then labels.csv naming them."""
+    with ThreadPoolExecutor(TRANSFERS) as pool:
+        list(pool.map(lambda path: store.put(test.root / path, f"{run}/reference/images/{path}"), test.paths))
+    labels = scratch / "labels.csv"
+    with open(labels, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([("path", "label"), *zip(test.paths, test.labels)])
+    return {"labels": store.put(labels, f"{run}/reference/labels.csv"), "images": len(test.paths)}
+
+
+def _lost_race(store: Store, decision: Decision) -> Decision:
+    current = store.read(LATEST)
+    holder = json.loads(current[0]).get("run_id") if current else None
+    reason = (f"lost the race: latest.json moved to {holder} while this run was gated against "
+              f"{decision.champion or 'no champion'}; left on {holder}")  # fmt: skip
+    log.warning("publish: %s", reason)
+    return Decision(False, reason, decision.champion, decision.forced, decision.comparisons)
+
+
+def _write_report(path: Path, layout: Layout, gate: dict) -> None:
+    with atomic_file(path) as handle:
+        handle.write(report_markdown(layout, gate=gate))

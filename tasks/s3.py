@@ -50,7 +50,9 @@ def client(params: S3Params):
 
     endpoint = params.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     # Retries here are ours (explain_error sorts transient from permanent), so botocore's are few.
-    config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    # A pool for publish's parallel transfers of the reference set (botocore keeps 10 by default).
+    config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+                    max_pool_connections=32)  # fmt: skip
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=params.region, config=config)
 
 
@@ -69,7 +71,9 @@ _PERMANENT = {
     "ExpiredToken": "bad credentials (expired session token)",
     "InvalidBucketName": "invalid bucket name",
 }
-_TRANSIENT = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "500", "502", "503", "504", "Throttling"}
+# ConditionalRequestConflict (409): another conditional write to the key was in flight; AWS asks for a retry.
+_TRANSIENT = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "500", "502", "503", "504", "Throttling",
+              "ConditionalRequestConflict"}  # fmt: skip
 
 
 def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:

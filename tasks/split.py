@@ -1,9 +1,13 @@
-"""Stage split: the manifest's valid images -> `data/split.csv` (path, label, split).
+"""Stage split: the manifest's valid images -> `data/split.csv` (path, label, split, [group], block).
 
 Stratified by label and seeded: per class, each split holds its fraction of the images
 within one image. With `split.group_pattern` (a regex whose first group is read from the
 file name, e.g. the malaria patient id), whole groups go to one split, so no patient's cells
 sit on both sides; stratification is then best-effort and the achieved fractions are logged.
+Near-duplicate clusters (`data/near_duplicates.csv`) are kept whole the same way: a block is
+the images joined by a group or a cluster (the union of both), and each block goes to one
+split, so the split is leak-free by construction. `block` names it in split.csv (the audit's
+folds keep blocks whole too); clusters whose images carry two labels are logged.
 An archive that brings its own split (the manifest's `archive_split`) keeps it when
 `split.archive_split` is `keep`: a val or test split it lacks is carved from its train images.
 """
@@ -18,9 +22,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from tasks.errors import StageError
-from tasks.files import atomic_file
+from tasks.files import atomic_file, read_csv
 from tasks.manifest import read_valid_rows
 from tasks.params import SplitParams
 
@@ -84,7 +90,8 @@ def _grouped(params: SplitParams, rows: list[dict], groups: list[str], fractions
         members[group].append(index)
     names = sorted(members)
     if len(names) < sum(1 for f in fractions.values() if f > 0):
-        raise SplitError(f"split: split.group_pattern found only {len(names)} group(s); too few for train/val/test")
+        raise SplitError(f"split: only {len(names)} group(s) of images that stay together (split.group_pattern, "
+                         "near-duplicate clusters); too few for train/val/test")  # fmt: skip
     counts = {g: np.array([sum(rows[i]["label"] == lab for i in members[g]) for lab in labels]) for g in names}
     totals = sum(counts.values())
     targets = {name: fraction * totals for name, fraction in fractions.items()}
@@ -114,6 +121,45 @@ def group_of(pattern: re.Pattern[str], path: str) -> str:
     return match.group(1) if match else path
 
 
+def blocks_of(*partitions: list[str]) -> list[int]:
+    """Returns each item's block: items that share a value in any partition are one block (numbered
+    in order of first item)."""
+    n = len(partitions[0])
+    first: dict[tuple[int, str], int] = {}
+    links = [first.setdefault((which, value), index) for which, values in enumerate(partitions)
+             for index, value in enumerate(values)]  # fmt: skip
+    sources = np.tile(np.arange(n), len(partitions))
+    graph = coo_matrix((np.ones(len(links)), (sources, np.array(links))), shape=(n, n))
+    return connected_components(graph, directed=False)[1].tolist()
+
+
+def _clusters(near_duplicates_csv: Path, rows: list[dict]) -> list[str]:
+    """Returns each row's near-duplicate cluster, read from the near_duplicates stage's table."""
+    if not near_duplicates_csv.exists():
+        raise SplitError(f"split: {near_duplicates_csv} is missing (run the near_duplicates stage first)")
+    cluster_of = {entry["path"]: entry["cluster"] for entry in read_csv(near_duplicates_csv)}
+    missing = next((row["path"] for row in rows if row["path"] not in cluster_of), None)
+    if missing is not None:
+        raise SplitError(f"split: {missing} is not in {near_duplicates_csv} (re-run the near_duplicates stage)")
+    return [cluster_of[row["path"]] for row in rows]
+
+
+def _log_clusters(rows: list[dict], clusters: list[str], assigned: list[str]) -> None:
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, cluster in enumerate(clusters):
+        members[cluster].append(index)
+    shared = [indices for indices in members.values() if len(indices) > 1]
+    if not shared:
+        return
+    mixed = sum(1 for indices in shared if len({rows[i]["label"] for i in indices}) > 1)
+    split_apart = sum(1 for indices in shared if len({assigned[i] for i in indices}) > 1)
+    log.info("split: %d near-duplicate clusters (%d images), %d of them spanning classes (label conflicts: see "
+             "data/near_duplicates.csv)", len(shared), sum(map(len, shared)), mixed)  # fmt: skip
+    if split_apart:  # only an archive's own split can do this
+        log.warning("split: %d near-duplicate clusters span the archive's own splits (a leak the archive brings; "
+                    "split.archive_split: ignore re-splits it)", split_apart)  # fmt: skip
+
+
 def _assign(params: SplitParams, rows: list[dict], groups: list[str], fractions: dict[str, float]) -> list[str]:
     return _grouped(params, rows, groups, fractions) if groups else _stratified(params, rows, fractions)
 
@@ -139,8 +185,9 @@ def _keep_archive_split(params: SplitParams, rows: list[dict], groups: list[str]
     return assigned
 
 
-def split(params: SplitParams, manifest_csv: Path, split_csv: Path) -> Path:
-    """Returns `split_csv`, with each valid image of the manifest assigned to train, val or test."""
+def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplicates_csv: Path | None = None) -> Path:
+    """Returns `split_csv`, with each valid image of the manifest assigned to train, val or test;
+    each group and near-duplicate cluster (when `near_duplicates_csv` is given) in one split."""
     rows = read_valid_rows(manifest_csv)
     if not rows:
         raise SplitError(f"split: {manifest_csv} has no valid images")
@@ -157,20 +204,31 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path) -> Path:
         if unmatched:
             log.warning("split: %d file name(s) do not match split.group_pattern; each is its own group", unmatched)
         columns.append("group")
+    clusters = _clusters(near_duplicates_csv, rows) if near_duplicates_csv else [row["path"] for row in rows]
+    names = groups or [row["path"] for row in rows]
+    blocks = blocks_of(names, clusters)
+    # A block goes by its first image's group: without near-duplicates, the groups and their split are as
+    # they were. Without groups or clusters, each block is one image: the plain stratified split.
+    first: dict[int, int] = {}
+    together = [names[first.setdefault(block, i)] for i, block in enumerate(blocks)]
+    if len(first) == len(rows):
+        together = []
     # A manifest written before the archive_split column has none.
     has_archive_split = any(row.get("archive_split") for row in rows)
     if has_archive_split and params.archive_split == "keep":
-        assigned = _keep_archive_split(params, rows, groups)
+        assigned = _keep_archive_split(params, rows, together)
     else:
         if has_archive_split:
             log.info("split: the archive's own split is ignored (split.archive_split: ignore); all images are re-split")
-        assigned = _assign(params, rows, groups, _fractions(params))
+        assigned = _assign(params, rows, together, _fractions(params))
     with atomic_file(split_csv, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(columns)
+        writer.writerow(columns + ["block"])
         for index, row in enumerate(rows):
-            writer.writerow([row["path"], row["label"], assigned[index]] + ([groups[index]] if groups else []))
+            group = [groups[index]] if groups else []
+            writer.writerow([row["path"], row["label"], assigned[index], *group, blocks[index]])
     log.info("%s", summary(rows, assigned))
+    _log_clusters(rows, clusters, assigned)
     return split_csv
 
 

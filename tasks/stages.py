@@ -16,7 +16,9 @@ from tasks.download import archive_path, download
 from tasks.extract import extract
 from tasks.files import ShardMap, process_pool_map
 from tasks.layout import Layout
+from tasks.near_duplicates import near_duplicates
 from tasks.params import Params
+from tasks.rows import Staging, staging_dir
 from tasks.split import split
 from tasks.validate import validate
 
@@ -33,15 +35,31 @@ def _extract(p: Params, at: Layout, map_shards: ShardMap) -> Path:
 
 
 def _validate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
-    return validate(p.validate, at.extracted_dir, at.manifest_csv, map_shards)
+    # `prepare` is a hint here, not a dependency: validate stages the rows the cache stage will want.
+    staging = Staging(p.prepare, staging_dir(at.cache_dir))
+    return validate(p.validate, at.extracted_dir, at.manifest_csv, map_shards, staging)
 
 
 def _cache(p: Params, at: Layout, map_shards: ShardMap) -> Path:
-    return cache(p.prepare, at.manifest_csv, at.extracted_dir, at.cache_dir, map_shards).path
+    return cache(p.prepare, at.manifest_csv, at.extracted_dir, at.cache_dir, map_shards, staging_dir(at.cache_dir)).path
+
+
+NEAR_DUPLICATES_CSV = "data/near_duplicates.csv"
+
+
+def _near_duplicates(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    return near_duplicates(p.validate, at.cache_dir, at.root / NEAR_DUPLICATES_CSV, at.metrics_dir / "near_duplicates.json")
 
 
 def _split(p: Params, at: Layout, map_shards: ShardMap) -> Path:
-    return split(p.split, at.manifest_csv, at.split_csv)
+    return split(p.split, at.manifest_csv, at.split_csv, at.root / NEAR_DUPLICATES_CSV)
+
+
+def _audit(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    from tasks.audit import audit  # TensorFlow loads only when the audit runs
+
+    return audit(p.audit, p.train, p.augment, at.cache_dir, at.split_csv, at.root / "data/oof.csv",
+                 at.root / "data/label_issues.csv", at.metrics_dir / "audit.json")  # fmt: skip
 
 
 def _train(p: Params, at: Layout, map_shards: ShardMap) -> Path:
@@ -54,13 +72,27 @@ def _evaluate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     from tasks.evaluate import evaluate
 
     return evaluate(at.model_dir / "model.keras", at.cache_dir, at.split_csv, at.metrics_dir / "train.json",
-                    at.metrics_dir, at.plots_dir)  # fmt: skip
+                    at.metrics_dir, at.plots_dir, p.evaluate)  # fmt: skip
+
+
+def _export(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    from tasks.export import export
+
+    return export(at.model_dir / "model.keras", at.model_dir / "calibration.json", at.cache_dir, at.split_csv,
+                  at.model_dir / "serving", at.model_dir / "model.tflite", at.metrics_dir / "export.json")  # fmt: skip
 
 
 def _publish(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     from tasks.publish import publish  # boto3 loads only when publishing
 
-    return publish(p.publish, p.s3, at, at.metrics_dir / "publish.json")
+    return publish(p.publish, p.gate, p.s3, at, at.metrics_dir / "publish.json")
+
+
+def _report(p: Params, at: Layout, map_shards: ShardMap) -> Path:
+    from tasks.report import REPORT_HTML, report
+
+    # The whole params: the page shows what the run was asked to do.
+    return report(p, at, archive_path(p.data, at.raw_dir), at.root / REPORT_HTML)
 
 
 # What each stage of dvc.yaml runs. Order, inputs, params and outputs are dvc.yaml's to say.
@@ -69,10 +101,14 @@ STAGES: dict[str, Stage] = {
     "extract": _extract,
     "validate": _validate,
     "cache": _cache,
+    "near_duplicates": _near_duplicates,
     "split": _split,
     "train": _train,
+    "audit": _audit,
     "evaluate": _evaluate,
+    "export": _export,
     "publish": _publish,
+    "report": _report,
 }
 
 

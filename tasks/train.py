@@ -1,19 +1,23 @@
 """Stage train: cache + split -> `models/model.keras`, `models/model.json`, `metrics/train.json`.
 
-The whole loop is here: pick the devices (MirroredStrategy over GPUs, mixed precision and
-XLA there; plain, deterministic CPU otherwise), feed uint8 batches from the memory-mapped
-cache in an order drawn from the seed and the epoch, fit as `train.recipe` says (by default a
-cosine-decayed rate, early stopping on val loss once `train.min_steps` batches have run, the
-best epoch kept; the seed notebook's plain loop for `recipe: seed`), back up the whole training state every epoch (a killed run resumes at its last epoch and
-ends with the weights it would have had), and log each epoch with dvclive for `dvc plots`
-and `dvc exp show`. Transfer models train their head on a frozen base first, then fine-tune
-the base's top layers. A loss that turns NaN or infinite stops the run before anything is saved.
+The whole loop is here: pick the devices (MirroredStrategy over GPUs, mixed float16 and
+XLA there; a deterministic CPU otherwise, in mixed bfloat16 where it has the instructions),
+feed uint8 batches from the memory-mapped cache in an order drawn from the seed and the
+epoch, fit as `train.recipe` says (by default a cosine-decayed rate, early stopping on val
+loss once `train.min_steps` batches have run, the best epoch kept; the seed notebook's plain
+loop for `recipe: seed`), back up the whole training state every epoch (a killed run resumes
+at its last epoch and ends with the weights it would have had), and log each epoch with
+dvclive for `dvc plots` and `dvc exp show`. Transfer models train their head on a frozen
+base first, then fine-tune the base's top layers. A loss that turns NaN or infinite stops
+the run before anything is saved.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -66,17 +70,41 @@ def is_chief(tf_config: str | None) -> bool:
     return task.get("type") in (None, "worker") and int(task.get("index", 0)) == 0
 
 
+def cpu_flags() -> str:
+    """Returns the CPU's feature flags as /proc/cpuinfo lists them ("" where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.partition(":")[2] for line in text.splitlines() if line.startswith("flags")), "")
+
+
+# x86 instructions that compute in bfloat16 (AVX512_BF16 dot products, AMX tiles); oneDNN uses them
+# under mixed_bfloat16. Without them bfloat16 is emulated and slower than float32.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(requested: str, gpus: int, flags: str) -> str:
+    """Returns the Keras dtype policy for train.precision: auto is mixed_float16 on GPUs, mixed_bfloat16
+    on a CPU with native bfloat16 (its `flags`, as cpu_flags() reads them), float32 elsewhere."""
+    if requested != "auto":
+        return requested
+    if gpus:
+        return "mixed_float16"
+    return "mixed_bfloat16" if NATIVE_BF16_FLAGS & set(flags.split()) else "float32"
+
+
 def choose_devices(params: TrainParams) -> Devices:
     """Returns the strategy, precision and XLA setting for the devices this process sees."""
     if params.strategy == "multi_worker":
         # Before anything else touches TensorFlow's devices: this sets up the collectives.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        precision = params.precision if params.precision != "auto" else "float32"
+        precision = resolve_precision(params.precision, len(tf.config.list_logical_devices("GPU")), cpu_flags())
         keras.mixed_precision.set_global_policy(precision)
         return Devices(strategy, precision, False, f"multi-worker, {strategy.num_replicas_in_sync} replica(s)",
                        multi_worker=True, chief=is_chief(os.environ.get("TF_CONFIG")))  # fmt: skip
     gpus = tf.config.list_logical_devices("GPU")
-    precision = params.precision if params.precision != "auto" else ("mixed_float16" if gpus else "float32")
+    precision = resolve_precision(params.precision, len(gpus), cpu_flags())
     keras.mixed_precision.set_global_policy(precision)
     jit = params.jit_compile == "true" or (params.jit_compile == "auto" and bool(gpus))
     if params.strategy == "mirrored" or len(gpus) > 1:
@@ -102,7 +130,8 @@ def train(
     scratch = None if devices.chief else Path(tempfile.mkdtemp(prefix="imgclf-worker-"))
     if scratch is not None:
         model_dir, metrics_dir = scratch / "models", scratch / "metrics"
-    data = _load(cache_dir, split_csv)
+    exclusion = read_exclusion(params.exclude)
+    data = _load(cache_dir, split_csv, exclusion)
     batch = params.batch_size * devices.strategy.num_replicas_in_sync
     steps = math.ceil(len(data.rows["train"]) / batch)  # per epoch
     val_ds = make_dataset(data, "val", batch) if len(data.rows["val"]) else None
@@ -117,7 +146,7 @@ def train(
 
     backup_root = model_dir / ".backup"
     if not devices.multi_worker:  # (no backups there: its loop does not resume)
-        _open_backup(backup_root, _fingerprint(params, augment, cache_dir, split_csv))
+        _open_backup(backup_root, _fingerprint(params, augment, cache_dir, split_csv) | {"exclude": exclusion.sha256})
     # One dvclive log for the whole run: every epoch of both phases, the backed-up ones replayed.
     loop = _Loop(model, devices, data, batch, params, class_weight, val_ds, _live(metrics_dir / "live"), backup_root)
     started = time.perf_counter()
@@ -135,7 +164,7 @@ def train(
     report = _report(loop, phases, seconds, _final_scores(loop))
     # Valid JSON or nothing: a NaN that got past the per-epoch check fails here, before any file is written.
     text = json.dumps(report, indent=2, allow_nan=False)
-    model_path = _save(model, data, params, augment, model_dir)
+    model_path = _save(model, data, params, augment, devices.precision, exclusion, model_dir)
     with atomic_file(metrics_dir / "train.json") as handle:
         handle.write(text)
     shutil.rmtree(backup_root, ignore_errors=True)
@@ -146,9 +175,48 @@ def train(
     return model_path
 
 
-def _load(cache_dir: Path, split_csv: Path) -> CachedSet:
-    """Returns the cache joined with the split; a TrainError unless it holds two classes or more and train rows."""
+@dataclass(frozen=True)
+class Exclusion:
+    """train.exclude: the images to leave out of train and val, and the sha256 of the file that lists them.
+
+    DVC sees train.exclude's value (the file's name), not the file: the sha256 recorded in
+    model.json says which list a model was trained without.
+    """
+
+    file: str | None = None
+    sha256: str = ""
+    paths: frozenset[str] = frozenset()
+
+    def described(self) -> dict | None:
+        return {"file": self.file, "sha256": self.sha256, "paths": len(self.paths)} if self.file else None
+
+
+def read_exclusion(file: str | None) -> Exclusion:
+    """Returns the paths listed in the `path` column of `file` (train.exclude); none when it is unset."""
+    if not file:
+        return Exclusion()
+    try:
+        data = Path(file).read_bytes()
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8-sig")))
+        paths = frozenset(row["path"] for row in reader) if "path" in (reader.fieldnames or ()) else None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TrainError(f"train.exclude: {file}: cannot read it ({exc})") from None
+    if paths is None:
+        raise TrainError(f"train.exclude: {file} has no `path` column (a CSV like data/label_issues.csv)")
+    return Exclusion(file, hashlib.sha256(data).hexdigest(), paths)
+
+
+def _load(cache_dir: Path, split_csv: Path, exclusion: Exclusion) -> CachedSet:
+    """Returns the cache joined with the split, less the excluded images in train and val; a TrainError
+    unless it holds two classes or more and train rows."""
     data = load_cached_set(cache_dir, split_csv)
+    if exclusion.file:
+        kept = {name: np.array([row for row in data.rows[name] if data.paths[row] not in exclusion.paths], dtype=np.int64)
+                for name in ("train", "val")}  # fmt: skip
+        dropped = sum(len(data.rows[name]) - len(kept[name]) for name in kept)
+        log.info("train: train.exclude %s lists %d images; %d of them left out of train and val",
+                 exclusion.file, len(exclusion.paths), dropped)  # fmt: skip
+        data = replace(data, rows=data.rows | kept)
     if len(data.classes) < 2:
         raise TrainError(f"train: {cache_dir} holds {len(data.classes)} class(es); a classifier needs two or more")
     if not len(data.rows["train"]):
@@ -502,7 +570,8 @@ class _Curves(keras.callbacks.Callback):
         _log_epochs(self.live, {name: [float(value)] for name, value in (logs or {}).items()})
 
 
-def _save(model: keras.Model, data: CachedSet, params: TrainParams, augment: AugmentParams, model_dir: Path) -> Path:
+def _save(model: keras.Model, data: CachedSet, params: TrainParams, augment: AugmentParams, precision: str,
+          exclusion: Exclusion, model_dir: Path) -> Path:  # fmt: skip
     model_path = model_dir / "model.keras"
     with atomic_path(model_path) as temp:
         model.save(temp)
@@ -512,9 +581,12 @@ def _save(model: keras.Model, data: CachedSet, params: TrainParams, augment: Aug
         "channels": data.meta["channels"],
         "resize": data.meta["resize"],
         "recipe": params.recipe,
+        # What train.precision resolved to: the dtype policy it trained in, which its saved layers carry.
+        "precision": precision,
         # The settings the model was trained with: for recipe seed, the seed's, not the params file's.
         "train": params.model_dump(mode="json"),
         "augment": augment.model_dump(mode="json"),
+        "exclude": exclusion.described(),  # train.exclude's file, its sha256 and how many paths it lists
     }
     with atomic_file(model_dir / MODEL_JSON) as handle:
         json.dump(described, handle, indent=2)

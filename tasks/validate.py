@@ -7,24 +7,37 @@ label. The label is the file's top folder; when every top folder is named like a
 (`train/`, `test/`, ...), the label is the class folder inside it and the split is recorded
 in `archive_split`. Raw files are only read. Class folders that differ only by case or spaces
 stop the stage before any decoding; no valid image at all stops it after the manifest is written.
+
+Judging a file is one strict decode (`tasks.images.read_image`). Given a `Staging` (the
+prepare params, as a hint: the manifest does not depend on them), validate also resizes those
+pixels into the cache's rows and leaves them in the staging folder, keyed by content hash,
+settings and decoder fingerprint, where the cache stage takes them instead of decoding again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
 import logging
+import operator
 import os
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import imagecodecs
+import numpy as np
+
 from tasks.errors import StageError
-from tasks.files import Progress, ShardMap, atomic_file, process_pool_map, shards_of
+from tasks.files import Progress, ShardMap, atomic_dir, atomic_file, process_pool_map, shards_of
 from tasks.images import Verdict, judge
 from tasks.manifest import MANIFEST_COLUMNS
-from tasks.params import ValidateParams
+from tasks.params import PrepareParams, ValidateParams
+from tasks.rows import (RowWriter, Staging, crc32, decoder_fingerprint, pixels_sha256, read_row, row_shape,
+                        settings, shard_largest, write_index, write_meta)  # fmt: skip
 
 log = logging.getLogger("imgclf")
 
@@ -40,14 +53,17 @@ class ValidateError(StageError, ValueError):
 
 def list_files(root: Path) -> list[str]:
     """Returns every regular file under `root` as a sorted relative POSIX path (links not followed)."""
-    found = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs.sort()
-        base = Path(directory).relative_to(root)
-        for name in files:
-            full = os.path.join(directory, name)
-            if os.path.isfile(full) and not os.path.islink(full):
-                found.append((base / name).as_posix())
+    found: list[str] = []
+
+    def walk(folder: str, prefix: str) -> None:
+        with os.scandir(folder) as entries:  # a DirEntry knows its type: no stat call a file
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{prefix}{entry.name}/")
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(prefix + entry.name)
+
+    walk(str(root), "")
     return sorted(found)
 
 
@@ -69,11 +85,23 @@ def _class_of(path: str, split_layout: bool) -> tuple[str, str]:
     return (parts[0], "") if len(parts) > 1 else ("", "")
 
 
-def _judge_shard(root: str, max_pixels: int, split_layout: bool, paths: Sequence[str]) -> list[dict]:
+@dataclass(frozen=True)
+class JudgedShard:
+    rows: list[dict]  # manifest rows, in the shard's order
+    pixels: np.ndarray | None  # when staging: the cache row of each file valid so far (zeros for others), else None
+    digests: list[str]  # pixels_sha256 of each of those rows; "" for the others
+    decoder: str  # decoder_fingerprint() where the shard was judged, when staging
+
+
+def _judge_shard(root: str, max_pixels: int, split_layout: bool, prepare: PrepareParams | None,
+                 paths: Sequence[str]) -> JudgedShard:  # fmt: skip
     rows = []
-    for path in paths:
-        data = (Path(root) / path).read_bytes()
-        verdict = judge(data, max_pixels)
+    pixels = None if prepare is None else np.zeros((len(paths), *row_shape(prepare)), dtype=np.uint8)
+    digests = [""] * len(paths)
+    for index, path in enumerate(paths):
+        with open(os.path.join(root, path), "rb") as handle:
+            data = handle.read()
+        verdict, row = (judge(data, max_pixels), None) if prepare is None else read_row(data, prepare, max_pixels)
         label, archive_split = _class_of(path, split_layout)
         reason = verdict.reason or ("" if label else "no_label")
         if not _utf8(path):
@@ -81,6 +109,8 @@ def _judge_shard(root: str, max_pixels: int, split_layout: bool, paths: Sequence
             path = os.fsencode(path).decode("utf-8", "backslashreplace")
             label = label.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             reason, verdict = "bad_name", Verdict("bad_name", "file name is not valid UTF-8")
+        if row is not None and not reason:
+            pixels[index], digests[index] = row, pixels_sha256(row)
         rows.append(
             {
                 "path": path,
@@ -97,7 +127,7 @@ def _judge_shard(root: str, max_pixels: int, split_layout: bool, paths: Sequence
                 "archive_split": archive_split,
             }
         )
-    return rows
+    return JudgedShard(rows, pixels, digests, "" if prepare is None else decoder_fingerprint())
 
 
 def _utf8(text: str) -> bool:
@@ -126,9 +156,14 @@ def _mark_duplicates(rows: list[dict]) -> None:
 
 
 def validate(
-    params: ValidateParams, extracted_dir: Path, manifest_csv: Path, map_shards: ShardMap = process_pool_map
+    params: ValidateParams,
+    extracted_dir: Path,
+    manifest_csv: Path,
+    map_shards: ShardMap = process_pool_map,
+    staging: Staging | None = None,
 ) -> Path:
-    """Returns `manifest_csv`, written with one row per file under `extracted_dir`."""
+    """Returns `manifest_csv`, written with one row per file under `extracted_dir`; with `staging`,
+    also the cache rows of the files it could decode, in `staging.folder`."""
     if not extracted_dir.is_dir():
         raise FileNotFoundError(f"{extracted_dir}: no such folder (run the extract stage first)")
     paths = list_files(extracted_dir)
@@ -136,23 +171,76 @@ def validate(
     if split_layout:
         log.info("validate: %s is laid out as split folders: labels are the class folders inside them", extracted_dir)
     _check_class_names(extracted_dir, {_class_of(path, split_layout)[0] for path in paths} - {""})
-    judge_shard = functools.partial(_judge_shard, str(extracted_dir.resolve()), params.max_pixels, split_layout)
+    prepare = staging.params if staging else None
+    judge_shard = functools.partial(_judge_shard, str(extracted_dir.resolve()), params.max_pixels, split_layout,
+                                    prepare)  # fmt: skip
+    shards = shards_of(paths, SHARD_FILES, **({"largest": shard_largest(prepare)} if prepare else {}))
     rows: list[dict] = []
     progress = Progress(len(paths), "validate", "files")
-    for shard_rows in map_shards(judge_shard, shards_of(paths, SHARD_FILES)):
-        rows.extend(shard_rows)
-        progress.update(len(shard_rows))
+    with _StagedRows(staging, len(paths)) if staging else contextlib.nullcontext() as staged:
+        for judged in map_shards(judge_shard, shards):
+            if staged:
+                staged.add(judged)
+            rows.extend(judged.rows)
+            progress.update(len(judged.rows))
+        if staged:
+            staged.finish()
     progress.close()
     _mark_duplicates(rows)
     with atomic_file(manifest_csv, newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(map(operator.itemgetter(*MANIFEST_COLUMNS), rows))
     log.info("%s", summary(rows))
     if not any(row["status"] == "valid" for row in rows):
         reasons = _counts(row["reason"] for row in rows) or "none"
         raise ValidateError(f"{extracted_dir}: no valid images among {len(rows)} files ({reasons}); see {manifest_csv}")
     return manifest_csv
+
+
+class _StagedRows(contextlib.ExitStack):
+    """The staging folder being written, in place of the last one once all is written. It holds the
+    rows of the files valid so far, in path order, a content once: when no later file turns one of
+    them into a conflict, exactly the rows of the cache, which then takes the files as they are."""
+
+    def __init__(self, staging: Staging, files: int):
+        super().__init__()
+        self.staging, self.shape = staging, (files, *row_shape(staging.params))
+        self.made_with = settings(staging.params, decoder_fingerprint())
+        self.entries: list[tuple[int, str, str, str, str]] = []
+        self.held: set[str] = set()
+        self.rows_crc32, self.foreign = 0, 0
+
+    def __enter__(self) -> _StagedRows:
+        super().__enter__()
+        self.folder = self.enter_context(atomic_dir(self.staging.folder))
+        self.images = self.enter_context(RowWriter(self.folder, self.shape))
+        return self
+
+    def add(self, judged: JudgedShard) -> None:
+        if judged.decoder != self.made_with["decoder"]:
+            self.foreign += len(judged.rows)  # the cache stage decodes these itself
+            return
+        taken = []
+        for offset, (row, digest) in enumerate(zip(judged.rows, judged.digests, strict=True)):
+            if digest and row["sha256"] not in self.held:  # a later copy is a duplicate, or a conflict
+                self.held.add(row["sha256"])
+                self.entries.append((len(self.entries), row["path"], row["label"], row["sha256"], digest))
+                taken.append(offset)
+        if taken:
+            pixels = judged.pixels if len(taken) == len(judged.rows) else judged.pixels[taken]
+            self.images.put(len(self.entries) - len(taken), pixels)
+            self.rows_crc32 = imagecodecs.deflate_crc32(pixels, self.rows_crc32)
+
+    def finish(self) -> None:
+        self.images.shrink_to(len(self.entries))
+        write_index(self.folder, self.entries)
+        shape = (len(self.entries), *self.shape[1:])
+        write_meta(self.folder, self.made_with, shape, Counter(entry[2] for entry in self.entries),
+                   rows_crc32=self.rows_crc32, index_crc32=crc32(self.folder / "index.csv"))  # fmt: skip
+        if self.foreign:
+            log.warning("validate: %d files were judged by workers with other decoding code or library versions; "
+                        "their rows are not staged", self.foreign)  # fmt: skip
 
 
 def _check_class_names(extracted_dir: Path, labels: set[str]) -> None:

@@ -8,8 +8,9 @@ import socket
 import struct
 import subprocess
 import sys
-import zlib
 import tempfile
+import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,61 @@ def dvc_project(root: Path, env: dict, updates: dict[str, dict]) -> Path:
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         sh(command, root, env)
     return root
+
+
+# S3: moto's standalone server on loopback, with test credentials and nothing else of AWS.
+ACCESS_KEY = "AKIAIMGCLFTESTKEY01"
+SECRET = "imgclf-test-secret-4f9c1e7ab2d84c"
+REGION = "us-east-1"
+
+
+def start_moto(env: dict) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, endpoint
+        except OSError:
+            time.sleep(0.1)
+    server.kill()
+    raise AssertionError("moto server did not start")
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """moto's S3 server on loopback; the test credentials in the environment, nothing else of AWS."""
+    home = tmp_path_factory.mktemp("aws")
+    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION,
+           "AWS_CONFIG_FILE": str(home / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials")}  # fmt: skip
+    server, endpoint = start_moto(os.environ | env)
+    saved = {key: os.environ.get(key) for key in [*env, "AWS_ENDPOINT_URL"]}
+    os.environ.update(env | {"AWS_ENDPOINT_URL": endpoint})
+    try:
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(moto, request) -> str:
+    import boto3
+
+    name = "imgclf-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
+    boto3.client("s3", endpoint_url=moto, region_name=REGION).create_bucket(Bucket=name)
+    return name
+
+
+def s3c(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,12 @@ import numpy as np
 import pytest
 
 import tasks.cache
+import tasks.rows
+import tasks.validate
 from tasks.cache import CacheError, cache
+from tasks.files import process_pool_map
 from tasks.params import PrepareParams, ValidateParams
+from tasks.rows import Staging, staging_dir
 from tasks.validate import validate
 from tests.conftest import PER_CLASS, in_process
 
@@ -138,8 +143,8 @@ def test_cache_from_other_decoder_code_is_not_reused(validated_demo, monkeypatch
     cache(params, manifest, extracted, cache_dir, in_process)
     before = json.loads((cache_dir / "meta.json").read_text()).get("decoder")
     if change == "decoding source":  # tasks/images.py as after an edit
-        sources = [edited_copy(p, tmp_path / "src") if p.name == "images.py" else p for p in tasks.cache.DECODER_SOURCES]
-        monkeypatch.setattr(tasks.cache, "DECODER_SOURCES", tuple(sources))
+        sources = [edited_copy(p, tmp_path / "src") if p.name == "images.py" else p for p in tasks.rows.DECODER_SOURCES]
+        monkeypatch.setattr(tasks.rows, "DECODER_SOURCES", tuple(sources))
     elif change == "resizing library":  # OpenCV as after an upgrade
         monkeypatch.setattr(cv2, "__version__", cv2.__version__ + ".post1")
     else:  # a cache written by another checkout
@@ -168,3 +173,77 @@ def test_a_failed_run_keeps_the_previous_cache_and_leaves_no_temp(validated_demo
         cache(PrepareParams(image_size=24), manifest, extracted, cache_dir, in_process)
     assert read_bytes(cache_dir) == before
     assert sorted(p.name for p in validated_demo.iterdir() if p.name.startswith(".")) == []
+
+
+# --- rows validate staged ------------------------------------------------------------------
+
+
+def staged_run(root: Path, params: PrepareParams, map_shards=in_process) -> Path:
+    """Validates root/extracted with `params` as the hint; returns the staging folder it left."""
+    staging = Staging(params, staging_dir(root / "cache"))
+    validate(ValidateParams(), root / "extracted", root / "manifest.csv", map_shards, staging)
+    return staging.folder
+
+
+def test_rows_staged_by_validate_give_the_bytes_of_a_cold_decode_and_are_then_removed(validated_demo, monkeypatch):
+    params = PrepareParams(image_size=[20, 24])
+    monkeypatch.setattr(tasks.validate, "SHARD_FILES", 16)  # several shards: worker processes decode them
+    staged = staged_run(validated_demo, params, process_pool_map)
+    staged_file = (staged / "images.npy").stat().st_ino
+    manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
+    result = cache(params, manifest, extracted, validated_demo / "cache", in_process, staged)
+    assert (result.decoded, result.reused, result.staged) == (0, 0, 2 * PER_CLASS)
+    assert (result.path / "images.npy").stat().st_ino == staged_file  # taken as it is, not copied
+    assert not staged.exists()
+    cold = cache(params, manifest, extracted, validated_demo / "cold", in_process)
+    assert cold.decoded == 2 * PER_CLASS
+    assert read_bytes(result.path) == read_bytes(cold.path)
+
+
+def test_tampered_staged_rows_are_decoded_again(validated_demo, caplog):
+    params = PrepareParams(image_size=16)
+    staged = staged_run(validated_demo, params)
+    index = {row["path"]: int(row["row"]) for row in csv.DictReader(open(staged / "index.csv", newline=""))}
+    images = np.load(staged / "images.npy", mmap_mode="r+")
+    tampered = sorted(index.values())[:3]
+    images[tampered[:2]] = 0
+    images[tampered[2], 5, 5, 0] ^= 1
+    images.flush()
+    del images
+    manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
+    with caplog.at_level("INFO", logger="imgclf"):
+        result = cache(params, manifest, extracted, validated_demo / "cache", in_process, staged)
+    assert (result.decoded, result.staged) == (3, 2 * PER_CLASS - 3)
+    assert "3 rows of the staging validate left no longer match their pixels_sha256" in caplog.text
+    cold = cache(params, manifest, extracted, validated_demo / "cold", in_process)
+    assert read_bytes(result.path) == read_bytes(cold.path)
+
+
+@pytest.mark.parametrize("stale", ["other image size", "other decoder", "other file content"])
+def test_stale_staged_rows_are_not_used(validated_demo, stale):
+    params = PrepareParams(image_size=16)
+    manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
+    staged = staged_run(validated_demo, PrepareParams(image_size=18) if stale == "other image size" else params)
+    if stale == "other decoder":  # staged by another checkout's code or libraries
+        meta = json.loads((staged / "meta.json").read_text())
+        (staged / "meta.json").write_text(json.dumps(meta | {"decoder": "0" * 64}))
+    changed = 0
+    if stale == "other file content":  # files edited after that validate: the next one judges them again
+        for path in sorted((extracted / "Uninfected").glob("*.png"))[:4]:
+            pixels = cv2.imread(str(path))
+            cv2.imwrite(str(path), 255 - pixels)
+            changed += 1
+        validate(ValidateParams(), extracted, manifest, in_process)
+    result = cache(params, manifest, extracted, validated_demo / "cache", in_process, staged)
+    expected_decoded = changed if stale == "other file content" else 2 * PER_CLASS
+    assert (result.decoded, result.staged) == (expected_decoded, 2 * PER_CLASS - expected_decoded)
+    cold = cache(params, manifest, extracted, validated_demo / "cold", in_process)
+    assert read_bytes(result.path) == read_bytes(cold.path)
+
+
+def test_a_valid_file_that_no_longer_decodes_stops_the_stage_naming_it(validated_demo):
+    manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
+    path = sorted((extracted / "Uninfected").glob("*.png"))[0]
+    path.write_bytes(path.read_bytes()[:200])  # cut after validate judged it whole
+    with pytest.raises(CacheError, match=f"^{re.escape(str(path.resolve()))}: truncated .*run validate again$"):
+        cache(PrepareParams(image_size=16), manifest, extracted, validated_demo / "cache", in_process)

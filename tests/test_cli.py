@@ -174,15 +174,16 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 180) -> list[p
     return family
 
 
-@pytest.mark.parametrize("stage", ["cache", "train"])
+@pytest.mark.parametrize("stage", ["validate", "train"])
 def test_killed_run_leaves_no_process_and_the_next_run_cleans_up_and_succeeds(stage, tmp_path, cli_env):
     from tasks.demo_data import make_demo_archive
 
     project = dvc_project(tmp_path / "project", cli_env, {})
-    # Enough images that the cache stage takes a moment, on its process pool.
+    # Enough images that validate (which decodes each image once and stages the cache's rows)
+    # takes a moment, on its process pool.
     archive = make_demo_archive(tmp_path / "cells.zip", per_class=1200)
     process = _run_in_background(project, cli_env, archive)
-    moment = {"cache": lambda: any(project.glob("data/.cache.tmp-*")), "train": lambda: (project / "models" / ".backup").exists()}
+    moment = {"validate": lambda: any(project.glob("data/.cache-staging.tmp-*")), "train": lambda: (project / "models" / ".backup").exists()}
     family = _kill_when(process, moment[stage])
     time.sleep(10)
     alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

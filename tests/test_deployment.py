@@ -112,3 +112,6 @@ def test_prefect_yaml_deploys_the_weekly_retrain_to_a_process_pool(tmp_path, pre
     assert found.work_pool_name == "imgclf-process"
     assert found.schedules[0].schedule.cron == load_params(repo / "params.yaml").orchestration.schedule
     assert found.parameters["overrides"] == {}
+    # One run at a time: a run that comes due while another runs waits for it (the gate's champion moves under neither).
+    assert found.global_concurrency_limit.limit == 1
+    assert found.concurrency_options.collision_strategy == "ENQUEUE"

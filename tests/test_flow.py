@@ -15,7 +15,7 @@ from tasks.demo_data import EXPECTED_DUPLICATES, EXPECTED_REJECTED, EXPECTED_SKI
 from tasks.stages import STAGES
 from tests.conftest import PER_CLASS, dvc_project, in_venv
 
-DATA_STAGES = ["download", "extract", "validate", "cache", "split"]
+DATA_STAGES = ["download", "extract", "validate", "cache", "near_duplicates", "split"]
 OUTPUTS = ["data/manifest.csv", "data/split.csv", "data/extract_skipped.csv",
            "data/cache/images.npy", "data/cache/index.csv", "data/cache/meta.json"]  # fmt: skip
 MODEL_OUTPUTS = ["models/model.keras", "models/model.json", "metrics/train.json", "metrics/eval.json",

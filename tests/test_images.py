@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, PngImagePlugin
 
-from tasks.images import decode, judge, resize
+from tasks.images import decode, judge, read_image, resize
 from tasks.png import decode_plain_png
 from tests.conftest import encode, noise, png_chunk
 
@@ -426,3 +426,46 @@ WHOLE_JPEGS = {
 def test_whole_jpeg_is_valid(kind):
     verdict = judge(WHOLE_JPEGS[kind](), MAX_PIXELS)
     assert (verdict.reason, verdict.width, verdict.height) == ("", 128, 128), verdict
+
+
+# --- one decode gives the verdict and the pixels -------------------------------------------
+
+def _cut(data: bytes, fraction: float) -> bytes:
+    return data[: int(len(data) * fraction)]
+
+
+def _scrambled(data: bytes) -> bytes:
+    return data[:800] + bytes(b ^ 0x5A for b in data[800:1000]) + data[1000:]
+
+
+BROKEN_JPEGS = {
+    "cut to a tenth": lambda: _cut(photo_jpeg(), 0.1) + END,
+    "header only": lambda: photo_jpeg()[: scan_start(photo_jpeg())] + END,
+    "progressive, cut": lambda: _cut(photo_jpeg(progressive=True), 0.5) + END,
+    "cut without an end marker": lambda: _cut(photo_jpeg(), 0.5),
+    "scrambled scan data": lambda: _scrambled(photo_jpeg()),
+}
+
+
+@pytest.mark.parametrize("kind", [*WHOLE_JPEGS, *BROKEN_JPEGS])
+@pytest.mark.parametrize("draft_size", [16, 40])
+def test_jpeg_verdict_does_not_depend_on_the_draft_size_validate_decodes_at(kind, draft_size):
+    data = {**WHOLE_JPEGS, **BROKEN_JPEGS}[kind]()
+    verdict, pixels = read_image(data, MAX_PIXELS, 3, draft_size)
+    assert verdict == judge(data, MAX_PIXELS)
+    assert (pixels is None) == bool(verdict.reason) == (kind in BROKEN_JPEGS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_pixels_with_the_verdict_are_the_pixels_decode_gives(mode, channels):
+    data = _image_in_mode(mode)
+    verdict, pixels = read_image(data, MAX_PIXELS, channels, draft_size=8)
+    assert verdict.reason == ""
+    assert np.array_equal(pixels, decode(data, channels, draft_size=8))
+
+
+def test_decode_of_a_broken_file_raises_naming_the_reason():
+    data = encode(Image.fromarray(noise(40, 50)), "PNG")
+    with pytest.raises(ValueError, match="^truncated: "):
+        decode(data[: len(data) // 2], 3)

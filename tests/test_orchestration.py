@@ -24,6 +24,7 @@ from tasks.params import OrchestrationParams  # noqa: E402
 from tasks.stages import STAGES, Layout  # noqa: E402
 
 ALL = list(STAGES)
+FROM_TRAIN = ALL[ALL.index("train"):]  # what a change to train's params re-runs
 # Small and quick: the demo at 24x24, one epoch.
 SETTINGS = {"data": {"sha256": None}, "prepare": {"image_size": 24}, "train": {"epochs": 1, "batch_size": 16}}
 
@@ -78,8 +79,8 @@ def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents
     root = project(tmp_path / "p", env, demo_zip)
     assert ran(flow(root)) == ALL
     assert ran(flow(root)) == []
-    assert ran(flow(root, **{"train.epochs": 2})) == ["train", "evaluate", "publish"]
-    assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "train", "evaluate", "publish"]
+    assert ran(flow(root, **{"train.epochs": 2})) == FROM_TRAIN
+    assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "near_duplicates", *FROM_TRAIN]
     # A deleted output re-runs its stage; the same bytes come back, so nothing after it re-runs.
     (root / "data" / "split.csv").unlink()
     assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["split"]
@@ -118,7 +119,8 @@ def test_overrides_apply_to_their_run_alone_even_when_a_stage_fails(tmp_path, de
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 2  # what the run produced
     status = json.loads(dvc(root, env, "status", "--json"))  # dvc.lock is truthful: params.yaml says 1 epoch
-    assert status == {"train": [{"changed deps": {"params.yaml": {"train": "modified"}}}]}
+    train_changed = [{"changed deps": {"params.yaml": {"train": "modified"}}}]
+    assert status == {"train": train_changed, "audit": train_changed, "report": train_changed}  # the stages that read train
     with pytest.raises(ModelError):
         flow(root, **{"train.model": "mobilenet_v3_small", "train.weights": str(tmp_path / "missing.weights.h5"),
                       "prepare.image_size": 32})  # fmt: skip
@@ -133,11 +135,11 @@ def test_failed_train_leaves_earlier_stages_locked_and_dvc_repro_starts_at_train
     with pytest.raises(ModelError, match="train.weights: cannot load"):
         flow(root)
     assert not (root / "models" / "model.keras").exists()
-    assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == {"download", "extract", "validate", "cache", "split"}
+    assert set(yaml.safe_load((root / "dvc.lock").read_text())["stages"]) == {"download", "extract", "validate", "cache", "near_duplicates", "split"}
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["model"] = "cnn"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    assert repro_ran(dvc(root, env, "repro")) == ["train", "evaluate", "publish"]
+    assert repro_ran(dvc(root, env, "repro")) == FROM_TRAIN
 
 
 def test_a_fresh_clone_after_dvc_pull_is_up_to_date_and_the_flow_skips_every_stage(tmp_path, demo_zip, env):
@@ -280,7 +282,7 @@ def test_shards_fan_out_on_the_configured_pool_with_the_same_bytes_and_no_task_r
     state = pipeline(root=str(root), return_state=True)
     assert ran(state.result()) == ALL
     assert len(task_runs(state)) == len(ALL)  # one task run a stage; shards are not task runs
-    for name in ("download", "extract", "validate", "cache", "split"):
+    for name in ("download", "extract", "validate", "cache", "near_duplicates", "split"):
         STAGES[name](load_params(root / "params.yaml"), Layout(tmp_path / "direct"), process_pool_map)
     for output in ("data/manifest.csv", "data/cache/images.npy", "data/cache/index.csv", "data/split.csv"):
         assert (root / output).read_bytes() == (tmp_path / "direct" / output).read_bytes(), output
@@ -308,7 +310,8 @@ def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, 
         state = pipeline(root=str(project(tmp_path / "dask", env, archive, orchestration=on_dask)), return_state=True)
     assert ran(state.result()) == ALL
     # The shards were Dask tasks, not task runs; the stages logged their progress as they came back.
-    assert {"judge_shard", "decode_shard"} <= set(dask_cluster.scheduler.task_prefixes)
+    # (validate decodes each image once and stages its row; cache then has nothing to decode)
+    assert "judge_shard" in dask_cluster.scheduler.task_prefixes
     assert len(task_runs(state)) == len(ALL)
     assert "validate: 100% (524/524 files)" in caplog.text and "cache: 100% (520/520 images)" in caplog.text
     assert ran(flow(project(tmp_path / "local", env, archive))) == ALL
@@ -366,3 +369,38 @@ def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_clus
     assert ran(flow(project(tmp_path / "local", env, archive))) == ALL
     for output in ("data/manifest.csv", "data/cache/images.npy"):
         assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output
+
+
+def shuffle_labels(archive: Path, seed: int = 1) -> None:
+    """Rewrites the zip in place with every file under a class folder moved to a random class (names kept apart)."""
+    import random
+    import zipfile
+
+    with zipfile.ZipFile(archive) as source:
+        entries = [(info.filename, source.read(info)) for info in source.infolist() if not info.is_dir()]
+    labels = sorted({name.split("/")[1] for name, _ in entries if name.count("/") == 2})
+    pick = random.Random(seed)
+    with zipfile.ZipFile(archive, "w") as target:
+        for name, data in entries:
+            top, label, file = name.split("/") if name.count("/") == 2 else (None, None, None)
+            target.writestr(f"{top}/{pick.choice(labels)}/{label}-{file}" if top else name, data)
+
+
+def test_a_retrain_on_shuffled_labels_at_the_same_url_is_caught_by_the_reference_set(tmp_path, env):
+    from tasks.demo_data import make_demo_archive
+
+    archive = make_demo_archive(tmp_path / "cells.zip", per_class=60)
+    root = project(tmp_path / "p", env, archive, prepare={"image_size": 32}, train={"epochs": 10})
+    assert ran(flow(root)) == ALL
+    first = json.loads((root / "metrics" / "publish.json").read_text())
+    assert first["promoted"], first["gate"]["reason"]
+    latest = root / "models" / "champion" / "latest.json"
+    before = latest.read_bytes()
+
+    shuffle_labels(archive)  # the same URL, now serving a mislabeled archive: every stage re-runs
+    assert ran(flow(root)) == ALL
+    second = json.loads((root / "metrics" / "publish.json").read_text())
+    reference = second["gate"]["sets"]["reference"]
+    assert not second["promoted"], second["gate"]
+    assert reference["champion"] - reference["challenger"] > 0.2, reference  # the frozen set shows the damage
+    assert latest.read_bytes() == before

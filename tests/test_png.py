@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-import tasks.png
-from tasks.png import SIGNATURE, _chunks, _decode_one_filter, decode_plain_png
+from tasks.png import SIGNATURE, _chunks, _inflate, _undo_one_filter, decode_plain_png, png_damage
 from tests.conftest import encode, noise, png_chunk
 
 
@@ -63,13 +62,8 @@ def pillow_pixels(data: bytes) -> np.ndarray:
 def one_filter_way(data: bytes) -> np.ndarray | None:
     """The one-filter way alone: pixels, or None when the file is not one-filter."""
     width, height, _, colour = struct.unpack_from(">IIBB", data, 16)
-    return _decode_one_filter(memoryview(data), _chunks(data), height, width, 1 if colour == 0 else 3)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_guess(monkeypatch):
-    """Each test starts as a fresh process does: trying the one-filter way."""
-    monkeypatch.setattr(tasks.png, "_skip_one_filter", 0)
+    channels = 1 if colour == 0 else 3
+    return _undo_one_filter(_inflate(memoryview(data), _chunks(data), height, width, channels), channels)
 
 
 # --- the pixels are libpng's and Pillow's ----------------------------------------------------
@@ -132,20 +126,14 @@ def test_mixed_or_paeth_or_average_rows_are_not_for_the_one_filter_way(filters):
     assert one_filter_way(filtered_png(noise(6, 5, seed=1), filters)) is None
 
 
-def test_after_a_mixed_filter_file_the_next_63_skip_the_one_filter_attempt(monkeypatch):
-    attempts = []
-    real = tasks.png._decode_one_filter
-    monkeypatch.setattr(tasks.png, "_decode_one_filter", lambda *args: attempts.append(1) or real(*args))
+@pytest.mark.parametrize("filters", [[1] * 6, [1, 1, 1, 1, 1, 4]])
+def test_each_file_is_inflated_once_either_way(monkeypatch, filters):
+    inflates = []
+    real = imagecodecs.deflate_decode
+    monkeypatch.setattr(imagecodecs, "deflate_decode", lambda *args, **kwargs: inflates.append(1) or real(*args, **kwargs))
     pixels = noise(6, 5, seed=1)
-    mixed, one_filter = filtered_png(pixels, [1, 1, 1, 1, 1, 4]), filtered_png(pixels, [1] * 6)
-    assert np.array_equal(decode_plain_png(mixed), pixels)  # tried, missed, libspng
-    for _ in range(63):
-        assert np.array_equal(decode_plain_png(one_filter), pixels)
-    assert len(attempts) == 1
-    decode_plain_png(one_filter)
-    assert len(attempts) == 2
-    decode_plain_png(one_filter)
-    assert len(attempts) == 3  # a hit: the next file tries again
+    assert np.array_equal(decode_plain_png(filtered_png(pixels, filters)), pixels)
+    assert len(inflates) == 1
 
 
 # --- what it declines, so the caller decodes the general way --------------------------------
@@ -243,3 +231,31 @@ def test_truncated_file_is_declined(cut):
 @pytest.mark.parametrize("data", [b"", b"GIF89a" + bytes(40), encode(Image.new("RGB", (4, 4)), "JPEG")])
 def test_other_formats_are_declined(data):
     assert decode_plain_png(data) is None
+
+
+# --- the chunk check every PNG gets ----------------------------------------------------------
+
+
+def test_whole_png_and_bytes_after_its_end_chunk_pass_the_chunk_check():
+    data = filtered_png(noise(4, 4, seed=2), [0] * 4, idat_parts=3)
+    assert png_damage(data) is None
+    assert png_damage(data + b"appended by some uploader") is None
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 2, 3])
+def test_a_bad_crc_in_any_chunk_is_corrupt(chunk):
+    data = bytearray(filtered_png(noise(4, 4, seed=2), [0] * 4, idat_parts=2))  # IHDR, IDAT, IDAT, IEND
+    offset = 8
+    for _ in range(chunk):
+        offset += 12 + struct.unpack_from(">I", data, offset)[0]
+    length, kind = struct.unpack_from(">I4s", data, offset)
+    data[offset + 8 + length] ^= 0x80
+    assert png_damage(bytes(data)) == ("corrupt", f"bad CRC in the {kind.decode()} chunk at byte {offset}")
+
+
+@pytest.mark.parametrize(("cut", "detail"), [(60, "ends inside its IDAT chunk"), (40, "ends before its IEND chunk"),
+                                             (-12, "ends before its IEND chunk"),
+                                             (-1, "ends inside its IEND chunk")])  # fmt: skip
+def test_a_png_cut_short_is_truncated(cut, detail):
+    reason, said = png_damage(filtered_png(noise(4, 4, seed=2), [0] * 4)[:cut])
+    assert reason == "truncated" and detail in said

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,63 +17,10 @@ import yaml
 
 from tasks.download import DownloadError, download, source_change
 from tasks.layout import Layout
-from tasks.params import DataParams, PublishParams, S3Params
-from tasks.publish import publish
-from tasks.s3 import S3Error
-from tests.conftest import REPO, dvc_project, free_port, in_venv, sh
-
-ACCESS_KEY = "AKIAIMGCLFTESTKEY01"
-SECRET = "imgclf-test-secret-4f9c1e7ab2d84c"
-REGION = "us-east-1"
-
-
-def start_moto(env: dict) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server, endpoint
-        except OSError:
-            time.sleep(0.1)
-    server.kill()
-    raise AssertionError("moto server did not start")
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    """moto's S3 server on loopback; the test credentials in the environment, nothing else of AWS."""
-    home = tmp_path_factory.mktemp("aws")
-    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": REGION,
-           "AWS_CONFIG_FILE": str(home / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials")}  # fmt: skip
-    server, endpoint = start_moto(os.environ | env)
-    saved = {key: os.environ.get(key) for key in [*env, "AWS_ENDPOINT_URL"]}
-    os.environ.update(env | {"AWS_ENDPOINT_URL": endpoint})
-    try:
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@pytest.fixture
-def bucket(moto, request) -> str:
-    name = "imgclf-" + request.node.name.replace("_", "-")[:40].lower().strip("-")
-    boto3.client("s3", endpoint_url=moto, region_name=REGION).create_bucket(Bucket=name)
-    return name
-
-
-def s3c(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-
+from tasks.params import DataParams, GateParams, PublishParams, S3Params
+from tasks.publish import PublishError, publish, run_files
+from tests.conftest import ACCESS_KEY, REGION, REPO, SECRET, dvc_project, free_port, in_venv, s3c, sh, start_moto
+from tests.gate_runs import make_run
 
 def quick(url: str, **more) -> DataParams:
     return DataParams(url=url, retries=2, retry_backoff=0.01, **more)
@@ -185,16 +131,24 @@ def test_denied_access_and_bad_credentials_are_one_line_without_the_secret(tmp_p
         server.wait()
 
 
-def run_dir(root: Path, accuracy: float, model: bytes = b"model-bytes") -> Layout:
-    layout = Layout(root)
-    for path, body in {
-        "models/model.keras": model, "models/labels.json": b"{}", "models/summary.txt": b"summary",
-        "metrics/train.json": b"{}", "plots/confusion_matrix.png": b"png", "plots/roc.csv": b"fpr,tpr\n",
-    }.items():  # fmt: skip
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_bytes(body)
+def run_dir(root: Path, accuracy: float, padding_units: int = 0) -> Layout:
+    """A finished run (tests/gate_runs.py): raw test images, split.csv, a fixed-weight model, metrics, a plot."""
+    layout = make_run(root, padding_units=padding_units)
     (root / "metrics" / "eval.json").write_text(json.dumps({"accuracy": accuracy, "macro_f1": accuracy, "n_test": 10}))
     return layout
+
+
+def run_objects(layout: Layout) -> set[str]:
+    """Returns the names, relative to the run's folder, of what publish uploads of a run (the reference set aside)."""
+    return {path.relative_to(layout.root).as_posix() for path in run_files(layout)} | {"report.md"}
+
+
+def reference_keys(endpoint: str, bucket: str, pointer: dict) -> set[str]:
+    """Returns the keys of the reference set latest.json names: its labels.csv and each image listed there."""
+    labels = pointer["reference"]["labels"]
+    rows = s3c(endpoint).get_object(Bucket=bucket, Key=labels)["Body"].read().decode().splitlines()[1:]
+    images = labels.removesuffix("labels.csv") + "images/"
+    return {labels} | {images + row.rsplit(",", 1)[0] for row in rows}
 
 
 def latest(endpoint: str, bucket: str, prefix: str) -> dict:
@@ -203,32 +157,42 @@ def latest(endpoint: str, bucket: str, prefix: str) -> dict:
 
 def test_publish_uploads_the_run_then_points_latest_at_it(moto, bucket, tmp_path):
     layout = run_dir(tmp_path, 0.9)
-    record = publish(PublishParams(s3_uri=f"s3://{bucket}/models"), S3Params(endpoint_url=moto), layout,
+    record = publish(PublishParams(s3_uri=f"s3://{bucket}/models"), GateParams(), S3Params(endpoint_url=moto), layout,
                      tmp_path / "metrics" / "publish.json")  # fmt: skip
     pointer = latest(moto, bucket, "models")
     assert pointer["metrics"]["accuracy"] == 0.9
     assert pointer["model"] == f"models/runs/{pointer['run_id']}/models/model.keras"
     keys = {o["Key"] for o in s3c(moto).list_objects_v2(Bucket=bucket, Prefix="models/runs/")["Contents"]}
-    assert keys == set(pointer["objects"].values())
+    # The first run is promoted: its reference set (test images and labels.csv) goes with it.
+    assert keys == set(pointer["objects"].values()) | reference_keys(moto, bucket, pointer)
+    assert set(pointer["objects"]) == run_objects(layout)
     assert {"models/model.keras", "metrics/eval.json", "plots/roc.csv", "report.md"} <= set(pointer["objects"])
-    assert s3c(moto).get_object(Bucket=bucket, Key=pointer["model"])["Body"].read() == b"model-bytes"
+    model = s3c(moto).get_object(Bucket=bucket, Key=pointer["model"])["Body"].read()
+    assert model == (layout.model_dir / "model.keras").read_bytes()
     assert json.loads(record.read_text())["run_id"] == pointer["run_id"]
 
 
-def test_empty_s3_uri_publishes_nothing_and_says_so(tmp_path):
-    record = publish(PublishParams(), S3Params(), Layout(tmp_path), tmp_path / "publish.json")
-    assert json.loads(record.read_text()) == {"published": False, "reason": "publish.s3_uri is empty"}
+def test_empty_s3_uri_publishes_into_the_local_champion_folder(tmp_path):
+    # Before the gate, an empty s3_uri published nothing; now the local folder is the store.
+    layout = run_dir(tmp_path, 0.9)
+    record = json.loads(publish(PublishParams(), GateParams(), S3Params(), layout, tmp_path / "publish.json").read_text())
+    champion = tmp_path / "models" / "champion"
+    assert record["promoted"] and record["latest"] == str(champion / "latest.json")
+    assert json.loads((champion / "latest.json").read_text())["run_id"] == record["run_id"]
+    assert (champion / "runs" / record["run_id"] / "models" / "model.keras").read_bytes() == (
+        layout.model_dir / "model.keras").read_bytes()  # fmt: skip
 
 
 # The publisher in a process of its own, each part of a multipart upload (the model: the largest
-# object, sent last before latest.json) held up as on a slow link, so it can be killed mid-upload.
+# object of the run, sent last of them) held up as on a slow link, so it can be killed mid-upload.
 SLOW_PUBLISH = """
 import sys, time
 from pathlib import Path
 
+import tasks.champion
 import tasks.publish
 from tasks.layout import Layout
-from tasks.params import PublishParams, S3Params
+from tasks.params import GateParams, PublishParams, S3Params
 from tasks.s3 import client
 
 
@@ -238,9 +202,10 @@ def slow_client(params):
     return s3_client
 
 
-tasks.publish.client = slow_client
+tasks.champion.client = slow_client
 uri, endpoint, root, record = sys.argv[1:]
-tasks.publish.publish(PublishParams(s3_uri=uri), S3Params(endpoint_url=endpoint), Layout(Path(root)), Path(record))
+tasks.publish.publish(PublishParams(s3_uri=uri), GateParams(), S3Params(endpoint_url=endpoint), Layout(Path(root)),
+                      Path(record))
 """
 
 
@@ -257,7 +222,8 @@ def watch_publish(monkeypatch, endpoint: str, bucket: str) -> dict:
             stored = {o["Key"]: o["Size"] for o in s3c(endpoint).list_objects_v2(Bucket=bucket).get("Contents", [])}
             body = params["Body"]  # botocore has made it a file object by now
             pointer = json.loads(body.getvalue() if hasattr(body, "getvalue") else body)
-            seen["missing_when_latest_sent"].append(sorted(key for key in pointer["objects"].values() if key not in stored))
+            named = [*pointer["objects"].values(), pointer["reference"]["labels"]]
+            seen["missing_when_latest_sent"].append(sorted(key for key in named if key not in stored))
             seen["model_size_when_latest_sent"] = stored.get(pointer["model"])
 
     def after(model, context, http_response, **_):
@@ -270,22 +236,23 @@ def watch_publish(monkeypatch, endpoint: str, bucket: str) -> dict:
         s3_client.meta.events.register("after-call.s3", after)
         return s3_client
 
-    monkeypatch.setattr("tasks.publish.client", watched_client)
+    monkeypatch.setattr("tasks.champion.client", watched_client)
     return seen
 
 
 def test_an_interrupted_publish_leaves_latest_on_the_previous_run(moto, bucket, tmp_path, monkeypatch):
-    first = publish(PublishParams(s3_uri=f"s3://{bucket}/m"), S3Params(endpoint_url=moto), run_dir(tmp_path / "a", 0.8),
-                    tmp_path / "a.json")  # fmt: skip
+    first = publish(PublishParams(s3_uri=f"s3://{bucket}/m"), GateParams(), S3Params(endpoint_url=moto),
+                    run_dir(tmp_path / "a", 0.8), tmp_path / "a.json")  # fmt: skip
     previous = json.loads(first.read_text())["run_id"]
     pointer_before = s3c(moto).get_object(Bucket=bucket, Key="m/latest.json")["Body"].read()
-    # A second run whose model (over 8 MiB: a multipart upload) is held up in flight.
-    big, model_size = tmp_path / "b", 12 << 20
-    run_dir(big, 0.95, model=os.urandom(model_size))
-    run_objects = {p.relative_to(big).as_posix() for p in big.rglob("*") if p.is_file()} | {"report.md"}
-    args = [f"s3://{bucket}/m", moto, str(big), str(tmp_path / "b.json")]
+    # A second run, as good as the first, whose model (over 8 MiB: a multipart upload) is held up in flight.
+    big = run_dir(tmp_path / "b", 0.95, padding_units=3072)
+    model_size = (big.model_dir / "model.keras").stat().st_size
+    assert model_size > 8 << 20
+    args = [f"s3://{bucket}/m", moto, str(big.root), str(tmp_path / "b.json")]
     process = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, *args], cwd=REPO, env=os.environ.copy())
-    deadline, in_flight = time.monotonic() + 60, []
+    # The gate (TensorFlow starting, both models scored) comes before any upload.
+    deadline, in_flight = time.monotonic() + 180, []
     while time.monotonic() < deadline and process.poll() is None and not in_flight:
         uploads = s3c(moto).list_multipart_uploads(Bucket=bucket).get("Uploads", [])
         in_flight = [u["Key"] for u in uploads if u["Key"].endswith("/models/model.keras")]
@@ -293,30 +260,32 @@ def test_an_interrupted_publish_leaves_latest_on_the_previous_run(moto, bucket, 
     assert in_flight and process.poll() is None, "the publisher never got to the model's upload"
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    # Killed mid-upload: every smaller object of the new run is stored, the model is not, and
-    # latest.json is byte for byte the previous run's.
+    # Killed mid-upload: every smaller object of the new run is stored, the model is not (nor the
+    # reference set, which follows it), and latest.json is byte for byte the previous run's.
     run_prefix = in_flight[0].removesuffix("models/model.keras")
     assert run_prefix.startswith("m/runs/") and previous not in run_prefix
     listed = s3c(moto).list_objects_v2(Bucket=bucket, Prefix=run_prefix).get("Contents", [])
-    assert {o["Key"].removeprefix(run_prefix) for o in listed} == run_objects - {"models/model.keras"}
+    assert {o["Key"].removeprefix(run_prefix) for o in listed} == run_objects(big) - {"models/model.keras"}
     assert s3c(moto).get_object(Bucket=bucket, Key="m/latest.json")["Body"].read() == pointer_before
     assert latest(moto, bucket, "m")["run_id"] == previous
     assert not (tmp_path / "b.json").exists()
     # Published again, to the end: latest.json is sent last, once every object it names is stored.
     seen = watch_publish(monkeypatch, moto, bucket)
-    record = publish(PublishParams(s3_uri=f"s3://{bucket}/m"), S3Params(endpoint_url=moto), Layout(big),
+    record = publish(PublishParams(s3_uri=f"s3://{bucket}/m"), GateParams(), S3Params(endpoint_url=moto), big,
                      tmp_path / "b.json")  # fmt: skip
     pointer = latest(moto, bucket, "m")
     assert pointer["run_id"] == json.loads(record.read_text())["run_id"] != previous
-    assert set(pointer["objects"]) == run_objects
+    assert set(pointer["objects"]) == run_objects(big)
     assert seen["missing_when_latest_sent"] == [[]] and seen["model_size_when_latest_sent"] == model_size
     writes = [key for operation, key in seen["calls"] if operation in ("PutObject", "CompleteMultipartUpload")]
-    assert writes[-1] == "m/latest.json" and set(writes[:-1]) == set(pointer["objects"].values())
+    assert writes[-1] == "m/latest.json"
+    assert set(writes[:-1]) == set(pointer["objects"].values()) | reference_keys(moto, bucket, pointer)
 
 
 def test_publish_with_missing_run_files_names_them(moto, bucket, tmp_path):
-    with pytest.raises(S3Error, match="missing run files"):
-        publish(PublishParams(s3_uri=f"s3://{bucket}/m"), S3Params(endpoint_url=moto), Layout(tmp_path), tmp_path / "p.json")
+    with pytest.raises(PublishError, match="missing run files"):
+        publish(PublishParams(s3_uri=f"s3://{bucket}/m"), GateParams(), S3Params(endpoint_url=moto), Layout(tmp_path),
+                tmp_path / "p.json")  # fmt: skip
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -346,7 +315,9 @@ def test_dvc_push_then_pull_into_a_fresh_clone_gives_identical_data_and_model(mo
     sh(["git", "clone", "-q", str(project), str(clone)], tmp_path, env)
     sh(["dvc", "pull"], clone, env)
     for folder in ("data", "models"):
-        assert tree_bytes(clone / folder) == {k: v for k, v in tree_bytes(project / folder).items() if not k.endswith(".part")}
+        # models/champion/ is the local champion store publish keeps across runs: state, not a DVC output.
+        kept = {k: v for k, v in tree_bytes(project / folder).items() if not k.endswith(".part") and not k.startswith("champion/")}
+        assert tree_bytes(clone / folder) == kept
     assert (clone / "models" / "model.keras").stat().st_size > 0 and (clone / "data" / "cache" / "images.npy").exists()
 
 

@@ -94,7 +94,7 @@ def test_group_pattern_keeps_every_group_in_one_split(tmp_path):
 
 def test_too_few_groups_is_a_clear_error(tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", {"a": 10, "b": 10}, lambda label, i: f"P1_{i}.png")
-    with pytest.raises(SplitError, match="found only 1 group"):
+    with pytest.raises(SplitError, match="only 1 group"):
         split(SplitParams(group_pattern=r"^(P\d+)_"), manifest, tmp_path / "s.csv")
 
 
@@ -160,3 +160,70 @@ def test_train_test_layout_gets_class_labels_and_keeps_its_split(tmp_path):
     assert cells == {("test", "test", "NORMAL"): 5, ("test", "test", "PNEUMONIA"): 5, ("train", "val", "NORMAL"): 2,
                      ("train", "val", "PNEUMONIA"): 2, ("train", "train", "NORMAL"): 18,
                      ("train", "train", "PNEUMONIA"): 18}  # fmt: skip
+
+
+# ---------------------------------------------------------------- near-duplicate clusters
+
+
+def write_clusters(path: Path, manifest: Path, linked: list[list[str]]) -> Path:
+    """A near_duplicates.csv for the manifest's valid rows: each list in `linked` one cluster, the rest alone."""
+    cluster_of = {member: f"c{number}" for number, members in enumerate(linked) for member in members}
+    with open(manifest, newline="") as handle:
+        paths = [row["path"] for row in csv.DictReader(handle) if row["status"] == "valid"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "cluster", "cluster_size"])
+        writer.writerows([p, p.split("/")[0], cluster_of.get(p, p), 1] for p in paths)
+    return path
+
+
+def test_groups_joined_by_near_duplicates_go_to_one_split_together(tmp_path, caplog):
+    def name(label, i):
+        return f"C{i % 40}P{i % 40}ThinF_cell_{i}.png"
+
+    manifest = write_manifest(tmp_path / "m.csv", {"Parasitized": 400, "Uninfected": 380}, name)
+    # Patients 1, 2 and 3 are chained by two clusters; patients 5 and 6 by one across the classes.
+    linked = [["Parasitized/C1P1ThinF_cell_1.png", "Parasitized/C2P2ThinF_cell_2.png"],
+              ["Parasitized/C2P2ThinF_cell_42.png", "Uninfected/C3P3ThinF_cell_3.png"],
+              ["Parasitized/C5P5ThinF_cell_5.png", "Uninfected/C6P6ThinF_cell_6.png"]]  # fmt: skip
+    clusters = write_clusters(tmp_path / "nd.csv", manifest, linked)
+    with caplog.at_level("INFO", logger="imgclf"):
+        rows = read_split(split(SplitParams(group_pattern=r"^(C\d+P\d+)"), manifest, tmp_path / "s.csv", clusters))
+    splits_of, blocks_of = defaultdict(set), defaultdict(set)
+    for row in rows:
+        splits_of[row["group"]].add(row["split"])
+        blocks_of[row["group"]].add(row["block"])
+    assert all(len(s) == 1 for s in splits_of.values()) and all(len(b) == 1 for b in blocks_of.values())
+    assert splits_of["C1P1"] == splits_of["C2P2"] == splits_of["C3P3"] and blocks_of["C1P1"] == blocks_of["C3P3"]
+    assert splits_of["C5P5"] == splits_of["C6P6"] and blocks_of["C5P5"] == blocks_of["C6P6"]
+    assert len({b for bs in blocks_of.values() for b in bs}) == 40 - 3
+    assert "3 near-duplicate clusters (6 images), 2 of them spanning classes" in caplog.text
+
+
+def test_near_duplicates_without_groups_stay_together_and_classes_near_their_fractions(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 300, "b": 200})
+    linked = [[f"a/img_{3 * k + j}.png" for j in range(3)] for k in range(30)] + [["a/img_100.png", "b/img_100.png"]]
+    clusters = write_clusters(tmp_path / "nd.csv", manifest, linked)
+    rows = read_split(split(SplitParams(), manifest, tmp_path / "s.csv", clusters))
+    split_of = {row["path"]: row["split"] for row in rows}
+    assert all(len({split_of[p] for p in members}) == 1 for members in linked)
+    cells = Counter((row["label"], row["split"]) for row in rows)
+    for label, n in (("a", 300), ("b", 200)):
+        for name, fraction in (("train", 0.7), ("val", 0.15), ("test", 0.15)):
+            assert abs(cells[label, name] - n * fraction) <= 3, (label, name, cells[label, name])
+
+
+def test_without_near_duplicates_the_split_is_the_plain_one(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 50, "b": 70})
+    plain = split(SplitParams(), manifest, tmp_path / "plain.csv").read_bytes()
+    alone = split(SplitParams(), manifest, tmp_path / "alone.csv", write_clusters(tmp_path / "nd.csv", manifest, []))
+    assert alone.read_bytes() == plain
+
+
+def test_a_near_duplicates_table_missing_an_image_is_a_clear_error(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 10, "b": 10})
+    clusters = write_clusters(tmp_path / "nd.csv", manifest, [])
+    lines = clusters.read_text().splitlines()
+    clusters.write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(SplitError, match=r"b/img_9.png is not in .*nd.csv \(re-run the near_duplicates stage\)"):
+        split(SplitParams(), manifest, tmp_path / "s.csv", clusters)

@@ -33,7 +33,7 @@ from tasks.dataset import load_cached_set, make_dataset  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.model import build_model, class_probabilities, load_base  # noqa: E402
 from tasks.predict import predict  # noqa: E402
-from tasks.train import TrainError, _class_weight, train  # noqa: E402
+from tasks.train import TrainError, _class_weight, resolve_precision, train  # noqa: E402
 
 NO_AUGMENT = AugmentParams(flip="none", rotation=0, zoom=0, translation=0)
 FAST = dict(batch_size=8, learning_rate=1e-3, patience=0)
@@ -118,7 +118,9 @@ def test_demo_classes_are_learnt_in_three_epochs(cells, tmp_path):
 
 
 def test_reloaded_model_scores_what_training_reported(cells, tmp_path):
-    model_path = run_train(cells, tmp_path, epochs=1)
+    # float32: here the preprocessing must agree to the last bit; under bfloat16 the model's own
+    # rounding depends on the batch's size and can flip an image at the boundary.
+    model_path = run_train(cells, tmp_path, epochs=1, precision="float32")
     reported = json.loads((tmp_path / "metrics" / "train.json").read_text())["val_accuracy"]
     model = keras.models.load_model(model_path)
     data = load_cached_set(cells / "cache", cells / "split.csv")
@@ -127,7 +129,7 @@ def test_reloaded_model_scores_what_training_reported(cells, tmp_path):
 
 
 def test_predict_on_raw_files_matches_the_model_on_cached_rows(cells, tmp_path):
-    model_path = run_train(cells, tmp_path, epochs=1)
+    model_path = run_train(cells, tmp_path, epochs=1, precision="float32")  # as above: preprocessing alone
     data = load_cached_set(cells / "cache", cells / "split.csv")
     rows = data.rows["test"][:12]
     on_cache = class_probabilities(keras.models.load_model(model_path), np.asarray(data.images[rows]))
@@ -153,6 +155,36 @@ def test_three_classes_train_with_softmax(colours, tmp_path):
                                  tmp_path / "metrics", tmp_path / "plots").read_text())  # fmt: skip
     assert scores["accuracy"] >= 0.9 and "roc_auc" not in scores
     assert np.array(scores["confusion_matrix"]).shape == (3, 3)
+
+
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions():
+    sapphire_rapids = "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile"
+    assert resolve_precision("auto", 0, sapphire_rapids) == "mixed_bfloat16"
+    assert resolve_precision("auto", 0, "fpu avx2 amx_bf16") == "mixed_bfloat16"
+    # avx512f alone (Skylake, Ice Lake) would emulate bfloat16: slower than float32.
+    assert resolve_precision("auto", 0, "fpu sse2 avx2 avx512f avx512_vnni") == "float32"
+    assert resolve_precision("auto", 0, "") == "float32"
+    assert resolve_precision("auto", 1, sapphire_rapids) == "mixed_float16"
+    assert resolve_precision("float32", 0, sapphire_rapids) == "float32"
+    assert resolve_precision("mixed_bfloat16", 0, "") == "mixed_bfloat16"
+
+
+def test_mixed_bfloat16_trains_a_model_with_float32_probabilities_that_evaluate_reads(colours, tmp_path):
+    model_path = run_train(colours, tmp_path, epochs=2, precision="mixed_bfloat16")
+    report = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert report["precision"] == "mixed_bfloat16"
+    assert json.loads((tmp_path / "models" / "model.json").read_text())["precision"] == "mixed_bfloat16"
+    model = keras.models.load_model(model_path)
+    convolutions = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convolutions and all(layer.compute_dtype == "bfloat16" for layer in convolutions)
+    assert model.layers[-1].compute_dtype == "float32"  # the softmax itself, not just a cast after it
+    data = load_cached_set(colours / "cache", colours / "split.csv")
+    outputs = model.predict(np.asarray(data.images[data.rows["val"]]), verbose=0)
+    assert outputs.dtype == np.float32
+    assert np.allclose(outputs.sum(axis=1), 1, atol=1e-6)  # bfloat16 probabilities would be off by ~1e-3
+    scores = json.loads(evaluate(model_path, colours / "cache", colours / "split.csv", tmp_path / "metrics" / "train.json",
+                                 tmp_path / "metrics", tmp_path / "plots").read_text())  # fmt: skip
+    assert scores["accuracy"] >= 0.9, scores
 
 
 def test_seed_recipe_builds_the_seed_notebooks_layer_stack():
@@ -456,8 +488,9 @@ def test_multi_worker_training_on_loopback_finishes_and_only_the_chief_writes(ce
 def test_two_workers_match_one_process_on_a_partial_last_batch(colours, tmp_path):
     data = load_cached_set(colours / "cache", colours / "split.csv")
     assert len(data.rows["train"]) % 16 == 8  # the last global batch holds 8 images: 4 per worker
-    run_workers(colours, tmp_path, NO_AUGMENT, epochs=1, batch_size=8, learning_rate=1e-3)
-    one_process = run_train(colours, tmp_path / "one", epochs=1, batch_size=16, learning_rate=1e-3)
+    # float32: bfloat16 rounds each worker's half-batch sums, which one process adds in another order.
+    run_workers(colours, tmp_path, NO_AUGMENT, epochs=1, batch_size=8, learning_rate=1e-3, precision="float32")
+    one_process = run_train(colours, tmp_path / "one", epochs=1, batch_size=16, learning_rate=1e-3, precision="float32")
     for two, one in zip(weights_of(tmp_path / "worker0" / "models" / "model.keras"), weights_of(one_process)):
         np.testing.assert_allclose(two, one, rtol=0, atol=1e-5)
 

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from tasks.manifest import MANIFEST_COLUMNS
-from tasks.params import ValidateParams
+from tasks.params import PrepareParams, ValidateParams
+from tasks.rows import Staging
 from tasks.validate import SHARD_FILES, ValidateError, validate
 from tests.conftest import encode, in_process, noise, png_chunk
 
@@ -113,6 +114,23 @@ def test_too_large_image_is_rejected_from_its_header_without_decoding(root, tmp_
     row = run_validate(root, tmp_path, max_pixels=100_000_000)["cat/huge.png"]
     assert_rejected(row, "too_large")
     assert (int(row["width"]), int(row["height"])) == (30000, 30000)
+
+
+@pytest.mark.parametrize("chunk", [b"IHDR", b"IDAT", b"IEND"])
+def test_png_with_a_bad_crc_is_rejected(root, tmp_path, chunk):
+    data = bytearray(png_bytes(40, 50))
+    at = data.index(chunk)
+    length = struct.unpack(">I", data[at - 4 : at])[0]
+    data[at + 4 + length + 3] ^= 1  # the chunk's CRC, one bit off; its contents intact
+    write(root, "cat/crc.png", bytes(data))
+    row = run_validate(root, tmp_path)["cat/crc.png"]
+    # Pillow refuses a bad CRC before the pixel data as it opens the file; ours checks every chunk.
+    assert_rejected(row, "not_an_image" if chunk == b"IHDR" else "corrupt")
+
+
+def test_png_without_its_end_chunk_is_rejected_as_truncated(root, tmp_path):
+    write(root, "cat/cut.png", png_bytes(40, 50)[:-12])
+    assert_rejected(run_validate(root, tmp_path)["cat/cut.png"], "truncated")
 
 
 def test_file_outside_any_class_folder_is_rejected_as_no_label(root, tmp_path):
@@ -345,6 +363,17 @@ def test_process_pool_gives_same_manifest_as_in_process(root, tmp_path):
     assert pooled.read_bytes() == serial.read_bytes()
     with open(pooled, newline="", encoding="utf-8") as handle:
         assert len(list(csv.DictReader(handle))) == SHARD_FILES + 40
+
+
+def test_staging_cache_rows_leaves_the_manifest_unchanged(root, tmp_path):
+    mixed_tree(root)
+    plain = validate(ValidateParams(), root, tmp_path / "plain.csv", in_process)
+    staging = Staging(PrepareParams(image_size=8), tmp_path / "staging")
+    staged = validate(ValidateParams(), root, tmp_path / "staged.csv", in_process, staging)
+    assert staged.read_bytes() == plain.read_bytes()
+    with open(staging.folder / "index.csv", newline="", encoding="utf-8") as handle:
+        index = {row["path"] for row in csv.DictReader(handle)}
+    assert index == {"cat/a.png", "cat/sub/b.jpg", "dog/c.png"}  # the rows of the valid files, no others
 
 
 def test_missing_folder_raises_file_not_found_naming_it(tmp_path):

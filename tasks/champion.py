@@ -1,0 +1,179 @@
+"""Where published runs and the champion pointer live: an S3 prefix, or a local folder laid out alike.
+
+    <store>/runs/<run-id>/...    each published run: model, metrics, plots, report (and, for a
+                                 promoted run, its reference set)
+    <store>/latest.json          the champion: the run the next challenger is gated against
+
+`latest.json` only moves by `replace_if`: a compare-and-swap against the version the gate
+read. On S3 that is a conditional PutObject (If-Match on the ETag; If-None-Match: * for the
+first champion), decided by S3 itself. In a local folder it is an exclusive `flock` on a lock
+file, a re-read of `latest.json` under it, and an atomic rename. Two publishes that gated
+against the same champion: exactly one moves the pointer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+
+from tasks.errors import StageError
+from tasks.files import atomic_file, atomic_path, retrying
+from tasks.params import PublishParams, S3Params
+from tasks.s3 import S3Error, S3Transient, S3Uri, client, explain_error, parse_uri
+
+LATEST = "latest.json"
+ATTEMPTS = 4
+# S3 says the condition did not hold. (A 409 ConditionalRequestConflict, another conditional write
+# in flight, is retried as transient: the retry then meets that write's ETag, or none.)
+_PRECONDITION_FAILED = {"PreconditionFailed", "412"}
+
+
+class StoreError(StageError):
+    """A stored object is missing or unreadable; the message names it."""
+
+
+class Store(Protocol):
+    """Published runs and the champion pointer; names are relative to the store's root, `/`-separated."""
+
+    def where(self, name: str) -> str:
+        """Returns the full address of `name` (an s3:// URI or a local path), for messages and records."""
+
+    def put(self, path: Path, name: str) -> str:
+        """Stores the file at `path` as `name`; returns its key (what latest.json lists)."""
+
+    def get(self, name: str, scratch: Path) -> Path:
+        """Returns a local path holding `name`: the stored file itself, or a copy fetched into `scratch`."""
+
+    def read(self, name: str) -> tuple[bytes, str] | None:
+        """Returns the bytes of `name` and a tag of that version, or None when there is no such object."""
+
+    def replace_if(self, name: str, body: bytes, expected: str | None) -> bool:
+        """Writes `body` as `name` only if its version is still `expected` (None: only if it does not exist
+        yet); returns whether it wrote."""
+
+
+class S3Store:
+    """A store under an s3://bucket/prefix; the version tag of an object is its ETag."""
+
+    def __init__(self, base: S3Uri, s3: S3Params):
+        self.base = base
+        self.client = client(s3)
+
+    def where(self, name: str) -> str:
+        return str(self.base.child(name))
+
+    def _call(self, name: str, call):
+        uri = self.base.child(name)
+
+        def explained_call():
+            try:
+                return call(uri)
+            except Exception as exc:
+                raise explain_error(uri, exc) from None
+
+        try:
+            return retrying(explained_call, ATTEMPTS, 0.5, S3Transient, f"publish: {uri}")
+        except S3Transient as exc:
+            raise S3Error(f"{exc} (gave up after {ATTEMPTS} attempts)") from None
+
+    def put(self, path: Path, name: str) -> str:
+        self._call(name, lambda uri: self.client.upload_file(str(path), uri.bucket, uri.key))
+        return self.base.child(name).key
+
+    def get(self, name: str, scratch: Path) -> Path:
+        local = scratch / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self._call(name, lambda uri: self.client.download_file(uri.bucket, uri.key, str(local)))
+        return local
+
+    def read(self, name: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        def get_object(uri: S3Uri):
+            try:
+                answer = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return answer["Body"].read(), answer["ETag"]
+
+        return self._call(name, get_object)
+
+    def replace_if(self, name: str, body: bytes, expected: str | None) -> bool:
+        from botocore.exceptions import ClientError
+
+        condition = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+
+        def put_object(uri: S3Uri) -> bool:
+            try:
+                self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=body, ContentType="application/json",
+                                       **condition)  # fmt: skip
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code", "")) in _PRECONDITION_FAILED:
+                    return False
+                raise
+            return True
+
+        if self._call(name, put_object):
+            return True
+        # A retried write whose first attempt landed (the answer lost on the way) fails its own
+        # condition: the pointer then already holds these very bytes.
+        current = self.read(name)
+        return current is not None and current[0] == body
+
+
+class LocalStore:
+    """A store in a local folder; the version tag of a file is its sha256."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def where(self, name: str) -> str:
+        return str(self.root / name)
+
+    def put(self, path: Path, name: str) -> str:
+        with atomic_path(self.root / name) as temp:
+            shutil.copyfile(path, temp)
+        return name
+
+    def get(self, name: str, scratch: Path) -> Path:
+        path = self.root / name
+        if not path.is_file():
+            raise StoreError(f"{path}: no such file")
+        return path
+
+    def read(self, name: str) -> tuple[bytes, str] | None:
+        try:
+            body = (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        return body, hashlib.sha256(body).hexdigest()
+
+    def replace_if(self, name: str, body: bytes, expected: str | None) -> bool:
+        self.root.mkdir(parents=True, exist_ok=True)
+        # flock, not a lock file made with O_EXCL: the kernel lets go when a killed run's process
+        # dies, so no stale lock ever blocks the next publish. Held for a read and a rename only.
+        descriptor = os.open(self.root / f".{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            current = self.read(name)
+            if (current[1] if current else None) != expected:
+                return False
+            with atomic_file(self.root / name, "wb") as handle:
+                handle.write(body)
+            return True
+        finally:
+            os.close(descriptor)  # releases the lock
+
+
+def open_store(params: PublishParams, s3: S3Params, root: Path) -> Store:
+    """Returns the store `publish.s3_uri` names, or with it empty the folder `publish.local_dir` (below `root`
+    unless absolute)."""
+    if params.s3_uri:
+        return S3Store(parse_uri(params.s3_uri), s3)
+    return LocalStore(root / params.local_dir)

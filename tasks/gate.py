@@ -1,0 +1,233 @@
+"""The gate: may this run's model (the challenger) replace the published one (the champion)?
+
+Both models are scored on two labelled sets of raw image files: this run's test split, and
+the champion's reference set (the test split it was promoted with, published beside it and
+frozen since). This run's split alone cannot catch broken new data: with shuffled labels
+both models score alike there; on the frozen set the damage shows. Each model prepares the
+files by its own description (model.json: size, resize mode, channels), as `imgclf predict`
+does, and labels them with its own calibration and threshold (calibration.json) when it has
+one, so a champion trained at another image size still compares.
+
+Promoted when, on both sets, challenger minus champion is at least minus `gate.tolerance`;
+each difference comes with a paired bootstrap 95% interval (the same resampled images for
+both models), which informs the reader but does not decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.calibration import CALIBRATION_JSON, Calibration, calibrated_probabilities, predicted_indices
+from tasks.errors import StageError
+from tasks.files import read_csv
+from tasks.params import GateParams, ValidateParams
+
+# What each set is called in reasons and reports.
+SET_NAMES = {"test": "this run's test split", "reference": "the champion's reference set"}
+
+
+class GateError(StageError):
+    """The challenger or its test split cannot be scored; the message names the file."""
+
+
+@dataclass(frozen=True)
+class LabelledFiles:
+    """Image files, relative to `root`, with their class names."""
+
+    root: Path
+    paths: list[str]
+    labels: list[str]
+
+
+def run_test_set(extracted_dir: Path, split_csv: Path) -> LabelledFiles:
+    """Returns the test rows of split.csv: raw files below the extracted root, with their labels."""
+    rows = [row for row in read_csv(split_csv) if row["split"] == "test"]
+    if not rows:
+        raise GateError(f"{split_csv}: no test rows to gate on (split.test is 0?)")
+    return LabelledFiles(extracted_dir, [row["path"] for row in rows], [row["label"] for row in rows])
+
+
+def reference_set(labels_csv: Path, images_dir: Path) -> LabelledFiles:
+    """Returns the reference set published with a champion: `labels.csv` (path, label) and the files it names."""
+    rows = read_csv(labels_csv)
+    return LabelledFiles(images_dir, [row["path"] for row in rows], [row["label"] for row in rows])
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A model ready to score: its description, the Keras model, and how it turns outputs into classes."""
+
+    described: dict
+    model: object
+    calibration: Calibration
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.described["classes"])
+
+
+def load_contender(model_path: Path) -> Contender:
+    """Returns the model at `model_path` with its description and calibration (none beside it: uncalibrated)."""
+    from tasks.predict import load_described_model, load_model_calibration
+
+    described, model = load_described_model(model_path)
+    return Contender(described, model, load_model_calibration(model_path, described["classes"]))
+
+
+def predicted_classes(contender: Contender, files: LabelledFiles, prepared: dict) -> np.ndarray:
+    """Returns the class index the contender gives each file, the files prepared by its own description.
+
+    `prepared` keeps the set's arrays by (size, channels, resize): two models described alike decode it once.
+    """
+    from tasks.model import class_probabilities
+    from tasks.predict import prepare_file
+
+    described = contender.described
+    key = (tuple(described["image_size"]), int(described["channels"]), described["resize"])
+    if key not in prepared:
+        images = []
+        for path in files.paths:
+            try:
+                images.append(prepare_file(files.root / path, described, ValidateParams().max_pixels))
+            except (OSError, ValueError) as exc:
+                raise GateError(f"{files.root / path}: cannot be prepared for the gate ({exc})") from None
+        prepared[key] = np.stack(images)
+    probabilities = class_probabilities(contender.model, prepared[key])
+    return predicted_indices(calibrated_probabilities(probabilities, contender.calibration), contender.calibration)
+
+
+def _resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
+    """Returns (resamples, n) counts: how often each of the n images is drawn in each bootstrap resample."""
+    drawn = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    offsets = np.arange(resamples)[:, None] * n
+    return np.bincount((drawn + offsets).ravel(), minlength=resamples * n).reshape(resamples, n)
+
+
+def scores(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray, n_classes: int, metric: str,
+           positive: int | None) -> np.ndarray:  # fmt: skip
+    """Returns the metric once per row of `weights` (how often each image counts): macro F1 over all classes
+    (0 for a class never seen nor predicted, as evaluate counts it), or the positive class's recall (NaN
+    without positives)."""
+    cells = np.zeros((len(truth), n_classes * n_classes))
+    cells[np.arange(len(truth)), truth * n_classes + predicted] = 1
+    confusion = (weights @ cells).reshape(-1, n_classes, n_classes)  # [resample, true, predicted]
+    hits = np.diagonal(confusion, axis1=1, axis2=2)
+    actual, called = confusion.sum(axis=2), confusion.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if metric == "sensitivity":
+            return np.where(actual[:, positive] > 0, hits[:, positive] / actual[:, positive], np.nan)
+        denominator = actual + called
+        return np.where(denominator > 0, 2 * hits / denominator, 0.0).mean(axis=1)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Challenger against champion on one set: scores, their difference and its paired bootstrap 95% interval."""
+
+    n: int
+    challenger: float
+    champion: float
+    difference: float
+    interval: tuple[float, float]
+
+    def holds(self, tolerance: float) -> bool:
+        return bool(self.difference >= -tolerance)  # NaN (no positives to measure) never holds
+
+    def as_json(self) -> dict:
+        """Returns the comparison as JSON has it: an undefined score (sensitivity without positives) is null, not NaN."""
+        def number(value: float) -> float | None:
+            return None if np.isnan(value) else value
+
+        return {"n": self.n, "challenger": number(self.challenger), "champion": number(self.champion),
+                "difference": number(self.difference), "interval": [number(bound) for bound in self.interval]}  # fmt: skip
+
+    def describe(self, metric: str) -> str:
+        low, high = self.interval
+        return (f"{metric} {self.challenger:.4f} vs {self.champion:.4f} ({self.difference:+.4f}, "
+                f"95% CI [{low:+.4f}, {high:+.4f}], n={self.n})")  # fmt: skip
+
+
+def compare(truth: np.ndarray, challenger: np.ndarray, champion: np.ndarray, n_classes: int, gate: GateParams,
+            positive: int | None) -> Comparison:  # fmt: skip
+    """Returns the challenger's and champion's scores on one set, and the paired bootstrap interval of the difference."""
+    point = np.ones((1, len(truth)))
+    ours, theirs = (scores(truth, p, point, n_classes, gate.metric, positive)[0] for p in (challenger, champion))
+    weights = _resample_weights(len(truth), gate.bootstrap, gate.seed)
+    differences = (scores(truth, challenger, weights, n_classes, gate.metric, positive)
+                   - scores(truth, champion, weights, n_classes, gate.metric, positive))  # fmt: skip
+    defined = differences[~np.isnan(differences)]
+    low, high = np.percentile(defined, [2.5, 97.5]) if len(defined) else (np.nan, np.nan)
+    return Comparison(len(truth), float(ours), float(theirs), float(ours - theirs), (float(low), float(high)))
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The published model latest.json points at, fetched: its run id, model file and reference set."""
+
+    run_id: str
+    model_path: Path
+    reference: LabelledFiles
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The gate's verdict: whether latest.json moves to this run, why (one line), and the scores behind it."""
+
+    promoted: bool
+    reason: str
+    champion: str | None = None
+    forced: bool = False
+    comparisons: dict[str, Comparison] = field(default_factory=dict)
+
+    def forced_through(self) -> Decision:
+        """Returns this decision promoted by gate.force, its own reason kept."""
+        if self.promoted:
+            return self
+        return Decision(True, f"forced by gate.force; the gate said: {self.reason}", self.champion, True, self.comparisons)
+
+    def as_json(self, gate: GateParams) -> dict:
+        return {"promoted": self.promoted, "reason": self.reason, "forced": self.forced, "champion": self.champion,
+                "metric": gate.metric, "tolerance": gate.tolerance,
+                "sets": {name: comparison.as_json() for name, comparison in self.comparisons.items()}}  # fmt: skip
+
+
+FIRST_RUN = "first run: no champion yet (no latest.json); this run is promoted and its test split becomes the reference set"
+
+
+def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champion: Champion) -> Decision:
+    """Returns the decision on the challenger against the champion, on this run's test split and the champion's
+    reference set. A champion that cannot be read, or that knows other classes, is not replaced."""
+    challenger = load_contender(challenger_model)
+    try:
+        defender = load_contender(champion.model_path)
+    except StageError as exc:
+        return Decision(False, f"the champion ({champion.run_id}) cannot be read: {exc}", champion.run_id)
+    classes = challenger.classes
+    if defender.classes != classes:
+        return Decision(False, f"classes differ: the champion ({champion.run_id}) has {defender.classes}, "
+                               f"this run {classes}", champion.run_id)  # fmt: skip
+    unknown = sorted(set(champion.reference.labels) - set(classes))
+    if unknown:
+        return Decision(False, f"the champion's reference set has classes this run lacks: {unknown}", champion.run_id)
+    positive = challenger.calibration.positive_index
+    if gate.metric == "sensitivity" and positive is None:
+        raise GateError(f"gate.metric sensitivity: {challenger_model.parent / CALIBRATION_JSON} names no "
+                        "positive class (set evaluate.positive_class and evaluate.target_recall)")  # fmt: skip
+    comparisons = {}
+    for name, files in (("test", test), ("reference", champion.reference)):
+        truth, prepared = np.array([classes.index(label) for label in files.labels]), {}
+        ours, theirs = (predicted_classes(model, files, prepared) for model in (challenger, defender))
+        comparisons[name] = compare(truth, ours, theirs, len(classes), gate, positive)
+    metric = f"sensitivity ({classes[positive]})" if gate.metric == "sensitivity" else gate.metric
+    failed = [name for name, comparison in comparisons.items() if not comparison.holds(gate.tolerance)]
+    if failed:
+        said = "; ".join(f"on {SET_NAMES[name]} {comparisons[name].describe(metric)}" for name in failed)
+        reason = f"not promoted: worse than the champion ({champion.run_id}) by more than the tolerance {gate.tolerance}: {said}"
+        return Decision(False, reason, champion.run_id, comparisons=comparisons)
+    said = ", ".join(f"{name} {comparison.difference:+.4f}" for name, comparison in comparisons.items())
+    reason = (f"promoted: {metric} at least the champion's ({champion.run_id}), within the tolerance {gate.tolerance}, "
+              f"on both sets ({said})")  # fmt: skip
+    return Decision(True, reason, champion.run_id, comparisons=comparisons)

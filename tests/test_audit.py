@@ -1,0 +1,155 @@
+"""The audit: grouped folds that keep blocks whole, out-of-fold probabilities, and flipped labels ranked first."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tasks.audit import AuditError, audit, fold_of
+from tasks.cache import cache
+from tasks.params import AugmentParams, AuditParams, CnnParams, PrepareParams, SplitParams, TrainParams, ValidateParams
+from tasks.split import split
+from tasks.validate import validate
+from tests.conftest import in_process
+
+PER_CLASS = 160
+FLIPPED = 0.05
+PATIENTS = 48
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_folds_keep_every_block_whole_and_hold_every_label():
+    rng = np.random.default_rng(0)
+    blocks = [f"b{int(b)}" for b in rng.integers(0, 60, 600)]  # blocks of about 10, of mixed labels
+    labels = [str(int(v)) for v in rng.integers(0, 3, 600)]
+    folds = fold_of(labels, blocks, 4, seed=1)
+    folds_of = defaultdict(set)
+    for block, fold in zip(blocks, folds):
+        folds_of[block].add(int(fold))
+    assert all(len(f) == 1 for f in folds_of.values())
+    assert set(folds) == {0, 1, 2, 3}
+    assert all({labels[i] for i in np.flatnonzero(folds == k)} == {"0", "1", "2"} for k in range(4))
+    np.testing.assert_array_equal(folds, fold_of(labels, blocks, 4, seed=1))
+
+
+def test_more_folds_than_blocks_is_a_clear_error():
+    with pytest.raises(AuditError, match="audit.folds=3, but train\\+val hold only 2 block"):
+        fold_of(["a", "b", "a", "b"], ["x", "x", "y", "y"], 3, seed=0)
+
+
+def test_audit_off_writes_that_it_is_off(tmp_path):
+    out = audit(AuditParams(), TrainParams(), AugmentParams(), tmp_path / "no-cache", tmp_path / "no-split.csv",
+                tmp_path / "oof.csv", tmp_path / "issues.csv", tmp_path / "audit.json")  # fmt: skip
+    assert json.loads(out.read_text())["enabled"] is False
+    assert read_rows(tmp_path / "issues.csv") == [] and read_rows(tmp_path / "oof.csv") == []
+
+
+def stripes(rng: np.random.Generator, horizontal: bool) -> np.ndarray:
+    """A 16x16 gray image of stripes at a random period and phase, with noise: separable by orientation."""
+    period, phase = rng.uniform(5, 10), rng.uniform(0, 2 * np.pi)
+    wave = 127 + 90 * np.sin(2 * np.pi * np.arange(16) / period + phase)
+    image = np.tile(wave[:, None], (1, 16)) if horizontal else np.tile(wave[None, :], (16, 1))
+    return np.clip(image + rng.normal(0, 20, image.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def audited(tmp_path_factory) -> tuple[Path, set[str]]:
+    """A set of horizontal and vertical stripes, 5% of them filed under the other class, split by
+    patient and audited in 3 folds with a tiny CNN; returns the data folder and the flipped paths."""
+    data = tmp_path_factory.mktemp("audit") / "data"
+    rng = np.random.default_rng(7)
+    flipped = set()
+    for index in range(2 * PER_CLASS):
+        truth = ("horizontal", "vertical")[index % 2]
+        wrong = rng.random() < FLIPPED
+        label = ("vertical", "horizontal")[index % 2] if wrong else truth
+        path = f"{label}/P{index % PATIENTS}_{index:04d}.png"
+        (data / "extracted" / label).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(data / "extracted" / path), stripes(rng, truth == "horizontal"))
+        if wrong:
+            flipped.add(path)
+    validate(ValidateParams(), data / "extracted", data / "manifest.csv", in_process)
+    cache(PrepareParams(image_size=16, channels=1), data / "manifest.csv", data / "extracted", data / "cache", in_process)
+    split(SplitParams(group_pattern=r"^(P\d+)_"), data / "manifest.csv", data / "split.csv")
+    tiny = TrainParams(epochs=10, batch_size=16, learning_rate=3e-3, patience=0, min_steps=0, precision="float32",
+                       cnn=CnnParams(filters=(8, 16), dense_units=16))  # fmt: skip
+    audit(AuditParams(folds=3, seed=0), tiny, AugmentParams(flip="none", rotation=0, translation=0), data / "cache",
+          data / "split.csv", data / "oof.csv", data / "label_issues.csv", data / "audit.json")  # fmt: skip
+    return data, flipped
+
+
+def test_every_train_and_val_image_gets_an_out_of_fold_probability(audited):
+    data, _ = audited
+    audited_paths = {row["path"] for row in read_rows(data / "split.csv") if row["split"] != "test"}
+    oof = read_rows(data / "oof.csv")
+    assert {row["path"] for row in oof} == audited_paths and len(oof) == len(audited_paths)
+    for row in oof:
+        assert abs(float(row["p_horizontal"]) + float(row["p_vertical"]) - 1) < 1e-4
+    report = json.loads((data / "audit.json").read_text())
+    assert report["folds"] == 3 and report["images"] == len(audited_paths)
+    for metric in ("accuracy", "macro_f1"):
+        low, high = report[metric]["ci95"]
+        assert len(report[metric]["per_fold"]) == 3 and low <= report[metric]["mean"] <= high
+    assert report["accuracy"]["mean"] > 0.85  # 5% of the labels are wrong: no fold can score them
+
+
+def test_the_audit_folds_never_split_a_patient(audited):
+    data, _ = audited
+    block_of = {row["path"]: row["block"] for row in read_rows(data / "split.csv")}
+    folds_of = defaultdict(set)
+    for row in read_rows(data / "oof.csv"):
+        folds_of[block_of[row["path"]]].add(row["fold"])
+    assert len(folds_of) > 3 and all(len(f) == 1 for f in folds_of.values())
+
+
+def test_the_top_5_percent_of_label_issues_hold_80_percent_of_the_flipped_labels(audited):
+    data, flipped = audited
+    oof = read_rows(data / "oof.csv")
+    flipped_audited = {row["path"] for row in oof} & flipped
+    assert len(flipped_audited) >= 8
+    issues = read_rows(data / "label_issues.csv")
+    top = {row["path"] for row in issues[: round(0.05 * len(oof))]}
+    assert len(top & flipped_audited) >= 0.8 * len(flipped_audited), (len(top & flipped_audited), len(flipped_audited))
+    assert all(row["suggested"] != row["label"] for row in issues[: len(top)])
+
+
+def test_train_exclude_leaves_the_listed_images_out_of_train_and_val_and_records_the_list(audited, tmp_path):
+    import hashlib
+
+    from tasks.train import train
+
+    data, _ = audited
+    issues = data / "label_issues.csv"
+    listed = {row["path"] for row in read_rows(issues)}
+    rows = read_rows(data / "split.csv")
+    trainable = {name: sum(1 for row in rows if row["split"] == name) for name in ("train", "val")}
+    dropped = {name: sum(1 for row in rows if row["split"] == name and row["path"] in listed) for name in trainable}
+    assert listed and dropped["train"]
+    params = TrainParams(epochs=1, batch_size=64, patience=0, min_steps=0, precision="float32", exclude=str(issues),
+                         cnn=CnnParams(filters=(4,), dense_units=4))  # fmt: skip
+    train(params, AugmentParams(), data / "cache", data / "split.csv", tmp_path / "models", tmp_path / "metrics")
+    described = json.loads((tmp_path / "models" / "model.json").read_text())
+    assert described["exclude"] == {"file": str(issues), "sha256": hashlib.sha256(issues.read_bytes()).hexdigest(),
+                                    "paths": len(listed)}  # fmt: skip
+    report = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert (report["n_train"], report["n_val"]) == (trainable["train"] - dropped["train"], trainable["val"] - dropped["val"])
+
+
+def test_an_exclude_list_without_a_path_column_is_a_clear_error(tmp_path):
+    from tasks.train import TrainError, read_exclusion
+
+    (tmp_path / "list.csv").write_text("file,label\na/1.png,a\n")
+    with pytest.raises(TrainError, match=r"train.exclude: .*list.csv has no `path` column"):
+        read_exclusion(str(tmp_path / "list.csv"))
+    with pytest.raises(TrainError, match=r"train.exclude: .*missing.csv: cannot read it"):
+        read_exclusion(str(tmp_path / "missing.csv"))

@@ -1,0 +1,205 @@
+"""The gate in publish: this run's model against the champion, on this run's test split and on the champion's
+reference set; in S3 (moto's server on loopback) and in a local champion folder alike; one promotion at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import yaml
+from sklearn.metrics import f1_score, recall_score
+
+import tasks.publish
+from tasks.champion import LATEST, open_store
+from tasks.gate import _resample_weights, scores
+from tasks.layout import Layout
+from tasks.params import GateParams, PublishParams, S3Params
+from tasks.publish import publish
+from tests.conftest import REPO
+from tests.gate_runs import PER_CLASS, make_run
+from tests.conftest import REGION
+
+Where = tuple[PublishParams, S3Params]
+
+
+@pytest.fixture(params=["s3", "local"])
+def where(request, tmp_path) -> Where:
+    """The champion store: a fresh bucket on moto's server, or a local folder."""
+    if request.param == "local":
+        return PublishParams(local_dir=str(tmp_path / "champion")), S3Params()
+    endpoint = request.getfixturevalue("moto")
+    bucket = f"imgclf-gate-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name=REGION).create_bucket(Bucket=bucket)
+    return PublishParams(s3_uri=f"s3://{bucket}/models"), S3Params(endpoint_url=endpoint)
+
+
+@pytest.fixture
+def local(tmp_path) -> Where:
+    return PublishParams(local_dir=str(tmp_path / "champion")), S3Params()
+
+
+def published(where: Where, layout: Layout, **gate) -> dict:
+    """Publishes the run and returns its metrics/publish.json."""
+    params, s3 = where
+    record = publish(params, GateParams(bootstrap=200, **gate), s3, layout, layout.metrics_dir / "publish.json")
+    return json.loads(record.read_text())
+
+
+def latest_bytes(where: Where, tmp_path: Path) -> bytes:
+    return open_store(*where, tmp_path).read(LATEST)[0]
+
+
+def test_the_first_run_is_promoted_and_its_test_split_becomes_the_reference_set(where, tmp_path):
+    run = make_run(tmp_path / "first")
+    record = published(where, run)
+    assert record["promoted"] and record["gate"]["reason"].startswith("first run: no champion yet")
+    pointer = json.loads(latest_bytes(where, tmp_path))
+    assert pointer["run_id"] == record["run_id"] and pointer["reference"]["images"] == 2 * PER_CLASS
+    store, run_dir = open_store(*where, tmp_path), f"runs/{record['run_id']}"
+    labels = store.get(f"{run_dir}/reference/labels.csv", tmp_path / "fetched").read_text().splitlines()
+    assert labels == ["path,label"] + [line.removesuffix(",test") for line in run.split_csv.read_text().splitlines()[1:]]
+    first = labels[1].split(",")[0]
+    fetched = store.get(f"{run_dir}/reference/images/{first}", tmp_path / "fetched")
+    assert fetched.read_bytes() == (run.extracted_dir / first).read_bytes()  # the raw file, not a resized copy
+
+
+def test_a_run_on_shuffled_labels_is_caught_by_the_reference_set_and_latest_stays(where, tmp_path):
+    published(where, make_run(tmp_path / "champion"))
+    before = latest_bytes(where, tmp_path)
+    record = published(where, make_run(tmp_path / "shuffled", shuffled=True, inverted=True))
+    sets, reason = record["gate"]["sets"], record["gate"]["reason"]
+    # On its own shuffled test split the broken run scores exactly as the champion does...
+    assert sets["test"]["challenger"] == sets["test"]["champion"] == 0.5
+    # ...the frozen reference set shows it for what it is.
+    assert (sets["reference"]["champion"], sets["reference"]["challenger"]) == (1.0, 0.0)
+    assert sets["reference"]["interval"][1] < 0
+    assert not record["promoted"] and reason.startswith("not promoted") and "the champion's reference set" in reason
+    assert "\n" not in reason and "this run's test split" not in reason
+    assert latest_bytes(where, tmp_path) == before
+    # Not promoted, still uploaded for inspection, its report saying why.
+    store = open_store(*where, tmp_path)
+    assert store.read(f"runs/{record['run_id']}/models/model.keras") is not None
+    report = store.read(f"runs/{record['run_id']}/report.md")[0].decode()
+    assert f"**Not promoted**\n\n{reason}\n" in report and "| reference | 24 | 0.0000 | 1.0000 | -1.0000 |" in report
+
+
+def test_gate_force_promotes_a_rejected_run_and_records_it_was_forced(where, tmp_path):
+    published(where, make_run(tmp_path / "champion"))
+    record = published(where, make_run(tmp_path / "shuffled", shuffled=True, inverted=True), force=True)
+    assert record["promoted"] and record["gate"]["forced"]
+    assert record["gate"]["reason"].startswith("forced by gate.force; the gate said: not promoted")
+    pointer = json.loads(latest_bytes(where, tmp_path))
+    assert pointer["run_id"] == record["run_id"] and pointer["gate"]["forced"]
+
+
+def test_a_champion_at_another_image_size_is_scored_through_its_own_description(local, tmp_path):
+    published(local, make_run(tmp_path / "gray16", image_size=16, channels=1))
+    # Fed the challenger's 24x24 RGB arrays, the 16x16 gray champion could not predict at all.
+    record = published(local, make_run(tmp_path / "rgb24", image_size=24))
+    assert record["promoted"]
+    assert {(s["challenger"], s["champion"]) for s in record["gate"]["sets"].values()} == {(1.0, 1.0)}
+
+
+def test_each_model_labels_with_its_own_threshold(local, tmp_path):
+    # A threshold no probability reaches: this champion calls every image bright.
+    strict = {"temperature": 1.0, "positive_class": "dark", "threshold": 1.0}
+    published(local, make_run(tmp_path / "strict", calibration=strict))
+    record = published(local, make_run(tmp_path / "plain"))
+    assert record["promoted"]
+    assert record["gate"]["sets"]["reference"]["champion"] == pytest.approx(1 / 3)  # F1 2/3 for bright, 0 for dark
+    assert record["gate"]["sets"]["reference"]["challenger"] == 1.0
+
+
+def test_the_sensitivity_gate_compares_the_positive_class_recall_at_each_models_threshold(local, tmp_path):
+    published(local, make_run(tmp_path / "strict", calibration={"temperature": 1.0, "positive_class": "dark", "threshold": 1.0}))
+    record = published(local, make_run(tmp_path / "usual", calibration={"temperature": 1.0, "positive_class": "dark",
+                                                                         "threshold": 0.5}), metric="sensitivity")  # fmt: skip
+    assert record["promoted"] and record["gate"]["reason"].startswith("promoted: sensitivity (dark) at least")
+    assert {name: (s["challenger"], s["champion"]) for name, s in record["gate"]["sets"].items()} == {
+        "test": (1.0, 0.0), "reference": (1.0, 0.0)}  # fmt: skip
+
+
+def test_a_champion_with_other_classes_is_not_replaced_and_one_line_says_why(local, tmp_path):
+    published(local, make_run(tmp_path / "champion"))
+    before = latest_bytes(local, tmp_path)
+    record = published(local, make_run(tmp_path / "other", classes=("light", "shadow")))
+    reason = record["gate"]["reason"]
+    assert not record["promoted"] and "\n" not in reason
+    assert reason.startswith("classes differ: the champion") and "['bright', 'dark']" in reason and "['light', 'shadow']" in reason
+    assert latest_bytes(local, tmp_path) == before
+
+
+def test_an_unreadable_champion_is_not_replaced_and_one_line_says_why(local, tmp_path):
+    champion = published(local, make_run(tmp_path / "champion"))
+    (tmp_path / "champion" / "runs" / champion["run_id"] / "models" / "model.keras").write_bytes(b"not a model")
+    before = latest_bytes(local, tmp_path)
+    record = published(local, make_run(tmp_path / "next"))
+    reason = record["gate"]["reason"]
+    assert not record["promoted"] and "\n" not in reason
+    assert reason.startswith(f"the champion ({champion['run_id']}) cannot be read:") and "not a readable Keras model" in reason
+    assert latest_bytes(local, tmp_path) == before
+
+
+def test_two_publishes_racing_against_one_champion_move_latest_once(where, tmp_path, monkeypatch):
+    published(where, make_run(tmp_path / "champion"))
+    runs = [make_run(tmp_path / f"challenger{i}") for i in range(2)]
+    both_gated = threading.Barrier(2, timeout=300)
+    # moto checks an If-Match and then writes, in two steps; S3 does both at once. Its writes are
+    # made to arrive one after the other, as S3 orders them; the local folder's lock is left to do that.
+    one_at_a_time = threading.Lock() if where[0].s3_uri else contextlib.nullcontext()
+    opened = tasks.publish.open_store
+
+    def racing_store(*args):
+        store = opened(*args)
+        replace_if = store.replace_if
+
+        def once_both_have_gated(name, body, expected):
+            both_gated.wait()  # each has compared against the same champion; neither has moved latest.json
+            with one_at_a_time:
+                return replace_if(name, body, expected)
+
+        store.replace_if = once_both_have_gated
+        return store
+
+    monkeypatch.setattr(tasks.publish, "open_store", racing_store)
+    with ThreadPoolExecutor(2) as pool:
+        records = list(pool.map(lambda run: published(where, run), runs))
+    winners = [record for record in records if record["promoted"]]
+    losers = [record for record in records if not record["promoted"]]
+    assert len(winners) == 1 and len(losers) == 1
+    assert losers[0]["gate"]["reason"] == (f"lost the race: latest.json moved to {winners[0]['run_id']} while this run "
+                                           f"was gated against {losers[0]['gate']['champion']}; left on {winners[0]['run_id']}")  # fmt: skip
+    assert json.loads(latest_bytes(where, tmp_path))["run_id"] == winners[0]["run_id"]
+
+
+def test_bootstrap_scores_count_as_sklearn_does():
+    rng = np.random.default_rng(0)
+    truth, predicted = rng.integers(0, 3, 300), rng.integers(0, 3, 300)
+    predicted[truth == 2] = 2 * (rng.random((truth == 2).sum()) < 0.8)
+    every_image_once = np.ones((1, 300))
+    assert scores(truth, predicted, every_image_once, 3, "macro_f1", None)[0] == pytest.approx(
+        f1_score(truth, predicted, average="macro", labels=[0, 1, 2], zero_division=0))  # fmt: skip
+    assert scores(truth, predicted, every_image_once, 3, "sensitivity", 2)[0] == pytest.approx(recall_score(truth == 2, predicted == 2))
+    # A resample's weights count each image as often as it was drawn: sklearn on the drawn rows agrees.
+    for weights in _resample_weights(300, 4, seed=1):
+        drawn = np.repeat(np.arange(300), weights)
+        assert scores(truth, predicted, weights[None], 3, "macro_f1", None)[0] == pytest.approx(
+            f1_score(truth[drawn], predicted[drawn], average="macro", labels=[0, 1, 2], zero_division=0))  # fmt: skip
+
+
+def test_every_deployment_runs_one_at_a_time_and_queues_the_next():
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    assert deployments
+    for deployment in deployments:
+        limit = deployment["concurrency_limit"]
+        assert limit["limit"] == 1, deployment["name"]
+        assert ConcurrencyLimitStrategy(limit["collision_strategy"]) is ConcurrencyLimitStrategy.ENQUEUE
