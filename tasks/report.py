@@ -140,6 +140,7 @@ def report(params: Params, layout: Layout, archive: Path, out: Path) -> Path:
         _archive_section(params.data, archive, layout.extract_skipped_csv),
         _validate_section(layout, params.validate.max_pixels),
         _split_section(layout, params.split.group_pattern),
+        _data_audit_section(layout, params.validate.max_pixels),
         _training_section(layout),
         _test_section(layout),
         _mistakes_section(layout),
@@ -238,6 +239,41 @@ def _split_section(layout: Layout, group_pattern: str | None) -> Section:
     else:
         body += _p("Split image by image, stratified by class (split.group_pattern is empty).")
     return Section("split", title, body)
+
+
+def _data_audit_section(layout: Layout, max_pixels: int) -> Section:
+    """Near-duplicate clusters (those spanning classes first: a label conflict) and the audit's label issues."""
+    title = "Near-duplicates and label issues"
+    clusters = read_json(layout.metrics_dir / "near_duplicates.json")
+    if not clusters:
+        return Section("audit", title, _not_run(f"{layout.metrics_dir / 'near_duplicates.json'} is missing (the near_duplicates stage)"))
+    body = _p(f"{clusters.get('clusters', 0)} near-duplicate clusters of two images or more, "
+              f"{clusters.get('clusters_spanning_classes', 0)} of them spanning classes (the same picture under two "
+              "labels); each cluster is kept in one split.")  # fmt: skip
+    members: dict[str, list[dict]] = {}
+    for row in read_rows(layout.near_duplicates_csv):
+        if int(row["cluster_size"]) > 1:
+            members.setdefault(row["cluster"], []).append(row)
+    # Clusters spanning classes first, then the largest.
+    shown = sorted(members.values(), key=lambda rows: (-len({row["label"] for row in rows}), -len(rows)))[:THUMBS_PER_REASON]
+    for rows in shown:
+        tiles = [_tile(_thumbnail(layout.extracted_dir / row["path"], max_pixels), row["path"], row["label"], "near-duplicate")
+                 for row in rows[:THUMBS_PER_REASON]]  # fmt: skip
+        body += f'<div class="strip">{"".join(tiles)}</div>'
+    issues = read_rows(layout.label_issues_csv)
+    audit = read_json(layout.metrics_dir / "audit.json")
+    if not audit or not audit.get("folds"):
+        body += _p("The audit is off (audit.folds below 2): no out-of-fold probabilities, no label-issue ranking.")
+    elif not issues:
+        body += _p("The audit's out-of-fold probabilities flag no label as doubtful.")
+    else:
+        body += _p(f"{len(issues)} images whose label the out-of-fold models doubt, most doubtful first "
+                   f"(data/label_issues.csv; review them, then list the ones you agree with in train.exclude):")  # fmt: skip
+        tiles = [_tile(_thumbnail(layout.extracted_dir / row["path"], max_pixels), row["path"],
+                       f"labelled {row['label']}, looks {row['suggested']} (score {float(row['score']):.3f})", "label issue")
+                 for row in issues[:MISTAKES_SHOWN]]  # fmt: skip
+        body += f'<div class="strip">{"".join(tiles)}</div>'
+    return Section("audit", title, body)
 
 
 def _training_section(layout: Layout) -> Section:

@@ -44,22 +44,19 @@ def _cache(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     return cache(p.prepare, at.manifest_csv, at.extracted_dir, at.cache_dir, map_shards, staging_dir(at.cache_dir)).path
 
 
-NEAR_DUPLICATES_CSV = "data/near_duplicates.csv"
-
-
 def _near_duplicates(p: Params, at: Layout, map_shards: ShardMap) -> Path:
-    return near_duplicates(p.validate, at.cache_dir, at.root / NEAR_DUPLICATES_CSV, at.metrics_dir / "near_duplicates.json")
+    return near_duplicates(p.validate, at.cache_dir, at.near_duplicates_csv, at.metrics_dir / "near_duplicates.json")
 
 
 def _split(p: Params, at: Layout, map_shards: ShardMap) -> Path:
-    return split(p.split, at.manifest_csv, at.split_csv, at.root / NEAR_DUPLICATES_CSV)
+    return split(p.split, at.manifest_csv, at.split_csv, at.near_duplicates_csv)
 
 
 def _audit(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     from tasks.audit import audit  # TensorFlow loads only when the audit runs
 
-    return audit(p.audit, p.train, p.augment, at.cache_dir, at.split_csv, at.root / "data/oof.csv",
-                 at.root / "data/label_issues.csv", at.metrics_dir / "audit.json")  # fmt: skip
+    return audit(p.audit, p.train, p.augment, at.cache_dir, at.split_csv, at.oof_csv, at.label_issues_csv,
+                 at.metrics_dir / "audit.json")  # fmt: skip
 
 
 def _train(p: Params, at: Layout, map_shards: ShardMap) -> Path:

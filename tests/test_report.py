@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from tasks.params import (
     TrainParams,
 )
 from tasks.report import REPORT_HTML, SHOWN_PARAMS, report
+from tasks.near_duplicates import near_duplicates
 from tasks.split import split
 from tasks.stages import Layout
 from tasks.validate import validate
@@ -37,11 +39,12 @@ from tests.conftest import s3c
 
 pytest.importorskip("tensorflow")
 
+from tasks.audit import LABEL_ISSUE_COLUMNS, audit  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
 from tasks.publish import publish  # noqa: E402
 from tasks.train import train  # noqa: E402
 
-SECTIONS = ("archive", "validate", "split", "training", "test", "mistakes", "release", "model")
+SECTIONS = ("archive", "validate", "split", "audit", "training", "test", "mistakes", "release", "model")
 MAX_PAGE_BYTES = 5 << 20
 
 
@@ -69,7 +72,10 @@ def demo_run(tmp_path_factory, demo_zip) -> tuple[Params, Layout]:
     extract(params.data, archive, layout.extracted_dir, layout.extract_skipped_csv)
     validate(params.validate, layout.extracted_dir, layout.manifest_csv, in_process)
     cache(params.prepare, layout.manifest_csv, layout.extracted_dir, layout.cache_dir, in_process)
-    split(params.split, layout.manifest_csv, layout.split_csv)
+    near_duplicates(params.validate, layout.cache_dir, layout.near_duplicates_csv, layout.metrics_dir / "near_duplicates.json")
+    split(params.split, layout.manifest_csv, layout.split_csv, layout.near_duplicates_csv)
+    audit(params.audit, params.train, params.augment, layout.cache_dir, layout.split_csv, layout.oof_csv,
+          layout.label_issues_csv, layout.metrics_dir / "audit.json")  # off: audit.folds is 0
     train(params.train, params.augment, layout.cache_dir, layout.split_csv, layout.model_dir, layout.metrics_dir)
     evaluate(layout.model_dir / "model.keras", layout.cache_dir, layout.split_csv, layout.metrics_dir / "train.json",
              layout.metrics_dir, layout.plots_dir, params.evaluate)  # fmt: skip
@@ -88,6 +94,7 @@ def test_report_tells_the_run_s_story_in_every_section_and_is_published_beside_t
     for reason in ("empty", "truncated", "not_an_image", "duplicate"):  # the demo's junk, each with its strip
         assert f"<h3>{reason} " in page
     assert "Promoted" in page and "groups on two sides: 0" in page
+    assert "0 near-duplicate clusters" in page and "The audit is off" in page
     assert 0 < page.count('<figure class="explained">') <= 16  # mistakes, then the closest calls, each with its map
     published = json.loads((layout.metrics_dir / "publish.json").read_text())
     copy = Path(published["uri"]) / "report" / "index.html"
@@ -238,3 +245,35 @@ def test_report_renders_in_headless_chromium_with_every_image_loaded(demo_run, t
     assert len(found["images"]) == (layout.root / REPORT_HTML).read_text().count("<img ") >= 5
     assert [image["alt"] for image in found["images"] if not image["loaded"]] == []
     assert screenshot.stat().st_size > 10_000
+
+
+def test_clusters_spanning_classes_and_label_issues_show_with_their_images(demo_run, tmp_path):
+    import csv
+
+    params, layout = demo_run
+    run = Layout(tmp_path / "run")
+    shutil.copytree(layout.root, run.root)
+    (run.metrics_dir / "publish.json").unlink()  # a report of a published run would go beside that run
+    with open(run.split_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    one_of_each = [next(row for row in rows if row["label"] == label) for label in ("Parasitized", "Uninfected")]
+    # The same picture under two labels, as the near_duplicates stage would list it, and the audit's doubt about both.
+    with open(run.near_duplicates_csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "cluster", "cluster_size"])
+        writer.writerows([row["path"], row["label"], 7, 2] for row in one_of_each)
+    (run.metrics_dir / "near_duplicates.json").write_text(json.dumps({"clusters": 1, "clusters_spanning_classes": 1}))
+    with open(run.label_issues_csv, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(LABEL_ISSUE_COLUMNS)
+        writer.writerows([rank, row["path"], row["label"], "Uninfected" if row["label"] == "Parasitized" else "Parasitized",
+                          0.01 * rank] for rank, row in enumerate(one_of_each, 1))  # fmt: skip
+    (run.metrics_dir / "audit.json").write_text(json.dumps({"folds": 3}))
+    archive = run.raw_dir / next(layout.raw_dir.iterdir()).name
+    page = report(params, run, archive, run.root / REPORT_HTML).read_text()
+    audit_section = page.split('<section id="audit">')[1].split("</section>")[0]
+    assert "1 of them spanning classes" in audit_section and "2 images whose label" in audit_section
+    for row in one_of_each:  # in the cluster's strip and in the label-issue gallery, each with its thumbnail
+        assert audit_section.count(f'<span class="path">{html.escape(row["path"])}</span>') == 2
+    assert audit_section.count("<img") == 4
+    assert "looks Uninfected" in audit_section and "looks Parasitized" in audit_section
