@@ -29,9 +29,8 @@ EXPECTED_ERRORS = (StageError, FileNotFoundError)
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgclf",
-        description="Folder-per-class image archive -> clean, cached, split dataset -> trained, "
-        "evaluated image classifier (download, extract, validate, cache, split, train, evaluate), "
-        "by stage or as one Prefect flow.",
+        description="Folder-per-class image archive -> clean, cached, split dataset -> trained, evaluated, "
+        f"exported, gated and reported image classifier ({', '.join(STAGES)}), by stage or as one Prefect flow.",
     )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--verbose", action="store_true",
