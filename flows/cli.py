@@ -123,8 +123,9 @@ def _command(args: argparse.Namespace) -> None:
         quiet_prefect_console(args.verbose)
         with prefect_api(server):
             outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params)
+        width = max(map(len, outcome))
         for name, what in outcome.items():
-            print(f"{name:<10} {what}")
+            print(f"{name:<{width}} {what}")
         summary = score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json"))
         decision = gate_line(Layout(Path("."))) if outcome.get("publish") == "ran" else ""
         print(f"{summary}; {decision}" if decision else summary)  # the last line: how the model scored, and where it went
