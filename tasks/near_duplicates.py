@@ -34,9 +34,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
 
 from tasks.files import atomic_file, read_csv
 from tasks.params import ValidateParams
@@ -65,6 +62,8 @@ def close_pairs(thumbs: np.ndarray, distance: float) -> np.ndarray:
     centred = thumbs - thumbs.mean(axis=0)
     # The principal axes from the 64x64 covariance: an SVD of the whole (N, 64) array costs 100x more.
     axes = np.linalg.eigh(centred.T @ centred)[1][:, ::-1][:, :SEARCH_AXES]
+    from scipy.spatial import cKDTree  # SciPy loads only when a stage needs it, not with every command
+
     # A hair wider: float32 axes are orthonormal to ~1e-6, and every candidate is checked below anyway.
     candidates = cKDTree(centred @ axes).query_pairs(radius * (1 + 1e-4), output_type="ndarray")
     if not len(candidates):
@@ -76,6 +75,9 @@ def close_pairs(thumbs: np.ndarray, distance: float) -> np.ndarray:
 
 def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
     """Returns each of n items' cluster: the connected components of `pairs`, numbered in order of first member."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 

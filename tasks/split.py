@@ -22,12 +22,11 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from tasks.errors import StageError
 from tasks.files import atomic_file, read_csv
 from tasks.manifest import read_valid_rows
+from tasks.near_duplicates import clusters
 from tasks.params import SplitParams
 
 log = logging.getLogger("imgclf")
@@ -128,9 +127,7 @@ def blocks_of(*partitions: list[str]) -> list[int]:
     first: dict[tuple[int, str], int] = {}
     links = [first.setdefault((which, value), index) for which, values in enumerate(partitions)
              for index, value in enumerate(values)]  # fmt: skip
-    sources = np.tile(np.arange(n), len(partitions))
-    graph = coo_matrix((np.ones(len(links)), (sources, np.array(links))), shape=(n, n))
-    return connected_components(graph, directed=False)[1].tolist()
+    return clusters(n, np.column_stack((np.tile(np.arange(n), len(partitions)), links))).tolist()
 
 
 def _clusters(near_duplicates_csv: Path, rows: list[dict]) -> list[str]:
