@@ -203,11 +203,10 @@ def _validate_section(layout: Layout, max_pixels: int) -> Section:
     groups = []
     for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
         rows = [row for row in set_aside if row["reason"] == reason][:THUMBS_PER_REASON]
-        tiles = [_tile(_thumbnail(layout.extracted_dir / row["path"], max_pixels), row["path"], row["detail"], reason)
-                 for row in rows]  # fmt: skip
+        tiles = [_tile(layout, row["path"], row["detail"], reason, max_pixels) for row in rows]
         shown = f", the first {len(rows)} shown" if count > len(rows) else ""
         groups.append(f'<div><h3>{_e(reason)} <span class="count">{count} file{"s" * (count != 1)}{shown}</span></h3>'
-                      f'<div class="strip">{"".join(tiles)}</div></div>')  # fmt: skip
+                      f'{_strip(tiles)}</div>')  # fmt: skip
     body += f'<div class="reasons">{"".join(groups)}</div>'
     if not set_aside:
         body += _p("Every file is a valid, unique image.")
@@ -257,9 +256,8 @@ def _data_audit_section(layout: Layout, max_pixels: int) -> Section:
     # Clusters spanning classes first, then the largest.
     shown = sorted(members.values(), key=lambda rows: (-len({row["label"] for row in rows}), -len(rows)))[:THUMBS_PER_REASON]
     for rows in shown:
-        tiles = [_tile(_thumbnail(layout.extracted_dir / row["path"], max_pixels), row["path"], row["label"], "near-duplicate")
-                 for row in rows[:THUMBS_PER_REASON]]  # fmt: skip
-        body += f'<div class="strip">{"".join(tiles)}</div>'
+        body += _strip([_tile(layout, row["path"], row["label"], "near-duplicate", max_pixels)
+                        for row in rows[:THUMBS_PER_REASON]])
     issues = read_rows(layout.label_issues_csv)
     audit = read_json(layout.metrics_dir / "audit.json")
     if not audit or not audit.get("folds"):
@@ -269,10 +267,9 @@ def _data_audit_section(layout: Layout, max_pixels: int) -> Section:
     else:
         body += _p(f"{len(issues)} images whose label the out-of-fold models doubt, most doubtful first "
                    f"(data/label_issues.csv; review them, then list the ones you agree with in train.exclude):")  # fmt: skip
-        tiles = [_tile(_thumbnail(layout.extracted_dir / row["path"], max_pixels), row["path"],
-                       f"labelled {row['label']}, looks {row['suggested']} (score {float(row['score']):.3f})", "label issue")
-                 for row in issues[:MISTAKES_SHOWN]]  # fmt: skip
-        body += f'<div class="strip">{"".join(tiles)}</div>'
+        body += _strip([_tile(layout, row["path"], f"labelled {row['label']}, looks {row['suggested']} "
+                              f"(score {float(row['score']):.3f})", "label issue", max_pixels)
+                        for row in issues[:MISTAKES_SHOWN]])  # fmt: skip
     return Section("audit", title, body)
 
 
@@ -366,7 +363,7 @@ def _mistakes_section(layout: Layout) -> Section:
             if not maps[i].any():
                 caption += "<br>Grad-CAM: no region argues for this class (the evidence was against the other)"
             tiles.append(f'<figure class="explained"><div>{pictures}</div><figcaption>{caption}</figcaption></figure>')
-        return f'<div class="strip">{"".join(tiles)}</div>'
+        return _strip(tiles)
 
     body = _p("Each image is shown beside its Grad-CAM map for the predicted class: red is where the model found "
               "the evidence for it.")  # fmt: skip
@@ -549,7 +546,13 @@ def _thumbnail(path: Path, max_pixels: int) -> bytes | None:
     return png_bytes(pixels)
 
 
-def _tile(thumbnail: bytes | None, path: str, detail: str, reason: str) -> str:
+def _strip(tiles: list[str]) -> str:
+    return f'<div class="strip">{"".join(tiles)}</div>'
+
+
+def _tile(layout: Layout, path: str, detail: str, reason: str, max_pixels: int) -> str:
+    """Returns a figure of the extracted file at `path`: its thumbnail (or "no preview") and caption."""
+    thumbnail = _thumbnail(layout.extracted_dir / path, max_pixels)
     picture = _img(thumbnail, path) if thumbnail else f'<div class="noimg">no preview<br>({_e(reason)})</div>'
     note = f"<br>{_e(detail[:120])}" if detail else ""
     return f'<figure>{picture}<figcaption><span class="path">{_e(path)}</span>{note}</figcaption></figure>'
