@@ -68,6 +68,9 @@ def quiet_prefect_console(verbose: bool) -> None:
 
 
 
+_END_OF_FILTER = b"\0imgclf: end of the stderr filter\n"
+
+
 @contextlib.contextmanager
 def native_noise_filtered() -> Iterator[None]:
     """Within the block, lines on file descriptor 2 that match NATIVE_NOISE are dropped; the rest pass."""
@@ -80,8 +83,11 @@ def native_noise_filtered() -> Iterator[None]:
     def pump() -> None:
         with os.fdopen(read_end, "rb") as lines:
             for line in lines:
+                line, end = line.removesuffix(_END_OF_FILTER), line.endswith(_END_OF_FILTER)
                 if not NATIVE_NOISE.match(line):
                     os.write(terminal, line)
+                if end:
+                    return
 
     pumping = threading.Thread(target=pump, name="stderr-filter", daemon=True)
     pumping.start()
@@ -89,6 +95,9 @@ def native_noise_filtered() -> Iterator[None]:
         yield
     finally:
         sys.stderr.flush()
-        os.dup2(terminal, 2)  # closes the pipe's last write end in this process: the pump sees EOF
+        # Not EOF: children started in the block (multiprocessing's resource tracker lives as long
+        # as this process) hold the pipe's write end; the pump would wait for them.
+        os.write(2, _END_OF_FILTER)
+        os.dup2(terminal, 2)
         pumping.join(timeout=5)
         os.close(terminal)

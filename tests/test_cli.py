@@ -203,3 +203,20 @@ def test_predict_gives_a_fifo_an_error_row_instead_of_hanging(tmp_path, cli_env)
     result = imgclf(["predict", "--model", str(model), "pipe.png"], tmp_path, cli_env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file"]
+
+
+def test_the_stderr_filter_ends_with_its_block_though_a_child_still_holds_stderr(capfd):
+    import sys
+
+    from flows.console import native_noise_filtered
+
+    with native_noise_filtered():
+        # As multiprocessing's resource tracker: started in the block, inherits fd 2, outlives it.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        os.write(2, b"I0000 00:00:1795995284.822632 6843 port.cc:153] oneDNN custom operations are on.\nkept\n")
+    try:
+        assert not [thread for thread in threading.enumerate() if thread.name == "stderr-filter"]
+    finally:
+        child.kill()
+        child.wait()
+    assert capfd.readouterr().err == "kept\n"
