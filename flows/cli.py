@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a param by dotted key, e.g. --set prepare.image_size=32; repeatable")  # fmt: skip
+    run.add_argument("stages", nargs="*", type=_stage_name, metavar="STAGE",
+                     help="run only these stages and those they depend on, as `dvc repro STAGE` (default: all)")  # fmt: skip
 
     serve = commands.add_parser("serve", help="serve the flow from this machine on orchestration.schedule (flow.serve)")
     serve.add_argument("--name", default="weekly-retrain", help="deployment name (default: weekly-retrain)")
@@ -69,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=int, default=200, help="valid images per class (default 200)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
+
+
+def _stage_name(name: str) -> str:
+    if name not in STAGES:
+        raise argparse.ArgumentTypeError(f"no stage {name!r} (choose from {', '.join(STAGES)})")
+    return name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +130,14 @@ def _command(args: argparse.Namespace) -> None:
 
         quiet_prefect_console(args.verbose)
         with prefect_api(server):
-            outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params)
+            outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params, stages=args.stages)
         width = max(map(len, outcome))
         for name, what in outcome.items():
             print(f"{name:<{width}} {what}")
-        summary = score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json"))
-        decision = gate_line(Layout(Path("."))) if outcome.get("publish") == "ran" else ""
-        print(f"{summary}; {decision}" if decision else summary)  # the last line: how the model scored, and where it went
+        if "evaluate" in outcome:  # the last line: how the model scored, and where it went
+            summary = score_line(read_json(Layout(Path(".")).metrics_dir / "eval.json"))
+            decision = gate_line(Layout(Path("."))) if outcome.get("publish") == "ran" else ""
+            print(f"{summary}; {decision}" if decision else summary)
     elif args.command == "serve":
         load_params(args.params)
         from flows.pipeline import serve

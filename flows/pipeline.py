@@ -189,17 +189,20 @@ def _flow_run_name() -> str:
     from prefect.runtime import flow_run
 
     overrides = flow_run.parameters.get("overrides") or {}
-    shown = redact(",".join(f"{key}={value}" for key, value in sorted(overrides.items())))
+    targets = flow_run.parameters.get("stages") or []
+    shown = redact(",".join([*targets, *(f"{key}={value}" for key, value in sorted(overrides.items()))]))
     return f"imgclf-{shown}" if shown else "imgclf"
 
 
 @flow(name="imgclf-pipeline", flow_run_name=_flow_run_name)
-def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml", root: str = ".") -> dict[str, str]:
+def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params.yaml", root: str = ".",
+             stages: list[str] | None = None) -> dict[str, str]:  # fmt: skip
     """Runs the stages of dvc.yaml that DVC finds stale, each after those it depends on; returns {stage: "ran" | "skipped"}.
 
     `overrides` maps dotted params keys to values (`{"train.epochs": 5}`), checked by the same
     typed params as `params.yaml`; they apply to this run alone: params.yaml is not written,
-    and dvc.lock records the values the run used.
+    and dvc.lock records the values the run used. `stages`: only these and the stages they
+    depend on, as `dvc repro STAGE` (empty: all).
     """
     layout = Layout(Path(root))
     overrides = reveal(overrides or {})
@@ -210,7 +213,7 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
         with shard_map(params.orchestration) as map_shards:
-            outcome = _run_dag(project, params, layout, map_shards)
+            outcome = _run_dag(project, params, layout, map_shards, stages or [])
         get_run_logger().info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
         if outcome.get("publish") == "ran":
             get_run_logger().info("%s", gate_line(layout))
@@ -221,10 +224,12 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     return outcome
 
 
-def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: ShardMap) -> dict[str, str]:
-    """Submits every stage, each waiting for the stages it depends on; returns {stage: ran | skipped}."""
+def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: ShardMap,
+             targets: list[str]) -> dict[str, str]:  # fmt: skip
+    """Submits every stage (or the targets and what they depend on), each waiting for the stages it
+    depends on; returns {stage: ran | skipped}."""
     futures = {}
-    for name, upstream in project.pipeline().items():
+    for name, upstream in upstream_of(project.pipeline(), targets).items():
         stage = stage_task.with_options(name=name, task_run_name=task_run_name(name, params))
         futures[name] = stage.submit(name, params, layout, project, map_shards, wait_for=[futures[up] for up in upstream])
     for future in futures.values():
@@ -233,6 +238,21 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
         if future.state.is_failed():
             future.result()  # raises the first failed stage's own error (dvc.yaml order)
     return {name: "skipped" if future.state.name == "Skipped" else "ran" for name, future in futures.items()}
+
+
+def upstream_of(dag: dict[str, list[str]], targets: list[str]) -> dict[str, list[str]]:
+    """Returns the part of `dag` ({stage: stages it depends on}) that `targets` need: them and their
+    ancestors, in the same order; all of it when there are no targets."""
+    unknown = [name for name in targets if name not in dag]
+    if unknown:
+        raise ProjectError(f"dvc.yaml: no stage {', '.join(map(repr, unknown))} (its stages: {', '.join(dag)})")
+    needed, todo = set(), list(targets or dag)
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += dag[name]
+    return {name: upstream for name, upstream in dag.items() if name in needed}
 
 
 @contextlib.contextmanager

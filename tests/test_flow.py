@@ -73,3 +73,11 @@ def test_flow_stops_on_bad_params_with_one_line(tmp_path, cli_env):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert "split.test" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_run_of_an_unknown_stage_stops_before_anything_starts(tmp_path, cli_env):
+    (tmp_path / "params.yaml").write_text("{}\n")
+    result = imgclf(["run", "trian"], tmp_path, cli_env)
+    assert result.returncode == 2
+    assert "no stage 'trian' (choose from download, extract" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

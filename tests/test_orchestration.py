@@ -18,7 +18,7 @@ from tests.conftest import dvc_project, sh
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
 from flows.dvc_project import ProjectError  # noqa: E402
-from flows.pipeline import one_run_at_a_time, pipeline  # noqa: E402
+from flows.pipeline import one_run_at_a_time, pipeline, upstream_of  # noqa: E402
 from flows.versioning import VersioningError, version_outputs  # noqa: E402
 from tasks.params import OrchestrationParams  # noqa: E402
 from tasks.stages import STAGES, Layout  # noqa: E402
@@ -84,6 +84,26 @@ def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents
     # A deleted output re-runs its stage; the same bytes come back, so nothing after it re-runs.
     (root / "data" / "split.csv").unlink()
     assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["split"]
+
+
+def test_a_run_of_target_stages_runs_them_and_what_they_depend_on_only(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip)
+    with pytest.raises(ProjectError, match="no stage 'trian'"):
+        pipeline(root=str(root), stages=["trian"])
+    assert not (root / "data").exists()
+    data_stages = ALL[: ALL.index("split") + 1]
+    outcome = pipeline(root=str(root), stages=["split"])
+    assert list(outcome) == data_stages and ran(outcome) == data_stages
+    assert not (root / "models").exists()
+    assert ran(pipeline(root=str(root), stages=["split", "near_duplicates"])) == []
+    assert "train" in dvc(root, env, "status")  # what the run left out is still to do
+
+
+def test_upstream_of_keeps_the_targets_and_their_ancestors_in_order():
+    dag = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["a"]}
+    assert upstream_of(dag, []) == dag
+    assert list(upstream_of(dag, ["d"])) == ["a", "b", "c", "d"]
+    assert list(upstream_of(dag, ["e", "b"])) == ["a", "b", "e"]
 
 
 def test_dvc_repro_then_the_flow_skips_every_stage_and_the_flow_then_dvc_repro_runs_nothing(tmp_path, demo_zip, env):
