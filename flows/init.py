@@ -33,11 +33,6 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml")
 # What `dvc init` writes and stages.
 DVC_FILES = (".dvc/config", ".dvc/.gitignore", ".dvcignore")
 COMMIT_MESSAGE = "imgclf init"
-# DVC links outputs to its cache instead of copying them: a set of 27,558 files is recorded in
-# a third of the time and stored once. Safe because every stage writes new files and renames
-# them into place, never into a tracked file (DVC makes those read-only; `dvc unprotect` before
-# editing one by hand). Hardlink first: only then does DVC move files into its cache by linking.
-CACHE_TYPES = "hardlink,copy"
 
 
 class InitError(StageError):
@@ -86,8 +81,7 @@ def init_project(folder: Path, url: str | None = None) -> list[str]:
     dvc_ran = not (folder / ".dvc").exists()
     if dvc_ran:
         _call([sys.executable, "-m", "dvc", "init", "-q"], folder, "dvc init")
-        _call([sys.executable, "-m", "dvc", "config", "cache.type", CACHE_TYPES], folder, "dvc config")
-        lines.append(f"  .dvc/          dvc init; cache.type {CACHE_TYPES}")
+        lines.append("  .dvc/          dvc init")
     else:
         lines.append("  .dvc/          already a DVC project: kept")
 
