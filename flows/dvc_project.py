@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tasks.errors import StageError
@@ -64,12 +64,21 @@ class DvcProject:
             except DvcException as exc:  # a damaged dvc.yaml or dvc.lock, a lock held by `dvc repro`
                 raise ProjectError(f"{self.root / 'dvc.yaml'}: {str(exc).splitlines()[0]}") from None
 
-    def pipeline(self) -> dict[str, list[str]]:
-        """Returns {stage: the stages it depends on}, in an order where each comes after those."""
+    def pipeline(self, targets: Sequence[str] = ()) -> dict[str, list[str]]:
+        """Returns {stage: the stages it depends on}, in an order where each comes after those: every
+        stage, or the targets and the stages they depend on, as `dvc repro TARGET...` runs them."""
         import networkx as nx
 
         with self._repo() as repo:
             graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+            named = {stage.name: stage for stage in graph}
+            unknown = [name for name in targets if name not in named]
+            if unknown:
+                raise ProjectError(f"{self.root / 'dvc.yaml'}: no stage {', '.join(map(repr, unknown))} "
+                                   f"(its stages: {', '.join(named)})")  # fmt: skip
+            if targets:
+                graph = graph.subgraph({named[name] for name in targets}.union(*(nx.descendants(graph, named[name])
+                                                                                  for name in targets)))  # fmt: skip
             written = {stage: position for position, stage in enumerate(repo.index.stages)}
             # Dependencies first; among stages free to go, dvc.yaml's order.
             order = nx.lexicographical_topological_sort(graph.reverse(), key=written.get)

@@ -229,7 +229,7 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
     """Submits every stage (or the targets and what they depend on), each waiting for the stages it
     depends on; returns {stage: ran | skipped}."""
     futures = {}
-    for name, upstream in upstream_of(project.pipeline(), targets).items():
+    for name, upstream in project.pipeline(targets).items():
         stage = stage_task.with_options(name=name, task_run_name=task_run_name(name, params))
         futures[name] = stage.submit(name, params, layout, project, map_shards, wait_for=[futures[up] for up in upstream])
     for future in futures.values():
@@ -238,21 +238,6 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
         if future.state.is_failed():
             future.result()  # raises the first failed stage's own error (dvc.yaml order)
     return {name: "skipped" if future.state.name == "Skipped" else "ran" for name, future in futures.items()}
-
-
-def upstream_of(dag: dict[str, list[str]], targets: list[str]) -> dict[str, list[str]]:
-    """Returns the part of `dag` ({stage: stages it depends on}) that `targets` need: them and their
-    ancestors, in the same order; all of it when there are no targets."""
-    unknown = [name for name in targets if name not in dag]
-    if unknown:
-        raise ProjectError(f"dvc.yaml: no stage {', '.join(map(repr, unknown))} (its stages: {', '.join(dag)})")
-    needed, todo = set(), list(targets or dag)
-    while todo:
-        name = todo.pop()
-        if name not in needed:
-            needed.add(name)
-            todo += dag[name]
-    return {name: upstream for name, upstream in dag.items() if name in needed}
 
 
 @contextlib.contextmanager

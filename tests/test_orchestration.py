@@ -17,8 +17,8 @@ from tests.conftest import dvc_project, sh
 
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
-from flows.dvc_project import ProjectError  # noqa: E402
-from flows.pipeline import one_run_at_a_time, pipeline, upstream_of  # noqa: E402
+from flows.dvc_project import DvcProject, ProjectError  # noqa: E402
+from flows.pipeline import one_run_at_a_time, pipeline  # noqa: E402
 from flows.versioning import VersioningError, version_outputs  # noqa: E402
 from tasks.params import OrchestrationParams  # noqa: E402
 from tasks.stages import STAGES, Layout  # noqa: E402
@@ -99,11 +99,13 @@ def test_a_run_of_target_stages_runs_them_and_what_they_depend_on_only(tmp_path,
     assert "train" in dvc(root, env, "status")  # what the run left out is still to do
 
 
-def test_upstream_of_keeps_the_targets_and_their_ancestors_in_order():
-    dag = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": ["a"]}
-    assert upstream_of(dag, []) == dag
-    assert list(upstream_of(dag, ["d"])) == ["a", "b", "c", "d"]
-    assert list(upstream_of(dag, ["e", "b"])) == ["a", "b", "e"]
+def test_the_pipeline_of_targets_keeps_them_and_the_stages_they_depend_on_in_order(tmp_path, env):
+    project_dvc = DvcProject(project(tmp_path / "p", env, tmp_path / "none.zip"))
+    assert list(project_dvc.pipeline()) == ALL
+    assert list(project_dvc.pipeline(["split"])) == ALL[: ALL.index("split") + 1]
+    assert list(project_dvc.pipeline(["evaluate", "near_duplicates"])) == [
+        "download", "extract", "validate", "cache", "near_duplicates", "split", "train", "evaluate"]  # fmt: skip
+    assert project_dvc.pipeline(["evaluate"])["evaluate"] == project_dvc.pipeline()["evaluate"]
 
 
 def test_dvc_repro_then_the_flow_skips_every_stage_and_the_flow_then_dvc_repro_runs_nothing(tmp_path, demo_zip, env):
