@@ -8,6 +8,7 @@ makes that choice, for the output layer, the loss and the reading of the outputs
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import keras
@@ -75,19 +76,66 @@ def _applications() -> dict:
     }
 
 
+@keras.saving.register_keras_serializable(package="imgclf")
+class RandomAffine(layers.Layer):
+    """Flip, rotation, zoom and translation drawn per image and applied as one affine resampling.
+
+    Keras' RandomFlip, RandomRotation, RandomZoom and RandomTranslation each resample the whole
+    batch in turn: on a 2-core CPU the four took a fifth of a training step. Composed, the same
+    draws cost one pass, and the edges are filled once instead of at every step.
+    """
+
+    def __init__(self, flip="none", rotation=0.0, zoom=0.0, translation=0.0, fill_mode="reflect",
+                 interpolation="nearest", seed=None, **kwargs):  # fmt: skip
+        super().__init__(**kwargs)
+        self.flip, self.rotation, self.zoom, self.translation = flip, rotation, zoom, translation
+        self.fill_mode, self.interpolation, self.seed = fill_mode, interpolation, seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def get_config(self) -> dict:
+        return super().get_config() | {
+            "flip": self.flip, "rotation": self.rotation, "zoom": self.zoom, "translation": self.translation,
+            "fill_mode": self.fill_mode, "interpolation": self.interpolation, "seed": self.seed,
+        }  # fmt: skip
+
+    def _uniform(self, count, bound: float):
+        return keras.random.uniform((count,), -bound, bound, seed=self.generator)
+
+    def _mirror(self, count, axis: str):
+        """Returns -1 (mirrored) or 1 per image: half the images, when `flip` names this axis."""
+        if self.flip not in (axis, "both"):
+            return keras.ops.ones((count,))
+        return keras.ops.where(keras.random.uniform((count,), seed=self.generator) < 0.5, -1.0, 1.0)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        ops = keras.ops
+        count, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
+        # Output pixel p samples the input at centre + A (p - centre) + shift, where A mirrors,
+        # rotates and scales (scale > 1 shows more of the image: zooms out).
+        angle = self._uniform(count, self.rotation * 2 * math.pi)
+        scale = 1.0 + self._uniform(count, self.zoom)
+        mirror_x, mirror_y = self._mirror(count, "horizontal"), self._mirror(count, "vertical")
+        cos, sin = ops.cos(angle) * scale, ops.sin(angle) * scale
+        a00, a01, a10, a11 = mirror_x * cos, -mirror_x * sin, mirror_y * sin, mirror_y * cos
+        centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
+        shift_x = centre_x - a00 * centre_x - a01 * centre_y + self._uniform(count, self.translation * width)
+        shift_y = centre_y - a10 * centre_x - a11 * centre_y + self._uniform(count, self.translation * height)
+        zeros = ops.zeros((count,))
+        transform = ops.stack([a00, a01, shift_x, a10, a11, shift_y, zeros, zeros], axis=1)
+        return ops.image.affine_transform(images, transform, interpolation=self.interpolation, fill_mode=self.fill_mode)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 def augmentation(params: AugmentParams, seed: int) -> list[layers.Layer]:
     """Returns the random-transform layers the params ask for (inactive outside training)."""
     found: list[layers.Layer] = []
-    if params.flip != "none":
-        mode = "horizontal_and_vertical" if params.flip == "both" else params.flip
-        found.append(layers.RandomFlip(mode, seed=seed))
-    resample = {"fill_mode": params.fill_mode, "interpolation": params.interpolation}
-    if params.rotation:
-        found.append(layers.RandomRotation(params.rotation, seed=seed + 1, **resample))
-    if params.zoom:
-        found.append(layers.RandomZoom(params.zoom, seed=seed + 2, **resample))
-    if params.translation:
-        found.append(layers.RandomTranslation(params.translation, params.translation, seed=seed + 3, **resample))
+    if params.flip != "none" or params.rotation or params.zoom or params.translation:
+        found.append(RandomAffine(params.flip, params.rotation, params.zoom, params.translation,
+                                  params.fill_mode, params.interpolation, seed=seed))  # fmt: skip
     if params.contrast:
         found.append(layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
     if params.brightness:

@@ -31,7 +31,7 @@ keras = pytest.importorskip("keras")
 
 from tasks.dataset import load_cached_set, make_dataset  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
-from tasks.model import build_model, class_probabilities, load_base  # noqa: E402
+from tasks.model import RandomAffine, build_model, class_probabilities, load_base  # noqa: E402
 from tasks.predict import predict  # noqa: E402
 from tasks.train import TrainError, _class_weight, resolve_precision, train  # noqa: E402
 
@@ -530,3 +530,31 @@ def test_the_chief_is_tf_config_s_chief_or_worker_zero():
     with_chief = workers | {"chief": ["c:3"]}
     assert is_chief(json.dumps({"cluster": with_chief, "task": {"type": "chief", "index": 0}}))
     assert not is_chief(json.dumps({"cluster": with_chief, "task": {"type": "worker", "index": 0}}))
+
+
+@pytest.mark.parametrize("flip, views", [("horizontal", {"as is", "mirrored"}), ("vertical", {"as is", "upside down"}),
+                                         ("both", {"as is", "mirrored", "upside down", "turned"})])  # fmt: skip
+def test_random_affine_flips_are_exact_and_drawn_per_image(flip, views):
+    images = np.random.default_rng(0).integers(0, 256, (64, 12, 16, 3)).astype("float32")
+    out = np.asarray(RandomAffine(flip, seed=1)(images, training=True))
+    candidates = {"as is": images, "mirrored": images[:, :, ::-1], "upside down": images[:, ::-1],
+                  "turned": images[:, ::-1, ::-1]}  # fmt: skip
+    seen = [{name for name, view in candidates.items() if (out[i] == view[i]).all()} for i in range(len(images))]
+    assert all(len(found) == 1 for found in seen)  # each image is exactly one view, nothing resampled
+    assert set().union(*seen) == views
+
+
+def test_random_affine_moves_pixels_only_in_training_and_survives_saving(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (32, 20, 20, 3)).astype("float32")
+    layer = RandomAffine("none", rotation=0.1, zoom=0.1, translation=0.2, seed=3)
+    assert (np.asarray(layer(images, training=False)) == images).all()
+    moved = np.asarray(layer(images, training=True))
+    assert sum(not (moved[i] == images[i]).all() for i in range(len(images))) >= 30
+    # nearest resampling, edges reflected: every pixel is one of the image's own
+    assert all(np.isin(moved[i], images[i]).all() for i in range(len(images)))
+    again = np.asarray(layer(images, training=True))
+    assert not (again == moved).all()  # the generator moves on: each batch draws anew
+    inputs = keras.Input((20, 20, 3))
+    keras.Model(inputs, layer(inputs)).save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras").layers[-1]
+    assert isinstance(loaded, RandomAffine) and loaded.get_config() == layer.get_config()
