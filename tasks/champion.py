@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import mimetypes
 import os
 import shutil
 from pathlib import Path
@@ -81,7 +82,11 @@ class S3Store:
             raise S3Error(f"{exc} (gave up after {ATTEMPTS} attempts)") from None
 
     def put(self, path: Path, name: str) -> str:
-        self._call(name, lambda uri: self.client.upload_file(str(path), uri.bucket, uri.key))
+        # boto3 stores every upload as binary/octet-stream; a browser then downloads the published
+        # report instead of showing it.
+        kind = mimetypes.guess_type(name)[0]
+        extra = {"ContentType": kind} if kind else None
+        self._call(name, lambda uri: self.client.upload_file(str(path), uri.bucket, uri.key, ExtraArgs=extra))
         return self.base.child(name).key
 
     def get(self, name: str, scratch: Path) -> Path:

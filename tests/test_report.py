@@ -111,8 +111,9 @@ def test_a_run_published_to_s3_gets_its_report_beside_it(demo_run, moto, bucket,
     publish(params.publish, params.gate, params.s3, run, run.metrics_dir / "publish.json")
     page = report(params, run, run.raw_dir / "cell_images_demo.zip", run.root / REPORT_HTML)
     run_id = json.loads((run.metrics_dir / "publish.json").read_text())["run_id"]
-    uploaded = s3c(moto).get_object(Bucket=bucket, Key=f"models/runs/{run_id}/report/index.html")["Body"].read()
-    assert uploaded == page.read_bytes()
+    uploaded = s3c(moto).get_object(Bucket=bucket, Key=f"models/runs/{run_id}/report/index.html")
+    assert uploaded["Body"].read() == page.read_bytes()
+    assert uploaded["ContentType"] == "text/html"  # a browser shows it, rather than downloading it
 
 
 def test_sections_whose_stage_did_not_run_say_not_run(tmp_path, demo_zip):
