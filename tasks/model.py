@@ -81,8 +81,8 @@ class RandomAffine(layers.Layer):
     """Flip, rotation, zoom and translation drawn per image and applied as one affine resampling.
 
     Keras' RandomFlip, RandomRotation, RandomZoom and RandomTranslation each resample the whole
-    batch in turn: on a 2-core CPU the four took a fifth of a training step. Composed, the same
-    draws cost one pass, and the edges are filled once instead of at every step.
+    batch in turn: on a 2-core CPU the default three took a fifth of a training step. Composed,
+    draws from the same ranges cost one pass, and the edges are filled once instead of at each.
     """
 
     def __init__(self, flip="none", rotation=0.0, zoom=0.0, translation=0.0, fill_mode="reflect",
