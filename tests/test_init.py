@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from flows.init import ProjectExistsError, ToolMissingError, init_project
+from tasks.params import ParamsError
 from tests.conftest import REPO, in_venv, sh
 
 IGNORED_FOLDERS = ("data", "models", ".imgclf")  # DVC caches them; metrics/ and plots/ json and csv go to git
@@ -85,6 +86,16 @@ def test_init_refuses_a_folder_with_a_dvc_yaml(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
     with pytest.raises(ProjectExistsError, match="dvc.yaml"):
         init_project(tmp_path)
+
+
+@pytest.mark.parametrize("url", ["https://bob:hunter2secret@data.example.org/x.zip",
+                                 "https://data.example.org/x.zip?X-Amz-Signature=hunter2secret"])
+def test_init_refuses_a_url_with_credentials_before_writing_anything(tmp_path, url):
+    # params.yaml is committed by init and recorded by dvc.lock: the password would land in git.
+    with pytest.raises(ParamsError, match="^--url: .*holds credentials.*netrc") as caught:
+        init_project(tmp_path / "proj", url)
+    assert "hunter2secret" not in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "proj").exists()
 
 
 def test_init_without_git_is_one_line_error_before_creating_anything(tmp_path, monkeypatch):
