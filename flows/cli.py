@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted", args.verbose)
         return 130
+    except BrokenPipeError:
+        # The reader left early (`imgclf predict ... | head`): stop quietly, as cat does. Stdout goes to
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a bug or an environment problem: still one line, the traceback on request
         _fail(f"{type(exc).__name__}: {exc}" + ("" if args.verbose else " (--verbose shows the traceback)"), args.verbose)
         return 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -16,7 +17,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import dvc_project, free_port, in_venv
+from tests.conftest import dvc_project, encode, free_port, in_venv, noise
 
 QUICK = ["--set", "prepare.image_size=24", "--set", "train.epochs=1", "--set", "train.batch_size=16"]
 
@@ -203,6 +204,24 @@ def test_predict_gives_a_fifo_an_error_row_instead_of_hanging(tmp_path, cli_env)
     result = imgclf(["predict", "--model", str(model), "pipe.png"], tmp_path, cli_env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file"]
+
+
+def test_predict_piped_into_a_reader_that_leaves_early_stops_without_an_error(tmp_path, cli_env):
+    from PIL import Image
+
+    model = tiny_model(tmp_path / "models", 8)
+    images = tmp_path / "images"
+    images.mkdir()
+    png = encode(Image.fromarray(noise(8, 8)), "PNG")
+    for i in range(1500):  # about 150 KB of rows: more than a pipe holds, so writing outlives the reader
+        (images / f"{i:04d}_{'long_name_' * 8}.png").write_bytes(png)
+    command = shlex.join(in_venv(["imgclf", "predict", "--model", str(model), str(images)]))
+    # `head -1` exits after one line; imgclf then writes into a pipe nobody reads.
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {command} | head -1"], cwd=tmp_path, env=cli_env,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.stdout == "path,label,probability,error\n"
+    assert "error" not in result.stderr, result.stderr
+    assert result.returncode == 141
 
 
 def test_the_stderr_filter_ends_with_its_block_though_a_child_still_holds_stderr(capfd):
