@@ -10,7 +10,10 @@ one, so a champion trained at another image size still compares.
 
 Promoted when, on both sets, challenger minus champion is at least minus `gate.tolerance`;
 each difference comes with a paired bootstrap 95% interval (the same resampled images for
-both models), which informs the reader but does not decide.
+both models), which informs the reader but does not decide. Whatever the champion, and on the
+first run when there is none, a challenger whose macro F1 on its test split is no better than
+always answering one class is not promoted: a run that learned nothing must not become the
+model a schedule serves.
 """
 
 from __future__ import annotations
@@ -197,37 +200,67 @@ class Decision:
 FIRST_RUN = "first run: no champion yet (no latest.json); this run is promoted and its test split becomes the reference set"
 
 
-def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champion: Champion) -> Decision:
-    """Returns the decision on the challenger against the champion, on this run's test split and the champion's
-    reference set. A champion that cannot be read, or that knows other classes, is not replaced."""
+def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champion: Champion | None) -> Decision:
+    """Returns the decision on the challenger against the champion (None: the first run), on this run's test split
+    and the champion's reference set. A champion that cannot be read, or that knows other classes, is not replaced."""
     challenger = load_contender(challenger_model)
+    classes, sets = challenger.classes, {"test": test}
+    prepared = {"test": {}, "reference": {}}  # per set: two models described alike decode it once
+    truth = {"test": _class_indices(test, classes)}
+    ours = {"test": predicted_classes(challenger, test, prepared["test"])}
+    chance = _no_better_than_one_class(truth["test"], ours["test"], classes)
+    run_id = champion.run_id if champion else None
+    if chance:
+        return Decision(False, chance, run_id)
+    if champion is None:
+        return Decision(True, FIRST_RUN)
     try:
         defender = load_contender(champion.model_path)
     except StageError as exc:
-        return Decision(False, f"the champion ({champion.run_id}) cannot be read: {exc}", champion.run_id)
-    classes = challenger.classes
+        return Decision(False, f"the champion ({run_id}) cannot be read: {exc}", run_id)
     if defender.classes != classes:
-        return Decision(False, f"classes differ: the champion ({champion.run_id}) has {defender.classes}, "
-                               f"this run {classes}", champion.run_id)  # fmt: skip
+        return Decision(False, f"classes differ: the champion ({run_id}) has {defender.classes}, "
+                               f"this run {classes}", run_id)  # fmt: skip
     unknown = sorted(set(champion.reference.labels) - set(classes))
     if unknown:
-        return Decision(False, f"the champion's reference set has classes this run lacks: {unknown}", champion.run_id)
+        return Decision(False, f"the champion's reference set has classes this run lacks: {unknown}", run_id)
     positive = challenger.calibration.positive_index
     if gate.metric == "sensitivity" and positive is None:
         raise GateError(f"gate.metric sensitivity: {challenger_model.parent / CALIBRATION_JSON} names no "
                         "positive class (set evaluate.positive_class and evaluate.target_recall)")  # fmt: skip
+    sets["reference"] = champion.reference
+    truth["reference"] = _class_indices(champion.reference, classes)
+    ours["reference"] = predicted_classes(challenger, champion.reference, prepared["reference"])
     comparisons = {}
-    for name, files in (("test", test), ("reference", champion.reference)):
-        truth, prepared = np.array([classes.index(label) for label in files.labels]), {}
-        ours, theirs = (predicted_classes(model, files, prepared) for model in (challenger, defender))
-        comparisons[name] = compare(truth, ours, theirs, len(classes), gate, positive)
+    for name, files in sets.items():
+        theirs = predicted_classes(defender, files, prepared[name])
+        comparisons[name] = compare(truth[name], ours[name], theirs, len(classes), gate, positive)
     metric = f"sensitivity ({classes[positive]})" if gate.metric == "sensitivity" else gate.metric
     failed = [name for name, comparison in comparisons.items() if not comparison.holds(gate.tolerance)]
     if failed:
         said = "; ".join(f"on {SET_NAMES[name]} {comparisons[name].describe(metric)}" for name in failed)
-        reason = f"not promoted: worse than the champion ({champion.run_id}) by more than the tolerance {gate.tolerance}: {said}"
-        return Decision(False, reason, champion.run_id, comparisons=comparisons)
+        reason = f"not promoted: worse than the champion ({run_id}) by more than the tolerance {gate.tolerance}: {said}"
+        return Decision(False, reason, run_id, comparisons=comparisons)
     said = ", ".join(f"{name} {comparison.difference:+.4f}" for name, comparison in comparisons.items())
     reason = (f"promoted: {metric} at least the champion's ({champion.run_id}), within the tolerance {gate.tolerance}, "
               f"on both sets ({said})")  # fmt: skip
-    return Decision(True, reason, champion.run_id, comparisons=comparisons)
+    return Decision(True, reason, run_id, comparisons=comparisons)
+
+
+def _class_indices(files: LabelledFiles, classes: list[str]) -> np.ndarray:
+    return np.array([classes.index(label) for label in files.labels])
+
+
+def _no_better_than_one_class(truth: np.ndarray, predicted: np.ndarray, classes: list[str]) -> str | None:
+    """Returns why the challenger's macro F1 on its test split is no better than always answering one class, or
+    None when it is. Macro F1 whatever gate.metric is: always answering the positive class has full sensitivity."""
+    point = np.ones((1, len(truth)))
+    ours = scores(truth, predicted, point, len(classes), "macro_f1", None)[0]
+    constant = [scores(truth, np.full_like(truth, index), point, len(classes), "macro_f1", None)[0]
+                for index in range(len(classes))]  # fmt: skip
+    # Of equal constants, the class the model answers most: the one it actually collapsed to.
+    best = max(range(len(classes)), key=lambda index: (constant[index], np.sum(predicted == index)))
+    if ours > constant[best]:
+        return None
+    return (f"not promoted: macro F1 {ours:.4f} on this run's test split is no better than always answering "
+            f"{classes[best]} ({constant[best]:.4f}): the model learned nothing to serve")  # fmt: skip

@@ -26,7 +26,7 @@ from tasks.calibration import CALIBRATION_JSON
 from tasks.champion import LATEST, Store, StoreError, open_store
 from tasks.errors import StageError
 from tasks.files import atomic_file, model_json, sha256_file
-from tasks.gate import FIRST_RUN, Champion, Decision, LabelledFiles, judge, reference_set, run_test_set
+from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set
 from tasks.layout import Layout
 from tasks.params import GateParams, PublishParams, S3Params
 from tasks.report import read_json, report_markdown
@@ -107,7 +107,7 @@ def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, mod
           scratch: Path) -> Decision:  # fmt: skip
     """Returns the gate's decision on this run against the champion `pointer` (latest.json's bytes) names."""
     if pointer is None:
-        return Decision(True, FIRST_RUN)
+        return judge(gate, model_path, test, None)
     try:
         champion = _fetch_champion(store, pointer[0], scratch)
     except (StageError, ValueError, KeyError, TypeError) as exc:

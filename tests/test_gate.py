@@ -70,6 +70,31 @@ def test_the_first_run_is_promoted_and_its_test_split_becomes_the_reference_set(
     assert fetched.read_bytes() == (run.extracted_dir / first).read_bytes()  # the raw file, not a resized copy
 
 
+ONE_CLASS = {"temperature": 1.0, "positive_class": "dark", "threshold": 1.0}  # no probability reaches it: all bright
+
+
+def test_a_first_run_that_always_answers_one_class_is_not_promoted_unless_forced(where, tmp_path):
+    record = published(where, make_run(tmp_path / "constant", calibration=ONE_CLASS))
+    assert not record["promoted"] and "latest" in record
+    assert record["gate"]["reason"] == ("not promoted: macro F1 0.3333 on this run's test split is no better than "
+                                        "always answering bright (0.3333): the model learned nothing to serve")  # fmt: skip
+    assert open_store(*where, tmp_path).read(LATEST) is None
+    forced = published(where, make_run(tmp_path / "forced", calibration=ONE_CLASS), force=True)
+    assert forced["promoted"] and forced["gate"]["forced"]
+    assert json.loads(latest_bytes(where, tmp_path))["run_id"] == forced["run_id"]
+
+
+def test_a_challenger_always_answering_the_positive_class_is_not_promoted_for_its_full_sensitivity(local, tmp_path):
+    usual = {"temperature": 1.0, "positive_class": "dark", "threshold": 0.5}
+    published(local, make_run(tmp_path / "champion", calibration=usual))
+    before = latest_bytes(local, tmp_path)
+    always_dark = {**usual, "threshold": 0.0}
+    record = published(local, make_run(tmp_path / "constant", calibration=always_dark), metric="sensitivity")
+    # Its sensitivity (1.0) equals the champion's on both sets; answering one class is what stops it.
+    assert not record["promoted"] and "no better than always answering dark (0.3333)" in record["gate"]["reason"]
+    assert latest_bytes(local, tmp_path) == before
+
+
 def test_a_run_on_shuffled_labels_is_caught_by_the_reference_set_and_latest_stays(where, tmp_path):
     published(where, make_run(tmp_path / "champion"))
     before = latest_bytes(where, tmp_path)
@@ -110,7 +135,7 @@ def test_a_champion_at_another_image_size_is_scored_through_its_own_description(
 def test_each_model_labels_with_its_own_threshold(local, tmp_path):
     # A threshold no probability reaches: this champion calls every image bright.
     strict = {"temperature": 1.0, "positive_class": "dark", "threshold": 1.0}
-    published(local, make_run(tmp_path / "strict", calibration=strict))
+    published(local, make_run(tmp_path / "strict", calibration=strict), force=True)  # no better than one class: forced
     record = published(local, make_run(tmp_path / "plain"))
     assert record["promoted"]
     assert record["gate"]["sets"]["reference"]["champion"] == pytest.approx(1 / 3)  # F1 2/3 for bright, 0 for dark
@@ -118,7 +143,8 @@ def test_each_model_labels_with_its_own_threshold(local, tmp_path):
 
 
 def test_the_sensitivity_gate_compares_the_positive_class_recall_at_each_models_threshold(local, tmp_path):
-    published(local, make_run(tmp_path / "strict", calibration={"temperature": 1.0, "positive_class": "dark", "threshold": 1.0}))
+    published(local, make_run(tmp_path / "strict", calibration={"temperature": 1.0, "positive_class": "dark", "threshold": 1.0}),
+              force=True)  # fmt: skip
     record = published(local, make_run(tmp_path / "usual", calibration={"temperature": 1.0, "positive_class": "dark",
                                                                          "threshold": 0.5}), metric="sensitivity")  # fmt: skip
     assert record["promoted"] and record["gate"]["reason"].startswith("promoted: sensitivity (dark) at least")
