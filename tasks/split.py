@@ -111,6 +111,13 @@ def _grouped(params: SplitParams, rows: list[dict], groups: list[str], fractions
         filled[best] += counts[group]
         for index in members[group]:
             assigned[index] = best
+    empty = [name for name in SPLITS if fractions[name] > 0 and not filled[name].sum()]
+    if empty:  # every group fit better elsewhere: later stages would fail on the missing split, blaming its fraction
+        largest = max(len(indices) for indices in members.values())
+        raise SplitError(f"split: no images left for {' and '.join(empty)}: {len(rows)} images in {len(names)} "
+                         f"groups that stay together (split.group_pattern, near-duplicate clusters), the largest "
+                         f"{largest} images; lower validate.near_duplicate_distance (0: off) or use finer "
+                         "groups")  # fmt: skip
     return assigned
 
 
@@ -139,6 +146,17 @@ def _clusters(near_duplicates_csv: Path, rows: list[dict]) -> list[str]:
     if missing is not None:
         raise SplitError(f"split: {missing} is not in {near_duplicates_csv} (re-run the near_duplicates stage)")
     return [cluster_of[row["path"]] for row in rows]
+
+
+def _warn_of_absent_classes(rows: list[dict], assigned: list[str]) -> None:
+    present = {(row["label"], name) for row, name in zip(rows, assigned)}
+    for name in ("val", "test"):
+        if name not in assigned:
+            continue
+        absent = sorted({row["label"] for row in rows} - {label for label, where in present if where == name})
+        if absent:
+            log.warning("split: class(es) %s have no %s images (their groups went elsewhere): their %s scores are "
+                        "undefined", ", ".join(absent), name, name)  # fmt: skip
 
 
 def _log_clusters(rows: list[dict], clusters: list[str], assigned: list[str]) -> None:
@@ -225,6 +243,7 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplica
             group = [groups[index]] if groups else []
             writer.writerow([row["path"], row["label"], assigned[index], *group, blocks[index]])
     log.info("%s", summary(rows, assigned))
+    _warn_of_absent_classes(rows, assigned)
     _log_clusters(rows, clusters, assigned)
     return split_csv
 

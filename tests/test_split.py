@@ -98,6 +98,30 @@ def test_too_few_groups_is_a_clear_error(tmp_path):
         split(SplitParams(group_pattern=r"^(P\d+)_"), manifest, tmp_path / "s.csv")
 
 
+def test_groups_too_big_to_fill_every_split_are_a_clear_error_in_split_not_later(tmp_path):
+    # Four groups, enough in number; but one holds 60 of 63 images, and no other fits test without overfilling it.
+    def name(label, i):
+        return f"P1_{i}.png" if label == "a" else f"Q{i}_{i}.png"
+
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 60, "b": 3}, name)
+    with pytest.raises(SplitError, match=r"no images left for test: 63 images in 4 groups .* the largest 60 images"):
+        split(SplitParams(group_pattern=r"^([PQ]\d+)_"), manifest, tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_class_whose_groups_all_went_elsewhere_is_named(tmp_path, caplog):
+    def name(label, i):
+        return f"P{i % 20}_{i}.png" if label == "a" else f"Q{i % 2}_{i}.png"
+
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 100, "b": 4}, name)
+    with caplog.at_level("WARNING", logger="imgclf"):
+        rows = read_split(split(SplitParams(group_pattern=r"^([PQ]\d+)_"), manifest, tmp_path / "s.csv"))
+    absent = [name for name in ("val", "test") if not any(r["label"] == "b" and r["split"] == name for r in rows)]
+    assert absent  # b's two groups cannot reach all three splits
+    for name in absent:
+        assert f"split: class(es) b have no {name} images" in caplog.text
+
+
 # ---------------------------------------------------------------- an archive with its own split
 
 ARCHIVE = {("train", "cat"): 60, ("train", "dog"): 40, ("val", "cat"): 3, ("val", "dog"): 2, ("test", "cat"): 12,
