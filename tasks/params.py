@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from urllib.parse import urlparse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -380,15 +380,19 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _one_line(source: str, error: ValidationError) -> str:
+def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = ()) -> str:
+    """Returns every problem on one line, each under where its key came from: the file, or the --set that gave it."""
     problems = []
     for item in error.errors():
         dotted = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        problems.append(f"{dotted}: {message}" if dotted else message)
-    return f"{source}: " + "; ".join(problems)
+        origin = next((f"--set {key}" for key in overridden
+                       if dotted and (key == dotted or key.startswith(f"{dotted}.") or dotted.startswith(f"{key}."))),
+                      source)  # fmt: skip
+        problems.append(f"{origin}: {dotted}: {message}" if dotted else f"{origin}: {message}")
+    return "; ".join(problems)
 
 
 def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -414,4 +418,4 @@ def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] |
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise ParamsError(_one_line(str(path), exc)) from None
+        raise ParamsError(_one_line(str(path), exc, overrides or ())) from None

@@ -117,6 +117,8 @@ def load_model_calibration(model_path: Path, classes: list[str]) -> Calibration:
 
 def load_described_model(model_path: Path) -> tuple[dict, keras.Model]:
     """Returns the model's description (model.json beside it) and the model, checked against each other."""
+    if not model_path.is_file():
+        raise PredictError(f"{model_path}: no such model file")
     described_by = model_json(model_path.parent)
     try:
         described = json.loads(described_by.read_text())
@@ -127,8 +129,6 @@ def load_described_model(model_path: Path) -> tuple[dict, keras.Model]:
         raise PredictError(f"{described_by}: cannot read the model description ({exc.strerror or exc})") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise PredictError(f"{described_by}: not a model description ({type(exc).__name__}: {exc})") from None
-    if not model_path.is_file():
-        raise PredictError(f"{model_path}: no such model file")
     try:
         model = load_inference_model(model_path)
     except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors... on a damaged file

@@ -80,7 +80,8 @@ def _bad_schedule(root: Path) -> list[str]:
 # (arguments, or a function of the project folder that prepares it and returns them), exit code, the name the line must hold
 FAILURES = {
     "malformed_yaml_override": (["run", "--set", "train.epochs=[1,"], 2, "train.epochs"),
-    "negative_split_seed": (["run", "--set", "split.seed=-1"], 2, "split.seed"),
+    "negative_split_seed": (["run", "--set", "split.seed=-1"], 2, "--set split.seed: split.seed: Input should be"),
+    "unknown_key_override": (["run", "--set", "tarin.epochs=3"], 2, "--set tarin.epochs: tarin: unknown key"),
     "train_seed_past_32_bits": (["run", "--set", f"train.seed={2**32}"], 2, "train.seed"),
     "infinite_timeout": (["run", "--set", "data.timeout=.inf"], 2, "data.timeout"),
     "infinite_learning_rate": (["run", "--set", "train.learning_rate=.inf"], 2, "train.learning_rate"),
@@ -93,6 +94,7 @@ FAILURES = {
                               1, "/x/%2e%2e"),  # fmt: skip
     "empty_archive": (_empty_archive, 1, "empty.zip"),
     "group_pattern_matching_nothing": (_group_pattern_matching_nothing, 1, "split.group_pattern"),
+    "missing_model": (["predict", "--model", "nope/model.keras", "x.png"], 1, "nope/model.keras: no such model file"),
     "garbage_model": (_garbage_model, 1, "model.keras"),
     "garbage_model_description": (_garbage_labels, 1, "model.json"),
     "model_description_of_another_size": (_labels_of_another_size, 1, "model.json"),
