@@ -40,6 +40,7 @@ class DvcProject:
             )
         self.root, self.params_file = root, params_file
         self._lock = threading.Lock()
+        self._held = None  # DVC's own project lock, while held() holds it for the run
 
     # A process-pool task runner pickles the stage task's parameters with each shard: the
     # lock stays behind, the where travels.
@@ -59,10 +60,35 @@ class DvcProject:
         logging.getLogger("dvc").setLevel(logging.WARNING)
         with self._lock:
             try:
-                with Repo(str(self.root)) as repo, repo.lock:
-                    yield repo
+                with Repo(str(self.root)) as repo:
+                    if self._held is None:
+                        with repo.lock:
+                            yield repo
+                    else:
+                        repo.lock = self._held  # taken already: DVC's stage methods check that it is held
+                        yield repo
             except DvcException as exc:  # a damaged dvc.yaml or dvc.lock, a lock held by `dvc repro`
                 raise ProjectError(f"{self.root / 'dvc.yaml'}: {str(exc).splitlines()[0]}") from None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Holds DVC's project lock while the stages run, as `dvc repro` holds it for its own: a `dvc repro`
+        started meanwhile refuses ("Unable to acquire lock") instead of writing the same outputs."""
+        from dvc.exceptions import DvcException
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
+            try:
+                repo.lock.lock()
+            except DvcException:
+                raise ProjectError(f"{self.root.resolve()}: a DVC command (dvc repro?) holds this project's lock; "
+                                   "wait for it to end") from None  # fmt: skip
+            self._held = repo.lock
+            try:
+                yield
+            finally:
+                self._held = None
+                repo.lock.unlock()
 
     def pipeline(self, targets: Sequence[str] = ()) -> dict[str, list[str]]:
         """Returns {stage: the stages it depends on}, in an order where each comes after those: every

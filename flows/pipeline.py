@@ -212,7 +212,7 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     with one_run_at_a_time(layout), params_for_dvc(layout, params_file, overrides) as run_params:
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
-        with shard_map(params.orchestration) as map_shards:
+        with project.held(), shard_map(params.orchestration) as map_shards:
             outcome = _run_dag(project, params, layout, map_shards, stages or [])
         get_run_logger().info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
         if outcome.get("publish") == "ran":

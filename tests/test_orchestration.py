@@ -13,7 +13,7 @@ import yaml
 
 from tasks.download import DownloadError
 from tasks.model import ModelError
-from tests.conftest import dvc_project, sh
+from tests.conftest import dvc_project, in_venv, sh
 
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
@@ -181,6 +181,33 @@ def test_a_second_run_in_the_same_project_is_refused_naming_the_first(tmp_path, 
     root = project(tmp_path / "p", env, demo_zip)
     with one_run_at_a_time(Layout(root)):
         with pytest.raises(ProjectError, match=rf"imgclf run \(pid {os.getpid()}, started .*\) is running in this project"):
+            flow(root)
+    assert not (root / "data").exists()
+
+
+def test_dvc_repro_started_during_a_run_refuses_instead_of_writing_the_same_outputs(tmp_path, demo_zip, env, monkeypatch):
+    root = project(tmp_path / "p", env, demo_zip)
+    seen = {}
+
+    def split_beside_a_dvc_repro(params, layout, map_shards):
+        seen["repro"] = subprocess.run(in_venv(["dvc", "repro"]), cwd=root, env=env, capture_output=True, text=True)
+        return STAGES_BEFORE["split"](params, layout, map_shards)
+
+    STAGES_BEFORE = dict(STAGES)
+    monkeypatch.setitem(STAGES, "split", split_beside_a_dvc_repro)
+    assert ran(flow(root)) == ALL
+    repro = seen["repro"]
+    assert repro.returncode != 0 and "Unable to acquire lock" in repro.stderr + repro.stdout
+    assert repro_ran(repro.stdout) == []
+    assert "up to date" in dvc(root, env, "status")  # the run recorded each stage it ran; nothing interleaved
+
+
+def test_a_run_started_during_dvc_repro_is_refused_in_one_line(tmp_path, demo_zip, env):
+    from dvc.repo import Repo
+
+    root = project(tmp_path / "p", env, demo_zip)
+    with Repo(str(root)) as repo, repo.lock:  # what `dvc repro` holds while it runs
+        with pytest.raises(ProjectError, match="a DVC command \\(dvc repro\\?\\) holds this project's lock"):
             flow(root)
     assert not (root / "data").exists()
 
