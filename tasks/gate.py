@@ -209,11 +209,9 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
     truth = {"test": _class_indices(test, classes)}
     ours = {"test": predicted_classes(challenger, test, prepared["test"])}
     chance = _no_better_than_one_class(truth["test"], ours["test"], classes)
-    run_id = champion.run_id if champion else None
-    if chance:
-        return Decision(False, chance, run_id)
     if champion is None:
-        return Decision(True, FIRST_RUN)
+        return Decision(False, chance) if chance else Decision(True, FIRST_RUN)
+    run_id = champion.run_id
     try:
         defender = load_contender(champion.model_path)
     except StageError as exc:
@@ -241,8 +239,10 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
         said = "; ".join(f"on {SET_NAMES[name]} {comparisons[name].describe(metric)}" for name in failed)
         reason = f"not promoted: worse than the champion ({run_id}) by more than the tolerance {gate.tolerance}: {said}"
         return Decision(False, reason, run_id, comparisons=comparisons)
+    if chance:
+        return Decision(False, chance, run_id, comparisons=comparisons)
     said = ", ".join(f"{name} {comparison.difference:+.4f}" for name, comparison in comparisons.items())
-    reason = (f"promoted: {metric} at least the champion's ({champion.run_id}), within the tolerance {gate.tolerance}, "
+    reason = (f"promoted: {metric} at least the champion's ({run_id}), within the tolerance {gate.tolerance}, "
               f"on both sets ({said})")  # fmt: skip
     return Decision(True, reason, run_id, comparisons=comparisons)
 
