@@ -37,7 +37,7 @@ from flows.dvc_project import DvcProject, ProjectError  # noqa: E402
 from flows.report import publish_artifacts  # noqa: E402
 from flows.versioning import version_outputs  # noqa: E402
 from tasks.download import source_change  # noqa: E402
-from tasks.errors import StageError  # noqa: E402
+from tasks.errors import Interrupted, StageError, stop_requested  # noqa: E402
 from tasks.files import (  # noqa: E402
     ShardMap,
     in_order,
@@ -159,6 +159,8 @@ def shard_map(orchestration: OrchestrationParams) -> Iterator[ShardMap]:
 def stage_task(name: str, params: Params, layout: Layout, project: DvcProject, map_shards: ShardMap) -> Any:
     """Runs the stage if DVC finds it stale and records it in dvc.lock; else ends in a `Skipped` state."""
     logger = get_run_logger()
+    if stop_requested.is_set():
+        raise Interrupted(f"{name}: not started: the run was interrupted")
     reason = project.stale(name)
     if reason is None and name == "download" and not params.data.sha256:
         # dvc.lock cannot see new data behind the same URL: the source itself is asked (a
@@ -229,11 +231,18 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
     """Submits every stage (or the targets and what they depend on), each waiting for the stages it
     depends on; returns {stage: ran | skipped}."""
     futures = {}
+    stop_requested.clear()
     for name, upstream in project.pipeline(targets).items():
         stage = stage_task.with_options(name=name, task_run_name=task_run_name(name, params))
         futures[name] = stage.submit(name, params, layout, project, map_shards, wait_for=[futures[up] for up in upstream])
-    for future in futures.values():
-        future.wait()
+    try:
+        for future in futures.values():
+            future.wait()
+    except BaseException:  # Ctrl-C, or Prefect cancelling the run: the stages in flight stop at their next safe point
+        stop_requested.set()
+        for future in futures.values():
+            future.wait()
+        raise
     for future in futures.values():
         if future.state.is_failed():
             future.result()  # raises the first failed stage's own error (dvc.yaml order)

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
-from tasks.errors import StageError
+from tasks.errors import Interrupted, StageError, stop_requested
 from tasks.dataset import CachedSet, load_cached_set, make_dataset
 from tasks.files import MODEL_JSON, atomic_file, atomic_path
 from tasks.model import Head, build_model, unfreeze_top
@@ -320,7 +320,7 @@ def _fit(loop: _Loop, phase: _Phase) -> _Fitted:
         shuffle=False,  # each epoch's order is drawn in _epoch_batches
         class_weight=loop.class_weight,
         # At each epoch's end, in this order: a NaN loss stops the run before it is backed up or logged.
-        callbacks=[_StopOnNonFiniteLoss(phase), stopper, backup, _Curves(loop.live), throughput],
+        callbacks=[_StopOnNonFiniteLoss(phase), stopper, backup, _Curves(loop.live), throughput, _StopWhenAsked()],
         verbose=1 if sys.stdout.isatty() else 2,
     )
     return _Fitted(backup.history, throughput.rate(), resumed)
@@ -506,6 +506,15 @@ class _StopOnNonFiniteLoss(keras.callbacks.Callback):
             where = f"epoch {epoch + 1}" + (" of fine-tuning" if self.phase.name == "fine_tune" else "")
             raise TrainError(f"train: {bad} in {where}: training stopped and no model was saved; "
                              f"lower {self.phase.rate_key} (now {self.phase.learning_rate:g}) and run again")  # fmt: skip
+
+
+class _StopWhenAsked(keras.callbacks.Callback):
+    """Raises Interrupted before the next batch once the run is stopped: the epochs backed up so far stay for the
+    next run to resume from. (A batch's start, not its end: a batch-end hook would make Keras wait for every step.)"""
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if stop_requested.is_set():
+            raise Interrupted("train: interrupted; the next run resumes after the last finished epoch")
 
 
 class _Throughput(keras.callbacks.Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shlex
 import signal
@@ -198,6 +199,32 @@ def test_killed_run_leaves_no_process_and_the_next_run_cleans_up_and_succeeds(st
     for name in leftovers:
         assert not (project / "data" / name).exists()
         assert f"removed data/{name}, left by an interrupted run" in result.stderr
+
+
+def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_epoch(tmp_path, cli_env):
+    from tasks.demo_data import make_demo_archive
+
+    project = dvc_project(tmp_path / "project", cli_env, {})
+    archive = make_demo_archive(tmp_path / "cells.zip", per_class=60)
+    args = ["run", "--set", f"data.url={archive}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
+            "--set", "train.epochs=100", "--set", "train.patience=0"]  # fmt: skip
+    process = subprocess.Popen(in_venv(["imgclf", *args]), cwd=project, env=cli_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    backups = project / "models" / ".backup" / "head"
+    deadline = time.monotonic() + 240
+    while not any(p.name >= "000002" for p in backups.glob("[0-9]*")):
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before the moment to stop it"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # what Ctrl-C sends; training runs in a task runner's thread, not the main one
+    stderr = process.communicate(timeout=240)[1]
+    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "imgclf: error: interrupted"
+    # Stopped at once: the training did not run on to its 100th epoch, and its backup stayed.
+    latest = sorted(backups.glob("[0-9]*"))[-1]
+    stopped_at = json.loads((latest / "state.json").read_text())["epoch"]
+    assert 2 <= stopped_at < 100 and not (project / "models" / "model.keras").exists()
+    result = imgclf(args, project, cli_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
 
 
 def test_predict_gives_a_fifo_an_error_row_instead_of_hanging(tmp_path, cli_env):
