@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 import tenacity
 
+from tasks.errors import Interrupted, stop_requested
+
 log = logging.getLogger("imgclf")
 
 T = TypeVar("T")
@@ -148,7 +150,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 class Progress:
     """Counts work done: a tqdm bar on a terminal; otherwise a log line at each 10% step, at
     most one every few seconds, and the last one if any came before it (work done within the
-    first few seconds needs no progress report: the stage's summary line says it)."""
+    first few seconds needs no progress report: the stage's summary line says it). Each count is
+    also a safe point: once the run is stopped, the loop counting ends there (Interrupted); what it
+    wrote is under temporary names, or a download's `.part` that the next run resumes."""
 
     LOG_EVERY_S = 3.0
 
@@ -164,6 +168,8 @@ class Progress:
             self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, leave=False)
 
     def update(self, n: int) -> None:
+        if stop_requested.is_set():
+            raise Interrupted(f"{self.desc}: interrupted at {self.done} of {self.total} {self.unit}")
         self.done += n
         if self._bar is not None:
             self._bar.update(n)

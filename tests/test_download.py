@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import tasks.download
+from tasks.errors import Interrupted, stop_requested
 from tasks.download import DownloadError, archive_path, download, source_change
 from tasks.params import DataParams
 
@@ -177,6 +178,19 @@ def killed_run(server, path: str, raw) -> None:
 def resumes(server) -> list[tuple]:
     """Returns (Range, If-Range, status) of each request after the first."""
     return [(r["range"], r["if_range"], r["status"]) for r in server.requests[1:]]
+
+
+def test_a_stopped_run_ends_the_transfer_at_once_and_keeps_no_final_file(server, tmp_path):
+    server.files["/cells.zip"] = PAYLOAD
+    raw = tmp_path / "raw"
+    stop_requested.set()  # what the flow sets on Ctrl-C while this stage runs in a task runner's thread
+    try:
+        with pytest.raises(Interrupted, match="download cells.zip: interrupted at 0 of"):
+            download(params(server.url("/cells.zip")), raw)
+    finally:
+        stop_requested.clear()
+    assert not (raw / "cells.zip").exists() and len(server.requests) == 1  # not retried
+    assert download(params(server.url("/cells.zip")), raw).read_bytes() == PAYLOAD
 
 
 def test_interrupted_transfer_resumes_with_range_and_if_range_on_the_etag(server, tmp_path):
