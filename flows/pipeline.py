@@ -242,6 +242,7 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
         stop_requested.set()
         for future in futures.values():
             future.wait()
+        stop_requested.clear()  # every stage has ended; the process may go on (`imgclf serve`, tests)
         raise
     for future in futures.values():
         if future.state.is_failed():
