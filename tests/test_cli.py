@@ -208,8 +208,11 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     archive = make_demo_archive(tmp_path / "cells.zip", per_class=60)
     args = ["run", "--set", f"data.url={archive}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
             "--set", "train.epochs=100", "--set", "train.patience=0"]  # fmt: skip
+    # As from a terminal: SIGINT at its default, though a suite started in the background inherits it ignored
+    # (and Python then never turns it into KeyboardInterrupt).
     process = subprocess.Popen(in_venv(["imgclf", *args]), cwd=project, env=cli_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     backups = project / "models" / ".backup" / "head"
     deadline = time.monotonic() + 240
     while not any(p.name >= "000002" for p in backups.glob("[0-9]*")):
