@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from flows.console import native_noise_filtered, quiet_prefect_console
-from flows.dvc_project import DvcProject
+from flows.dvc_project import DvcProject, one_run_at_a_time
 from tasks.errors import StageError
 from tasks.files import remove_stale_temporaries
 from tasks.params import ParamsError, load_params, parse_override
@@ -118,8 +118,9 @@ def _fail(message: str, verbose: bool) -> None:
 def _command(args: argparse.Namespace) -> None:
     if args.command == "stage":
         params, layout = load_params(args.params), Layout(Path("."))
-        remove_stale_temporaries(layout.output_folders())
-        output = run_stage(args.name, params, layout)
+        with one_run_at_a_time(layout.root, f"imgclf stage {args.name}"):  # not beside an `imgclf run`
+            remove_stale_temporaries(layout.output_folders())
+            output = run_stage(args.name, params, layout)
         print(output)
     elif args.command == "run":
         overrides = dict(parse_override(item) for item in args.overrides)

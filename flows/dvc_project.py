@@ -11,9 +11,12 @@ the run produced, and params.yaml is never written.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -26,6 +29,26 @@ class ProjectError(StageError):
 
 def is_dvc_project(root: Path) -> bool:
     return (root / "dvc.yaml").is_file() and (root / ".dvc").is_dir()
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(root: Path, what: str) -> Iterator[None]:
+    """Holds the project's run lock for `what` (imgclf run, or one imgclf stage by hand); a second one refuses
+    at once, naming the one that holds it. (`dvc repro`'s stages take it in turn, inside DVC's own lock.)"""
+    lock_path = root / ".imgclf" / "run.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ProjectError(f"{root.resolve()}: {holder} is running in this project; wait for it to end") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{what} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+        handle.flush()
+        yield  # the kernel releases the lock when the file closes, or the process dies
 
 
 class DvcProject:

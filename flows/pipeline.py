@@ -14,11 +14,9 @@ metrics), then `dvc push` and an optional git commit.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -33,7 +31,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from flows.dvc_project import DvcProject, ProjectError  # noqa: E402
+from flows.dvc_project import DvcProject, one_run_at_a_time  # noqa: E402
 from flows.report import publish_artifacts  # noqa: E402
 from flows.versioning import version_outputs  # noqa: E402
 from tasks.download import source_change  # noqa: E402
@@ -211,7 +209,7 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     params_file = layout.root / params_path
     params = load_params(params_file, overrides)
     DvcProject(layout.root)  # outside a project: one line saying how to make one, before anything is written
-    with one_run_at_a_time(layout), params_for_dvc(layout, params_file, overrides) as run_params:
+    with one_run_at_a_time(layout.root, "imgclf run"), params_for_dvc(layout, params_file, overrides) as run_params:
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
         with project.held(), shard_map(params.orchestration) as map_shards:
@@ -248,25 +246,6 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
         if future.state.is_failed():
             future.result()  # raises the first failed stage's own error (dvc.yaml order)
     return {name: "skipped" if future.state.name == "Skipped" else "ran" for name, future in futures.items()}
-
-
-@contextlib.contextmanager
-def one_run_at_a_time(layout: Layout) -> Iterator[None]:
-    """Holds the project's run lock; a second run refuses at once, naming the one that holds it."""
-    lock_path = layout.root / ".imgclf" / "run.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ProjectError(f"{layout.root.resolve()}: {holder} is running in this project; wait for it to end") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"imgclf run (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
-        handle.flush()
-        yield  # the kernel releases the lock when the file closes, or the process dies
 
 
 @contextlib.contextmanager

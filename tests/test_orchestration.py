@@ -17,8 +17,8 @@ from tests.conftest import dvc_project, in_venv, sh
 
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
-from flows.dvc_project import DvcProject, ProjectError  # noqa: E402
-from flows.pipeline import one_run_at_a_time, pipeline  # noqa: E402
+from flows.dvc_project import DvcProject, ProjectError, one_run_at_a_time  # noqa: E402
+from flows.pipeline import pipeline  # noqa: E402
 from flows.versioning import VersioningError, version_outputs  # noqa: E402
 from tasks.params import OrchestrationParams  # noqa: E402
 from tasks.stages import STAGES, Layout  # noqa: E402
@@ -179,9 +179,20 @@ def test_a_fresh_clone_after_dvc_pull_is_up_to_date_and_the_flow_skips_every_sta
 
 def test_a_second_run_in_the_same_project_is_refused_naming_the_first(tmp_path, demo_zip, env):
     root = project(tmp_path / "p", env, demo_zip)
-    with one_run_at_a_time(Layout(root)):
+    with one_run_at_a_time(root, "imgclf run"):
         with pytest.raises(ProjectError, match=rf"imgclf run \(pid {os.getpid()}, started .*\) is running in this project"):
             flow(root)
+    assert not (root / "data").exists()
+
+
+def test_a_stage_run_by_hand_beside_a_run_is_refused_naming_the_run(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip)
+    with one_run_at_a_time(root, "imgclf run"):
+        result = subprocess.run(in_venv(["imgclf", "stage", "download"]), cwd=root, env=env, capture_output=True,
+                                text=True)  # fmt: skip
+    assert result.returncode == 1
+    assert re.fullmatch(rf"imgclf: error: {re.escape(str(root.resolve()))}: imgclf run \(pid {os.getpid()}, started .*\) "
+                        "is running in this project; wait for it to end", result.stderr.strip().splitlines()[-1])  # fmt: skip
     assert not (root / "data").exists()
 
 
