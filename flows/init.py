@@ -243,8 +243,9 @@ def _output_ignores(template: str, pipeline: str) -> list[str]:
 
 
 def _pipeline_folders(pipeline: str) -> set[str]:
-    """Returns the top folders of every path dvc.yaml names, and .imgclf/ (the flow's file-hash memory)."""
-    folders = {".imgclf"}
+    """Returns the top folders of every path dvc.yaml names, .imgclf/ (the run's lock and params) and
+    dvc_plots/ (the page `dvc plots show` writes)."""
+    folders = {".imgclf", "dvc_plots"}
     for stage in yaml.safe_load(pipeline)["stages"].values():
         for key in ("deps", "outs", "metrics", "plots"):
             for item in stage.get(key) or []:

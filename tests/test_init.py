@@ -121,7 +121,7 @@ def test_init_keeps_an_existing_gitignore_and_adds_the_output_lines(tmp_path):
     (tmp_path / ".gitignore").write_text("*.log")
     init_project(tmp_path)
     lines = (tmp_path / ".gitignore").read_text().splitlines()
-    assert lines[0] == "*.log" and "/data/" in lines and "/.imgclf/" in lines
+    assert lines[0] == "*.log" and {"/data/", "/.imgclf/", "/dvc_plots/"} <= set(lines)
     assert not [line for line in lines if "benchmarks" in line]
 
 
