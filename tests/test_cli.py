@@ -207,7 +207,7 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     project = dvc_project(tmp_path / "project", cli_env, {})
     archive = make_demo_archive(tmp_path / "cells.zip", per_class=60)
     args = ["run", "--set", f"data.url={archive}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
-            "--set", "train.epochs=100", "--set", "train.patience=0"]  # fmt: skip
+            "--set", "train.epochs=40", "--set", "train.patience=0"]  # fmt: skip
     # As from a terminal: SIGINT at its default, though a suite started in the background inherits it ignored
     # (and Python then never turns it into KeyboardInterrupt).
     process = subprocess.Popen(in_venv(["imgclf", *args]), cwd=project, env=cli_env, stdout=subprocess.DEVNULL,
@@ -221,10 +221,10 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     process.send_signal(signal.SIGINT)  # what Ctrl-C sends; training runs in a task runner's thread, not the main one
     stderr = process.communicate(timeout=240)[1]
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "imgclf: error: interrupted"
-    # Stopped at once: the training did not run on to its 100th epoch, and its backup stayed.
+    # Stopped at once: the training did not run on to its 40th epoch, and its backup stayed.
     latest = sorted(backups.glob("[0-9]*"))[-1]
     stopped_at = json.loads((latest / "state.json").read_text())["epoch"]
-    assert 2 <= stopped_at < 100 and not (project / "models" / "model.keras").exists()
+    assert 2 <= stopped_at < 40 and not (project / "models" / "model.keras").exists()
     result = imgclf(args, project, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
