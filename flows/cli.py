@@ -118,7 +118,7 @@ def _fail(message: str, verbose: bool) -> None:
 def _command(args: argparse.Namespace) -> None:
     if args.command == "stage":
         params, layout = load_params(args.params), Layout(Path("."))
-        with one_run_at_a_time(layout.root, f"imgclf stage {args.name}"):  # not beside an `imgclf run`
+        with one_run_at_a_time(layout.root, f"imgclf stage {args.name}", shared=True):  # not beside an `imgclf run`
             remove_stale_temporaries(layout.output_folders())
             output = run_stage(args.name, params, layout)
         print(output)

@@ -32,23 +32,30 @@ def is_dvc_project(root: Path) -> bool:
 
 
 @contextlib.contextmanager
-def one_run_at_a_time(root: Path, what: str) -> Iterator[None]:
-    """Holds the project's run lock for `what` (imgclf run, or one imgclf stage by hand); a second one refuses
-    at once, naming the one that holds it. (`dvc repro`'s stages take it in turn, inside DVC's own lock.)"""
+def one_run_at_a_time(root: Path, what: str, shared: bool = False) -> Iterator[None]:
+    """Holds the project's run lock for `what`: an `imgclf run` alone (exclusive), or `shared` by the
+    `imgclf stage` processes, which may run side by side (multi-worker training starts one per worker) but
+    never beside a run. Refused at once, naming the run that holds it."""
     lock_path = root / ".imgclf" / "run.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = handle.read().strip() or "an imgclf stage"  # only a run writes its name
             raise ProjectError(f"{root.resolve()}: {holder} is running in this project; wait for it to end") from None
+        if shared:
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(f"{what} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         handle.flush()
-        yield  # the kernel releases the lock when the file closes, or the process dies
+        try:
+            yield  # the kernel releases the lock when the file closes, or the process dies
+        finally:
+            handle.truncate(0)  # a stage refusing a later run must not name this one
 
 
 class DvcProject:
