@@ -46,6 +46,8 @@ def one_run_at_a_time(root: Path, what: str, shared: bool = False) -> Iterator[N
             holder = handle.read().strip() or "an imgclf stage"  # only a run writes its name
             raise ProjectError(f"{root.resolve()}: {holder} is running in this project; wait for it to end") from None
         if shared:
+            # Holding it shared, no run holds it: a name there is a killed run's (SIGKILL skips the truncate).
+            handle.truncate(0)
             yield
             return
         handle.seek(0)

@@ -194,7 +194,9 @@ def test_a_stage_run_by_hand_beside_a_run_is_refused_naming_the_run(tmp_path, de
     assert re.fullmatch(rf"imgclf: error: {re.escape(str(root.resolve()))}: imgclf run \(pid {os.getpid()}, started .*\) "
                         "is running in this project; wait for it to end", result.stderr.strip().splitlines()[-1])  # fmt: skip
     assert not (root / "data").exists()
-    # Stages share the lock (multi-worker training runs one per worker); a run is refused beside them.
+    # Stages share the lock (multi-worker training runs one per worker); a run is refused beside them,
+    # naming no run, though a run killed with SIGKILL left its name in the lock file.
+    (root / ".imgclf" / "run.lock").write_text("imgclf run (pid 1, started 2026-01-01 00:00:00)\n")
     with one_run_at_a_time(root, "imgclf stage train", shared=True):
         sh(["imgclf", "stage", "download"], root, env)
         with pytest.raises(ProjectError, match="an imgclf stage is running in this project"):
