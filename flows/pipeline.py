@@ -229,7 +229,7 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
     """Submits every stage (or the targets and what they depend on), each waiting for the stages it
     depends on; returns {stage: ran | skipped}."""
     futures = {}
-    stop_requested.clear()
+    stop_requested.clear()  # a second Ctrl-C during the wait below leaves it set, and the process may go on
     for name, upstream in project.pipeline(targets).items():
         stage = stage_task.with_options(name=name, task_run_name=task_run_name(name, params))
         futures[name] = stage.submit(name, params, layout, project, map_shards, wait_for=[futures[up] for up in upstream])

@@ -59,10 +59,15 @@ def gate_line(layout: Layout) -> str:
     return f"publish: {gate['reason']}" if gate else ""
 
 
+def _why(reason: str) -> str:
+    """Returns the gate's reason without the verdict it starts with: shown under the verdict itself."""
+    return reason.removeprefix("not promoted: ").removeprefix("promoted: ")
+
+
 def gate_markdown(gate: dict) -> str:
     """Returns the gate's decision (publish.json's `gate`) as markdown: the reason, then each set's scores."""
     verdict = f"**{'Promoted' if gate['promoted'] else 'Not promoted'}**{' (forced)' if gate['forced'] else ''}"
-    lines = ["## Gate", "", verdict, "", gate["reason"], ""]
+    lines = ["## Gate", "", verdict, "", _why(gate["reason"]), ""]
     if gate["sets"]:
         lines += ["| set | images | this run | champion | difference | 95% interval (paired bootstrap) |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -387,7 +392,7 @@ def _release_section(layout: Layout) -> Section:
         return Section("release", title, _p(f"Not published: {published.get('reason', 'no gate decision recorded')}."))
     verdict = "Promoted" if gate.get("promoted") else "Not promoted"
     body = (f'<p class="verdict {"good" if gate.get("promoted") else "bad"}">{verdict}'
-            f'{" (forced)" if gate.get("forced") else ""}</p>') + _p(str(gate.get("reason", "")))  # fmt: skip
+            f'{" (forced)" if gate.get("forced") else ""}</p>') + _p(_why(str(gate.get("reason", ""))))  # fmt: skip
     sets = gate.get("sets") or {}
     if sets:
         body += _table(["set", "images", "this run", "champion", "difference", "95% interval (paired bootstrap)"],

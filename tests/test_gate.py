@@ -112,7 +112,9 @@ def test_a_run_on_shuffled_labels_is_caught_by_the_reference_set_and_latest_stay
     store = open_store(*where, tmp_path)
     assert store.read(f"runs/{record['run_id']}/models/model.keras") is not None
     report = store.read(f"runs/{record['run_id']}/report.md")[0].decode()
-    assert f"**Not promoted**\n\n{reason}\n" in report and "| reference | 24 | 0.0000 | 1.0000 | -1.0000 |" in report
+    # The verdict once, then why.
+    assert f"**Not promoted**\n\n{reason[len('not promoted: '):]}\n" in report and "not promoted:" not in report
+    assert "| reference | 24 | 0.0000 | 1.0000 | -1.0000 |" in report
 
 
 def test_gate_force_promotes_a_rejected_run_and_records_it_was_forced(where, tmp_path):
