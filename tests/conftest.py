@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ import pytest
 # Prefect keeps its database and task results under PREFECT_HOME: one throwaway home per
 # session, set before anything imports Prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="imgclf-prefect-home-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 from tasks.demo_data import make_demo_archive
@@ -108,12 +110,22 @@ def cli_env(tmp_path) -> dict[str, str]:
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != VENV_BIN)
     return os.environ | {
         "PATH": path,
+        "TMPDIR": scratch_dir(tmp_path),
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DVC_NO_ANALYTICS": "1",
         "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
         "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
     }  # fmt: skip
+
+
+def scratch_dir(tmp_path: Path) -> str:
+    """Returns a temporary folder beside tmp_path, for TMPDIR: what a killed process leaves there
+    (TensorFlow's autograph files, a publish's scratch folder) goes with pytest's old tmp_paths,
+    not into the machine's /tmp, and no test that lists tmp_path sees it."""
+    scratch = tmp_path.with_name(tmp_path.name + "-tmp")
+    scratch.mkdir(exist_ok=True)
+    return str(scratch)
 
 
 def dvc_project(root: Path, env: dict, updates: dict[str, dict]) -> Path:

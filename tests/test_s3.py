@@ -19,7 +19,7 @@ from tasks.download import DownloadError, download, source_change
 from tasks.layout import Layout
 from tasks.params import DataParams, GateParams, PublishParams, S3Params
 from tasks.publish import PublishError, publish, run_files
-from tests.conftest import ACCESS_KEY, REGION, REPO, SECRET, dvc_project, free_port, in_venv, s3c, sh, start_moto
+from tests.conftest import ACCESS_KEY, REGION, REPO, SECRET, dvc_project, free_port, in_venv, s3c, scratch_dir, sh, start_moto
 from tests.gate_runs import make_run
 
 def quick(url: str, **more) -> DataParams:
@@ -250,7 +250,8 @@ def test_an_interrupted_publish_leaves_latest_on_the_previous_run(moto, bucket, 
     model_size = (big.model_dir / "model.keras").stat().st_size
     assert model_size > 8 << 20
     args = [f"s3://{bucket}/m", moto, str(big.root), str(tmp_path / "b.json")]
-    process = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, *args], cwd=REPO, env=os.environ.copy())
+    process = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISH, *args], cwd=REPO,
+                               env=os.environ | {"TMPDIR": scratch_dir(tmp_path)})  # fmt: skip
     # The gate (TensorFlow starting, both models scored) comes before any upload.
     deadline, in_flight = time.monotonic() + 180, []
     while time.monotonic() < deadline and process.poll() is None and not in_flight:
