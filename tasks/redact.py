@@ -13,8 +13,9 @@ from typing import Any
 
 from pydantic import SecretStr
 
-# scheme://[userinfo@]host/path[?query][#fragment]; userinfo may hold any character but / and @.
-_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/\s@]*@)?(?P<rest>[^\s?#'\"]*)(?P<query>\?[^\s#'\"]*)?")
+# scheme://[userinfo@]host/path[?query][#fragment]. The userinfo runs to the authority's last @, as
+# urllib splits it for the download: a password may hold a raw @ (`user:p@ss@host`).
+_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\s]*@)?(?P<rest>[^\s?#'\"]*)(?P<query>\?[^\s#'\"]*)?")
 
 
 def _redacted(match: re.Match) -> str:
