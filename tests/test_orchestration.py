@@ -13,7 +13,7 @@ import yaml
 
 from tasks.download import DownloadError
 from tasks.model import ModelError
-from tests.conftest import dvc_project, in_venv, sh
+from tests.conftest import REPO, VENV_BIN, dvc_project, in_venv, sh
 
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
@@ -164,15 +164,28 @@ def test_failed_train_leaves_earlier_stages_locked_and_dvc_repro_starts_at_train
     assert repro_ran(dvc(root, env, "repro")) == FROM_TRAIN
 
 
-def test_a_fresh_clone_after_dvc_pull_is_up_to_date_and_the_flow_skips_every_stage(tmp_path, demo_zip, env):
+def test_the_cloud_deployments_pull_steps_give_a_clone_that_is_up_to_date_and_the_flow_skips_every_stage(
+        tmp_path, demo_zip, env, monkeypatch):  # fmt: skip
+    import asyncio
+
+    from prefect.deployments.steps.core import run_steps
+
     root = project(tmp_path / "p", env, demo_zip)
     dvc(root, env, "remote", "add", "-d", "storage", str(tmp_path / "remote"))
     assert ran(flow(root)) == ALL  # ends with dvc push
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "a run"], root, env)
-    clone = tmp_path / "clone"
-    sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
-    dvc(clone, env, "pull")
+    sh(["git", "branch", "-M", "main"], root, env)
+    # prefect.yaml's cloud-weekly pull steps as a worker runs them: git clone IMGCLF_REPO, cd into it, dvc pull.
+    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    steps = next(deployment["pull"] for deployment in deployments if deployment["name"] == "cloud-weekly")
+    (tmp_path / "worker").mkdir()
+    monkeypatch.chdir(tmp_path / "worker")
+    monkeypatch.setenv("IMGCLF_REPO", str(root))
+    monkeypatch.setenv("PATH", f"{VENV_BIN}{os.pathsep}{env['PATH']}")  # dvc, as installed in the worker's image
+    asyncio.run(run_steps(steps))
+    clone = Path.cwd()
+    assert clone.parent == tmp_path / "worker" and (clone / "data" / "cache").is_dir()
     assert "up to date" in dvc(clone, env, "status")
     assert ran(flow(clone)) == []
 
