@@ -126,6 +126,8 @@ def _command(args: argparse.Namespace) -> None:
         overrides = dict(parse_override(item) for item in args.overrides)
         load_params(args.params, overrides)  # bad params stop here, before Prefect starts
         DvcProject(Path("."))  # and so does a folder that is not a project
+        with one_run_at_a_time(Path("."), "imgclf run"):  # and a run going on here: one line now, no failed flow run
+            pass  # the flow holds the lock for the run itself (a deployment run has no CLI)
         from flows.server import prefect_api, start_server
 
         server = start_server()

@@ -195,6 +195,11 @@ def test_a_second_run_in_the_same_project_is_refused_naming_the_first(tmp_path, 
     with one_run_at_a_time(root, "imgclf run"):
         with pytest.raises(ProjectError, match=rf"imgclf run \(pid {os.getpid()}, started .*\) is running in this project"):
             flow(root)
+        # From the command line: that one line alone, before a Prefect server or flow run is started.
+        result = subprocess.run(in_venv(["imgclf", "run"]), cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == ""
+    assert re.fullmatch(rf"imgclf: error: {re.escape(str(root.resolve()))}: imgclf run \(pid {os.getpid()}, started .*\) "
+                        "is running in this project; wait for it to end", result.stderr.strip())  # fmt: skip
     assert not (root / "data").exists()
 
 
