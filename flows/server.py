@@ -4,7 +4,7 @@ The temporary server is Prefect's own app (what its ephemeral mode runs), starte
 two reasons. Prefect's launcher leaves the server running when the run is killed (~230 MB
 each, one per SIGKILL); ours asks the kernel to stop it when the process that started it
 dies, whatever the cause, and a clean exit stops it before the command prints its last
-line. And ours starts it first, before the run imports Prefect's client, DVC and the stages,
+line. And ours starts it before the run imports Prefect's client, DVC and the flow,
 so the server boots on the second core meanwhile, and the run never imports the server's
 own modules (FastAPI, its database models): seconds off every run, most of a no-op one.
 """
@@ -93,8 +93,11 @@ class TemporaryServer:
 
 
 def start_server() -> TemporaryServer | None:
-    """Starts the temporary server unless `PREFECT_API_URL` names one; returns at once, it boots meanwhile."""
-    if os.environ.get("PREFECT_API_URL"):
+    """Starts the temporary server unless `PREFECT_API_URL` names one (set in the environment or the active
+    Prefect profile); returns at once, it boots meanwhile."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
         return None
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home from a pipeline run
     return TemporaryServer()

@@ -115,3 +115,24 @@ def test_prefect_yaml_deploys_the_weekly_retrain_to_a_process_pool(tmp_path, pre
     # One run at a time: a run that comes due while another runs waits for it (the gate's champion moves under neither).
     assert found.global_concurrency_limit.limit == 1
     assert found.concurrency_options.collision_strategy == "ENQUEUE"
+
+
+def test_a_run_reports_to_the_server_its_prefect_profile_names(tmp_path, demo_zip, prefect_server):
+    import asyncio
+
+    api, env = prefect_server
+    # PREFECT_API_URL in the active profile (`prefect config set`), not the environment.
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'active = "shared"\n\n[profiles.shared]\nPREFECT_API_URL = "{api}"\n')
+    env = {key: value for key, value in env.items() if key != "PREFECT_API_URL"} | {"PREFECT_PROFILES_PATH": str(profiles)}
+    project = dvc_project(tmp_path / "project", env, {"data": {"url": str(demo_zip), "sha256": None}})
+    result = subprocess.run(in_venv(["imgclf", "run", "download"]), cwd=project, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with prefect_settings.temporary_settings(updates={prefect_settings.PREFECT_API_URL: api}):
+        from prefect import get_client
+
+        async def flow_runs():
+            async with get_client() as client:
+                return await client.read_flow_runs()
+
+        assert [run.name for run in asyncio.run(flow_runs())] == ["imgclf-download"]
