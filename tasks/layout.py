@@ -31,4 +31,4 @@ class Layout:
 
     def output_folders(self) -> tuple[Path, ...]:
         """Returns every folder a stage writes into: where an interrupted run's temporaries lie."""
-        return (self.root / "data", self.raw_dir, self.model_dir, self.metrics_dir, self.plots_dir)
+        return (self.root / "data", self.raw_dir, self.model_dir, self.metrics_dir, self.plots_dir, self.root / "reports")

@@ -193,13 +193,19 @@ def test_killed_run_leaves_no_process_and_the_next_run_cleans_up_and_succeeds(st
     time.sleep(10)
     alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [" ".join(p.cmdline()[:6]) for p in alive]
-    leftovers = [p.name for p in (project / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    leftovers = [f"data/{p.name}" for p in (project / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers or stage == "train"
+    # The report's page, as a kill while it was written would leave it.
+    gone = subprocess.Popen(["true"])  # a pid no process has now
+    gone.wait()
+    (project / "reports").mkdir(exist_ok=True)
+    (project / "reports" / f".index.html.tmp-{gone.pid}.html").write_text("<html>half")
+    leftovers.append(f"reports/.index.html.tmp-{gone.pid}.html")
     result = imgclf(["run", "--set", f"data.url={archive}", "--set", "data.sha256=", *QUICK], project, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in leftovers:
-        assert not (project / "data" / name).exists()
-        assert f"removed data/{name}, left by an interrupted run" in result.stderr
+        assert not (project / name).exists()
+        assert f"removed {name}, left by an interrupted run" in result.stderr
 
 
 def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_epoch(tmp_path, cli_env):
