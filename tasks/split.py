@@ -67,12 +67,6 @@ def _stratified(params: SplitParams, rows: list[dict], fractions: dict[str, floa
     assigned = [""] * len(rows)
     for label in sorted(by_label):
         members = by_label[label]
-        if not _fits(len(members), fractions):
-            needed = next(n for n in range(1, 10_000) if _fits(n, fractions))
-            raise SplitError(
-                f"split: class {label!r} has {len(members)} image(s); split.val={params.val} and "
-                f"split.test={params.test} need at least {needed} per class"
-            )
         order = [members[i] for i in rng.permutation(len(members))]
         start = 0
         for name, size in allocate(len(members), fractions).items():
@@ -159,7 +153,7 @@ def _warn_of_absent_classes(rows: list[dict], assigned: list[str]) -> None:
                         "undefined", ", ".join(absent), name, name)  # fmt: skip
 
 
-def _log_clusters(rows: list[dict], clusters: list[str], assigned: list[str]) -> None:
+def _log_clusters(rows: list[dict], clusters: list[str]) -> None:
     members: dict[str, list[int]] = defaultdict(list)
     for index, cluster in enumerate(clusters):
         members[cluster].append(index)
@@ -167,15 +161,28 @@ def _log_clusters(rows: list[dict], clusters: list[str], assigned: list[str]) ->
     if not shared:
         return
     mixed = sum(1 for indices in shared if len({rows[i]["label"] for i in indices}) > 1)
-    split_apart = sum(1 for indices in shared if len({assigned[i] for i in indices}) > 1)
     log.info("split: %d near-duplicate clusters (%d images), %d of them spanning classes (label conflicts: see "
              "data/near_duplicates.csv)", len(shared), sum(map(len, shared)), mixed)  # fmt: skip
-    if split_apart:  # only an archive's own split can do this
-        log.warning("split: %d near-duplicate clusters span the archive's own splits (a leak the archive brings; "
-                    "split.archive_split: ignore re-splits it)", split_apart)  # fmt: skip
+
+
+def _warn_of_leaks(blocks: list[int], assigned: list[str]) -> None:
+    # Only an archive's own split, kept as it came, can put one block on two sides.
+    sides: dict[int, set[str]] = defaultdict(set)
+    for block, name in zip(blocks, assigned):
+        sides[block].add(name)
+    spanning = sum(1 for names in sides.values() if len(names) > 1)
+    if spanning:
+        log.warning("split: %d blocks (groups or near-duplicate clusters) span the archive's own splits: a leak the "
+                    "archive brings (split.archive_split: ignore re-splits it)", spanning)  # fmt: skip
 
 
 def _assign(params: SplitParams, rows: list[dict], groups: list[str], fractions: dict[str, float]) -> list[str]:
+    # Grouped or not: one near-duplicate pair makes the split grouped, and must not let a class of two images through.
+    for label, count in sorted(Counter(row["label"] for row in rows).items()):
+        if not _fits(count, fractions):
+            needed = next(n for n in range(1, 10_000) if _fits(n, fractions))
+            raise SplitError(f"split: class {label!r} has {count} image(s); split.val={params.val} and "
+                             f"split.test={params.test} need at least {needed} per class")  # fmt: skip
     return _grouped(params, rows, groups, fractions) if groups else _stratified(params, rows, fractions)
 
 
@@ -244,7 +251,8 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplica
             writer.writerow([row["path"], row["label"], assigned[index], *group, blocks[index]])
     log.info("%s", summary(rows, assigned))
     _warn_of_absent_classes(rows, assigned)
-    _log_clusters(rows, clusters, assigned)
+    _log_clusters(rows, clusters)
+    _warn_of_leaks(blocks, assigned)
     return split_csv
 
 

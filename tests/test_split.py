@@ -70,6 +70,10 @@ def test_class_too_small_for_the_split_names_the_class(tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", {"big": 50, "tiny": 2})
     with pytest.raises(SplitError, match="class 'tiny' has 2 image"):
         split(SplitParams(val=0.15, test=0.15), manifest, tmp_path / "s.csv")
+    # Also when one near-duplicate pair elsewhere makes the split a grouped one.
+    clusters = write_clusters(tmp_path / "nd.csv", manifest, [["big/img_0.png", "big/img_1.png"]])
+    with pytest.raises(SplitError, match="class 'tiny' has 2 image"):
+        split(SplitParams(val=0.15, test=0.15), manifest, tmp_path / "s.csv", clusters)
     assert not (tmp_path / "s.csv").exists()
 
 
@@ -99,12 +103,12 @@ def test_too_few_groups_is_a_clear_error(tmp_path):
 
 
 def test_groups_too_big_to_fill_every_split_are_a_clear_error_in_split_not_later(tmp_path):
-    # Four groups, enough in number; but one holds 60 of 63 images, and no other fits test without overfilling it.
+    # Four groups, enough in number; but one holds 60 of 65 images, and no other fits test without overfilling it.
     def name(label, i):
-        return f"P1_{i}.png" if label == "a" else f"Q{i}_{i}.png"
+        return f"P1_{i}.png" if label == "a" else f"Q{i % 3}_{i}.png"
 
-    manifest = write_manifest(tmp_path / "m.csv", {"a": 60, "b": 3}, name)
-    with pytest.raises(SplitError, match=r"no images left for test: 63 images in 4 groups .* the largest 60 images"):
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 60, "b": 5}, name)
+    with pytest.raises(SplitError, match=r"no images left for test: 65 images in 4 groups .* the largest 60 images"):
         split(SplitParams(group_pattern=r"^([PQ]\d+)_"), manifest, tmp_path / "s.csv")
     assert not (tmp_path / "s.csv").exists()
 
@@ -113,7 +117,7 @@ def test_a_class_whose_groups_all_went_elsewhere_is_named(tmp_path, caplog):
     def name(label, i):
         return f"P{i % 20}_{i}.png" if label == "a" else f"Q{i % 2}_{i}.png"
 
-    manifest = write_manifest(tmp_path / "m.csv", {"a": 100, "b": 4}, name)
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 100, "b": 6}, name)
     with caplog.at_level("WARNING", logger="imgclf"):
         rows = read_split(split(SplitParams(group_pattern=r"^([PQ]\d+)_"), manifest, tmp_path / "s.csv"))
     absent = [name for name in ("val", "test") if not any(r["label"] == "b" and r["split"] == name for r in rows)]
@@ -135,6 +139,10 @@ def test_archive_split_keep_keeps_the_archive_s_own_split(tmp_path, caplog):
     assert all(row["split"] == row["path"].split("/")[0] for row in rows)
     assert Counter((row["split"], row["label"]) for row in rows) == ARCHIVE
     assert "kept the archive's own split (split.archive_split: keep): train 100, val 5, test 20" in caplog.text
+    assert "span the archive's own splits" not in caplog.text
+    # Groups the archive put on two sides (img_1 in train and in test...) are kept so, and said to leak.
+    split(SplitParams(group_pattern=r"^(img_\d)"), manifest, tmp_path / "grouped.csv")
+    assert "split: 10 blocks (groups or near-duplicate clusters) span the archive's own splits" in caplog.text
 
 
 def test_archive_without_val_gets_val_carved_from_its_train_images_stratified(tmp_path, caplog):
