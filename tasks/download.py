@@ -370,7 +370,8 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
     with response:
         length = response.headers.get("Content-Length")
         resumed = have and response.status == 206 and _range_start(response) == have
-        if resumed and response.headers.get("ETag", source.get("etag")) != source.get("etag"):
+        if resumed and any(response.headers.get(header, source.get(key)) != source.get(key)
+                           for key, header in (("etag", "ETag"), ("last_modified", "Last-Modified"))):  # fmt: skip
             # A server that ignores If-Range but names another version: the rest is from another file.
             _discard(part)
             raise _Transient("the remote file changed since the partial download; starting over")

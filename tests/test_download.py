@@ -71,9 +71,10 @@ class _Handler(BaseHTTPRequestHandler):
         return request, step, None if status else body
 
     def _validators(self, body: bytes) -> dict[str, str]:
-        both = {"ETag": etag(body), "Last-Modified": LAST_MODIFIED}
+        modified = self.server.state.modified.get(self.path, LAST_MODIFIED)
+        both = {"ETag": etag(body), "Last-Modified": modified}
         kind = self.server.state.validators.get(self.path, "etag")
-        return {"etag": both, "last-modified": {"Last-Modified": LAST_MODIFIED}, "none": {}}[kind]
+        return {"etag": both, "last-modified": {"Last-Modified": modified}, "none": {}}[kind]
 
     def do_HEAD(self) -> None:
         request, _, body = self._begin(self.server.state.head_plans)
@@ -129,6 +130,7 @@ class _State:
         self.plans: dict[str, list] = {}
         self.head_plans: dict[str, list] = {}
         self.validators: dict[str, str] = {}
+        self.modified: dict[str, str] = {}  # path -> its Last-Modified, when not LAST_MODIFIED
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -244,6 +246,17 @@ def test_server_ignoring_if_range_cannot_splice_in_a_changed_file(server, tmp_pa
     server.files["/cells.zip"] = OTHER
     assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == OTHER
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 206), (None, None, 200)]
+
+
+def test_server_ignoring_if_range_without_an_etag_cannot_splice_in_a_changed_file(server, tmp_path):
+    server.files["/cells.zip"] = PAYLOAD
+    server.validators["/cells.zip"] = "last-modified"
+    server.plans["/cells.zip"] = ["noifrange"]
+    killed_run(server, "/cells.zip", tmp_path)
+    server.files["/cells.zip"] = OTHER
+    server.modified["/cells.zip"] = "Thu, 02 Jan 2025 00:00:00 GMT"
+    assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == OTHER
+    assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", LAST_MODIFIED, 206), (None, None, 200)]
 
 
 def test_server_without_etag_or_last_modified_restarts_from_zero(server, tmp_path):
