@@ -210,6 +210,11 @@ def _load(cache_dir: Path, split_csv: Path, exclusion: Exclusion) -> CachedSet:
     """Returns the cache joined with the split, less the excluded images in train and val; a TrainError
     unless it holds two classes or more and train rows."""
     data = load_cached_set(cache_dir, split_csv)
+    unknown = exclusion.paths.difference(data.paths)
+    if unknown:  # else a list written with other paths (absolute, from the project root) would leave out nothing
+        raise TrainError(f"train.exclude: {exclusion.file}: {len(unknown)} of its {len(exclusion.paths)} paths are not "
+                         f"images of this data set (e.g. {min(unknown)!r}); paths are relative to data/extracted/, "
+                         "as in data/label_issues.csv")  # fmt: skip
     if exclusion.file:
         kept = {name: np.array([row for row in data.rows[name] if data.paths[row] not in exclusion.paths], dtype=np.int64)
                 for name in ("train", "val")}  # fmt: skip

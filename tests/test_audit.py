@@ -126,7 +126,7 @@ def test_the_top_5_percent_of_label_issues_hold_80_percent_of_the_flipped_labels
 def test_train_exclude_leaves_the_listed_images_out_of_train_and_val_and_records_the_list(audited, tmp_path):
     import hashlib
 
-    from tasks.train import train
+    from tasks.train import TrainError, train
 
     data, _ = audited
     issues = data / "label_issues.csv"
@@ -143,6 +143,13 @@ def test_train_exclude_leaves_the_listed_images_out_of_train_and_val_and_records
                                     "paths": len(listed)}  # fmt: skip
     report = json.loads((tmp_path / "metrics" / "train.json").read_text())
     assert (report["n_train"], report["n_val"]) == (trainable["train"] - dropped["train"], trainable["val"] - dropped["val"])
+    # The same list written from the project root: its paths are no image of the set, an error rather than a no-op.
+    rooted = tmp_path / "rooted.csv"
+    rooted.write_text("path\n" + "".join(f"data/extracted/{path}\n" for path in sorted(listed)))
+    with pytest.raises(TrainError, match=rf"train.exclude: .*rooted.csv: {len(listed)} of its {len(listed)} paths are not "
+                                         r"images of this data set \(e.g. 'data/extracted/"):  # fmt: skip
+        train(params.model_copy(update={"exclude": str(rooted)}), AugmentParams(), data / "cache", data / "split.csv", tmp_path / "m2",
+              tmp_path / "m2")  # fmt: skip
 
 
 def test_an_exclude_list_without_a_path_column_is_a_clear_error(tmp_path):
