@@ -158,13 +158,16 @@ def _command(args: argparse.Namespace) -> None:
         for line in configure_remote(Layout(Path(".")), args.uri, load_params(args.params).s3):
             print(line)
     elif args.command == "predict":
+        from tasks.params import ValidateParams
         from tasks.predict import predict, write_rows
 
-        write_rows(predict(args.model, args.paths), args.out)
+        # What validate accepts: the project's validate.max_pixels (outside a project, its default).
+        validate = load_params(args.params).validate if Path(args.params).exists() else ValidateParams()
+        write_rows(predict(args.model, args.paths, validate.max_pixels), args.out)
         if args.explain:
             from tasks.gradcam import explain_files
 
-            written = explain_files(args.model, args.paths, args.explain)
+            written = explain_files(args.model, args.paths, args.explain, validate.max_pixels)
             print(f"imgclf: {len(written)} Grad-CAM overlays in {args.explain}", file=sys.stderr)
     elif args.command == "init":
         from flows.init import init_project
