@@ -245,17 +245,19 @@ def test_predict_gives_a_fifo_an_error_row_instead_of_hanging(tmp_path, cli_env)
     assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file"]
 
 
-def test_predict_takes_what_validate_takes_by_the_projects_max_pixels(tmp_path, cli_env):
+def test_predict_takes_what_validate_takes_by_the_projects_max_pixels(tmp_path, monkeypatch, capsys):
     from PIL import Image
+
+    from flows.cli import main
 
     model = tiny_model(tmp_path / "models", 8)
     (tmp_path / "big.png").write_bytes(encode(Image.fromarray(noise(16, 16)), "PNG"))  # 256 pixels
-    predicted = imgclf(["predict", "--model", str(model), "big.png"], tmp_path, cli_env, timeout=120)
-    assert predicted.stdout.splitlines()[1].endswith(",")  # no params.yaml here: the default limit, 50,000,000
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", str(model), "big.png"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith(",")  # no params.yaml here: the default limit, 50,000,000
     (tmp_path / "params.yaml").write_text("validate:\n  max_pixels: 100\n")
-    refused = imgclf(["predict", "--model", str(model), "big.png"], tmp_path, cli_env, timeout=120)
-    assert refused.returncode == 0, refused.stderr
-    assert refused.stdout.splitlines()[1].startswith("big.png,,,too_large")
+    assert main(["predict", "--model", str(model), "big.png"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("big.png,,,too_large")
 
 
 def test_predict_piped_into_a_reader_that_leaves_early_stops_without_an_error(tmp_path, cli_env):
