@@ -138,12 +138,13 @@ def prepared(name: str) -> Path:
     from tasks.cache import cache
     from tasks.demo_data import make_demo_archive
     from tasks.extract import extract
+    from tasks.near_duplicates import near_duplicates
     from tasks.params import DataParams, PrepareParams, SplitParams, ValidateParams
     from tasks.split import split
     from tasks.validate import validate
 
     spec, root = SETS[name], DATA / name
-    if (root / "split.csv").exists():
+    if (root / "split.csv").exists() and (root / "near_duplicates.csv").exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
     archive = root / f"{name}.zip"
@@ -156,7 +157,9 @@ def prepared(name: str) -> Path:
     validate(ValidateParams(), root / "extracted", root / "manifest.csv", in_process)
     cache(PrepareParams(image_size=spec.size, channels=spec.channels), root / "manifest.csv", root / "extracted",
           root / "cache", in_process)  # fmt: skip
-    split(SplitParams(**SPLIT), root / "manifest.csv", root / "split.csv")
+    # As the pipeline splits: near-duplicates (validate.near_duplicate_distance) kept on one side.
+    near_duplicates(ValidateParams(), root / "cache", root / "near_duplicates.csv", root / "near_duplicates.json")
+    split(SplitParams(**SPLIT), root / "manifest.csv", root / "split.csv", root / "near_duplicates.csv")
     return root
 
 

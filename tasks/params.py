@@ -229,8 +229,8 @@ def recipe_settings(train: TrainParams, augment: AugmentParams) -> tuple[TrainPa
     recipe seed, the seed notebook's CNN and loop, every extra off (the rest as given)."""
     if train.recipe != "seed":
         return train, augment
-    seed = {"learning_rate": 1e-3, "schedule": "constant", "weight_decay": 0.0, "patience": 0, "min_steps": 0,
-            "restore_best": False, "cnn": SEED_CNN}  # fmt: skip
+    seed = {"learning_rate": 1e-3, "batch_size": 64, "schedule": "constant", "weight_decay": 0.0, "patience": 0,
+            "min_steps": 0, "restore_best": False, "cnn": SEED_CNN}  # fmt: skip
     return train.model_copy(update=seed), NO_AUGMENT
 
 

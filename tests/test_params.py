@@ -153,7 +153,7 @@ def test_seed_recipe_replaces_the_cnn_augmentation_and_loop_with_the_notebooks(t
                                           "augment": {"rotation": 0.2}}))  # fmt: skip
     train, augment = recipe_settings(params.train, params.augment)
     assert train.cnn == SEED_CNN and augment == NO_AUGMENT
-    assert (train.learning_rate, train.schedule, train.weight_decay) == (1e-3, "constant", 0.0)
+    assert (train.learning_rate, train.batch_size, train.schedule, train.weight_decay) == (1e-3, 64, "constant", 0.0)
     assert (train.patience, train.min_steps, train.restore_best) == (0, 0, False)
     assert (train.epochs, train.seed, train.recipe) == (7, 42, "seed")  # the rest as given
     default = load_params(write(tmp_path, {"augment": {"rotation": 0.2}}))
