@@ -168,7 +168,7 @@ def load_base(name: str, weights: str, input_shape: tuple[int, int, int]) -> ker
             return constructor(include_top=False, weights="imagenet", input_shape=input_shape, **options)
         except Exception as exc:  # keras raises plain Exceptions for a failed fetch
             raise ModelError(
-                f"train.weights: the imagenet weights of {name} could not be downloaded ({exc}). Offline, "
+                f"train.weights: the imagenet weights of {name} could not be fetched or loaded ({exc}). Offline, "
                 f"fetch the '{name} ... notop' weights file elsewhere and set train.weights to its local path "
                 "(or copy it into ~/.keras/models/), or use train.weights=none"
             ) from None
