@@ -73,16 +73,18 @@ def main() -> None:
         "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
         "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost",
     }  # fmt: skip
-    archive = make_demo_archive(base / "demo.zip", per_class=30)
-    direct = timed([sys.executable, "-c", DIRECT], project(base, "direct", archive, env), env)
-    cold = timed(["imgclf", "run"], project(base, "cold", archive, env), env)
-    flow_root = project(base, "flow", archive, env)
-    flow = timed(["imgclf", "run"], flow_root, env)
-    flow_noop = timed(["imgclf", "run"], flow_root, env)
-    dvc_root = project(base, "dvc", archive, env)
-    repro = timed(["dvc", "repro"], dvc_root, env)
-    repro_noop = timed(["dvc", "repro"], dvc_root, env)
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        archive = make_demo_archive(base / "demo.zip", per_class=30)
+        direct = timed([sys.executable, "-c", DIRECT], project(base, "direct", archive, env), env)
+        cold = timed(["imgclf", "run"], project(base, "cold", archive, env), env)
+        flow_root = project(base, "flow", archive, env)
+        flow = timed(["imgclf", "run"], flow_root, env)
+        flow_noop = timed(["imgclf", "run"], flow_root, env)
+        dvc_root = project(base, "dvc", archive, env)
+        repro = timed(["dvc", "repro"], dvc_root, env)
+        repro_noop = timed(["dvc", "repro"], dvc_root, env)
+    finally:  # a failed command leaves no projects or Prefect home behind either
+        shutil.rmtree(base, ignore_errors=True)
     print(f"orchestration benchmark: demo archive, 60 images, 24x24, 1 epoch, {os.cpu_count()} cores")
     print(f"{'run':<14} {'seconds':>8} {'vs direct':>10}")
     for name, seconds in (("direct", direct), ("flow (cold)", cold), ("flow", flow), ("flow no-op", flow_noop),
