@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
     predict.add_argument("--explain", type=Path, metavar="DIR",
                          help="also write a Grad-CAM overlay PNG per image into DIR: where the model looked")  # fmt: skip
-    predict.add_argument("paths", type=Path, nargs="+", metavar="PATH", help="image files or folders")
+    predict.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                         help="image files or folders; a file over validate.max_pixels (from --params, when that file "
+                              "exists) is a row with its error")  # fmt: skip
 
     init = commands.add_parser("init", help="make DIR a ready git + DVC project: params.yaml, dvc.yaml, prefect.yaml")
     init.add_argument("folder", type=Path, metavar="DIR", help="the project folder (created if missing)")
