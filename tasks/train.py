@@ -152,12 +152,16 @@ def train(
     started = time.perf_counter()
     phases = [_fit(loop, _Phase("head", params.epochs, params.learning_rate, "train.learning_rate", first_epoch=0))]
     if base is not None and params.fine_tune_layers and params.fine_tune_epochs:
+        keep_best = params.restore_best and not devices.multi_worker
+        head_weights = {weight.path: weight.numpy() for weight in model.weights} if keep_best else {}  # its best epoch's
         with devices.strategy.scope():
             unfreeze_top(base, params.fine_tune_layers)
             _compile(model, _rate(params, params.fine_tune_lr, params.fine_tune_epochs * steps), params,
                      len(data.classes), devices.jit_compile)  # fmt: skip
         phases.append(_fit(loop, _Phase("fine_tune", params.fine_tune_epochs, params.fine_tune_lr, "train.fine_tune_lr",
                                         first_epoch=params.epochs)))  # fmt: skip
+        if keep_best:
+            _keep_the_better_phase(model, "val_loss" if val_ds is not None else "loss", phases, head_weights)
     seconds = time.perf_counter() - started
     loop.live.end()
 
@@ -329,6 +333,18 @@ def _fit(loop: _Loop, phase: _Phase) -> _Fitted:
         verbose=1 if sys.stdout.isatty() else 2,
     )
     return _Fitted(backup.history, throughput.rate(), resumed)
+
+
+def _keep_the_better_phase(model: keras.Model, monitor: str, phases: list[_Fitted], head_weights: dict) -> None:
+    """Sets the head phase's best weights back when fine-tuning never beat its best `monitor`: each phase's
+    early stopping restores only its own best epoch (train.restore_best is over the whole run)."""
+    head, fine_tune = (min(phase.history.get(monitor) or [math.inf]) for phase in phases)
+    if fine_tune <= head:
+        return
+    for weight in model.weights:
+        weight.assign(head_weights[weight.path])
+    log.info("train: fine-tuning's best %s %.4f did not beat the head phase's %.4f: its weights are kept", monitor,
+             fine_tune, head)  # fmt: skip
 
 
 def _epoch_batches(data: CachedSet, batch: int, seed: int, first_epoch: int, epoch: int) -> tf.data.Dataset:

@@ -308,6 +308,22 @@ def test_transfer_model_trains_head_then_fine_tunes_top_layers(cells, tmp_path):
     assert not any(layer.trainable for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization))
 
 
+def test_fine_tuning_that_never_beats_the_head_phase_ends_with_the_head_phases_best_weights():
+    from tasks.train import _Fitted, _keep_the_better_phase
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    head_best = {weight.path: weight.numpy() for weight in model.weights}
+    tuned = [np.full(weight.shape, 7.0, dtype="float32") for weight in model.weights]
+    model.set_weights(tuned)
+    head = _Fitted({"val_loss": [0.5, 0.3, 0.4]}, 0.0, 0)
+    # Fine-tuning's best epoch beat the head phase's: its weights stay.
+    _keep_the_better_phase(model, "val_loss", [head, _Fitted({"val_loss": [0.35, 0.25]}, 0.0, 0)], head_best)
+    assert all((weight.numpy() == 7.0).all() for weight in model.weights)
+    # It never did: the head phase's best weights come back, every one (BatchNormalization's statistics too).
+    _keep_the_better_phase(model, "val_loss", [head, _Fitted({"val_loss": [0.35, 0.6]}, 0.0, 0)], head_best)
+    assert all(np.array_equal(weight.numpy(), head_best[weight.path]) for weight in model.weights)
+
+
 def test_mirrored_strategy_trains_on_two_logical_cpus(cells, tmp_path):
     script = f"""
 import tensorflow as tf
