@@ -174,8 +174,8 @@ def train(
     shutil.rmtree(backup_root, ignore_errors=True)
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
-    log.info("train: %d epochs, %.0f images/s, val accuracy %.4f -> %s",
-             report["epochs_run"], report["images_per_second"], report["val_accuracy"], model_path)  # fmt: skip
+    log.info("train: %d epochs, %.0f images/s, %s accuracy %.4f -> %s", report["epochs_run"], report["images_per_second"],
+             "val" if report["n_val"] else "train (no val split)", report["val_accuracy"], model_path)  # fmt: skip
     return model_path
 
 

@@ -308,6 +308,19 @@ def test_transfer_model_trains_head_then_fine_tunes_top_layers(cells, tmp_path):
     assert not any(layer.trainable for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization))
 
 
+def test_without_a_val_split_the_log_says_its_scores_are_the_train_splits(cells, tmp_path, caplog):
+    rows = list(csv.DictReader(open(cells / "split.csv", newline="")))
+    no_val = tmp_path / "split.csv"
+    with open(no_val, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({**row, "split": "train" if row["split"] == "val" else row["split"]} for row in rows)
+    with caplog.at_level(logging.INFO, logger="imgclf"):
+        run_train(cells, tmp_path, split_csv=no_val, epochs=1)
+    assert json.loads((tmp_path / "metrics" / "train.json").read_text())["n_val"] == 0
+    assert "train (no val split) accuracy" in caplog.text
+
+
 def test_fine_tuning_that_never_beats_the_head_phase_ends_with_the_head_phases_best_weights():
     from tasks.train import _Fitted, _keep_the_better_phase
 
