@@ -343,8 +343,8 @@ def _keep_the_better_phase(model: keras.Model, monitor: str, phases: list[_Fitte
         return
     for weight in model.weights:
         weight.assign(head_weights[weight.path])
-    log.info("train: fine-tuning's best %s %.4f did not beat the head phase's %.4f: its weights are kept", monitor,
-             fine_tune, head)  # fmt: skip
+    log.info("train: fine-tuning's best %s %.4f did not beat the head phase's %.4f: the model keeps the head "
+             "phase's best weights", monitor, fine_tune, head)  # fmt: skip
 
 
 def _epoch_batches(data: CachedSet, batch: int, seed: int, first_epoch: int, epoch: int) -> tf.data.Dataset:
