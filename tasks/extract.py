@@ -1,7 +1,7 @@
 """Stage extract: a zip or tar(.gz) archive -> `data/extracted/`, safely.
 
-Entries that would land outside the target (absolute paths, `..`), links, devices and OS
-junk are never written; each is a row of `data/extract_skipped.csv` with its reason. The
+Entries that would land outside the target (absolute paths, `..`), links, devices, zip
+entries Python cannot read (encrypted, Deflate64) and OS junk are never written; each is a row of `data/extract_skipped.csv` with its reason. The
 uncompressed total is capped by `data.max_extract_bytes`, both as declared and as actually
 written, so a zip bomb stops the stage. Files go to a temporary directory that replaces
 `data/extracted/` only when every entry is written; a tar cut short stops the stage first.
@@ -35,6 +35,10 @@ log = logging.getLogger("imgclf")
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 JUNK_DIRS = {"__macosx"}
 NAME_MAX = 255  # bytes in one path component, on the file systems people use
+# bytes in an entry's path: Linux's PATH_MAX is 4096 with the project's own folders in front
+PATH_BYTES_MAX = 1024
+ZIP_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+REFUSED_KINDS = ("symlink", "hardlink", "device", "encrypted", "unsupported_compression")
 
 
 class ExtractError(StageError, RuntimeError):
@@ -133,9 +137,20 @@ def _zip_entry(info: zipfile.ZipInfo) -> Entry:
         kind = "symlink"
     elif file_type not in (0, stat.S_IFREG):
         kind = "device"
+    elif info.flag_bits & 0x1:
+        kind = "encrypted"
+    elif info.compress_type not in ZIP_METHODS:
+        kind = "unsupported_compression"  # Deflate64 (Windows Explorer, 7-Zip), PPMd, ...
     else:
         kind = "file"
-    return Entry(info.filename, _split(info.filename), info.file_size, kind, info)
+    name = info.filename
+    if not info.flag_bits & 0x800:
+        # Info-ZIP's zip writes UTF-8 names without the flag that says so; zipfile then reads cp437.
+        try:
+            name = name.encode("cp437").decode("utf-8")
+        except UnicodeError:
+            pass
+    return Entry(name, _split(name), info.file_size, kind, info)
 
 
 def _tar_entry(info: tarfile.TarInfo) -> Entry:
@@ -159,15 +174,16 @@ def _tar_reader(tf: tarfile.TarFile, entry: Entry) -> IO[bytes]:
 
 
 def _refusal(entry: Entry) -> str | None:
-    if entry.kind in ("symlink", "hardlink", "device"):
+    if entry.kind in REFUSED_KINDS:
         return entry.kind
     if entry.name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", entry.name):
         return "absolute_path"
     if ".." in entry.parts:
         return "path_traversal"
     if not entry.parts:
-        return "empty_name"
-    if any(len(part.encode("utf-8", "surrogateescape")) > NAME_MAX for part in entry.parts):
+        return None if entry.kind == "dir" else "empty_name"  # `./`, the root of `tar -C dir .`
+    sizes = [len(part.encode("utf-8", "surrogateescape")) for part in entry.parts]
+    if max(sizes) > NAME_MAX or sum(sizes) + len(sizes) > PATH_BYTES_MAX:
         return "name_too_long"
     return None
 
@@ -185,20 +201,24 @@ def _in_a_folder_below(parts: tuple[str, ...], root: tuple[str, ...]) -> bool:
     return parts[: len(root)] == root and len(parts) > len(root) + 1
 
 
-def _class_root(files: list[tuple[str, ...]]) -> tuple[str, ...]:
+def _class_root(files: list[tuple[str, ...]], root: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Returns the folder whose subfolders are the classes: single top folders are stepped into."""
-    root: tuple[str, ...] = ()
     while True:
         # Files loose beside a top folder say nothing about where the classes are.
         inside = [parts[len(root) :] for parts in files if _in_a_folder_below(parts, root)]
         if len({rel[0] for rel in inside}) != 1:
             return root
         folders = {rel[1] for rel in inside if len(rel) > 2}
-        # Never step into the class folder itself: a top folder holding loose files and a
-        # single subfolder is taken for a class with one subfolder.
-        if not folders or (len(folders) == 1 and any(len(rel) == 2 for rel in inside)):
+        if not folders:
             return root
-        root += (inside[0][0],)
+        below = root + (inside[0][0],)
+        if len(folders) == 1 and any(len(rel) == 2 for rel in inside):
+            # Loose files and one subfolder: a class with a subfolder, unless two or more classes lie
+            # further down (flowers/LICENSE.txt beside flowers/images/{daisy,rose}/).
+            deeper = _class_root(files, below)
+            tops = {parts[len(deeper)] for parts in files if _in_a_folder_below(parts, deeper)}
+            return deeper if len(tops) > 1 else root
+        root = below
 
 
 def _nested_copies(files: list[tuple[str, ...]]) -> set[str]:
@@ -228,7 +248,7 @@ def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ..
     copies = _nested_copies([e.parts[len(root) :] for e in files if _in_a_folder_below(e.parts, root)])
     keep: list[tuple[Entry, tuple[str, ...]]] = []
     seen: set[tuple[str, ...]] = set()
-    for entry in files:
+    for entry in reversed(files):  # the last copy of a path wins, as tar and unzip extract them
         relative = entry.parts[len(root) :]
         if not _in_a_folder_below(entry.parts, root):
             skipped.append((entry.name, "outside_class_folders"))
@@ -239,6 +259,7 @@ def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ..
         else:
             seen.add(relative)
             keep.append((entry, relative))
+    keep.reverse()
     # `x` and `x/y.png` cannot both be written: the folder's files win, the lone file is skipped.
     folders = {relative[:depth] for _, relative in keep for depth in range(1, len(relative))}
     skipped += [(entry.name, "file_folder_conflict") for entry, relative in keep if relative in folders]

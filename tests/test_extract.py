@@ -112,6 +112,10 @@ def work(tmp_path) -> Path:
 # ---------------------------------------------------------------- hostile entries
 
 
+# Each folder name is fine; the whole path is past what later stages can open beside the project's folders.
+LONG_PATH = "Parasitized/" + "/".join(["d" * 200] * 6) + "/deep.png"
+
+
 def hostile_cases(tmp_path: Path) -> dict[str, tuple[str, list, str, str]]:
     """id -> (archive kind, hostile entries, hostile entry name as recorded, reason)."""
     outside = tmp_path / "outside"
@@ -140,6 +144,7 @@ def hostile_cases(tmp_path: Path) -> dict[str, tuple[str, list, str, str]]:
                      "Parasitized/pipe.png", "device"),
         "tar-chardev": ("tar", [tar_member("Parasitized/null.png", kind=tarfile.CHRTYPE)],
                         "Parasitized/null.png", "device"),
+        "tar-long-path": ("tar", [(LONG_PATH, PNG)], LONG_PATH, "name_too_long"),
     }  # fmt: skip
 
 
@@ -172,22 +177,37 @@ def bomb_zip(path: Path, size: int = 5_000_000) -> Path:
     return make_zip(path, [("Parasitized/ok.png", PNG), ("Parasitized/bomb.png", b"\0" * size)])
 
 
-def forge_declared_sizes(archive: Path, entry: str, declared: int) -> Path:
-    """Rewrites the uncompressed size of `entry` in both its local and central headers: the sizes lie."""
+def zip_headers(archive: Path, entry: str) -> tuple[bytearray, int, int]:
+    """The archive's bytes, and the offsets of `entry`'s local and central headers in them."""
     with zipfile.ZipFile(archive) as zf:
         local_offset = zf.getinfo(entry).header_offset
     raw = bytearray(archive.read_bytes())
     assert raw[local_offset : local_offset + 4] == b"PK\x03\x04"
-    raw[local_offset + 22 : local_offset + 26] = struct.pack("<I", declared)
     central = raw.rfind(b"PK\x01\x02")
     while central != -1:
         name_len = struct.unpack_from("<H", raw, central + 28)[0]
         if raw[central + 46 : central + 46 + name_len] == entry.encode():
-            raw[central + 24 : central + 28] = struct.pack("<I", declared)
-            break
+            return raw, local_offset, central
         central = raw.rfind(b"PK\x01\x02", 0, central)
-    else:
-        raise AssertionError("central header not found")
+    raise AssertionError("central header not found")
+
+
+def forge_zip_entry(archive: Path, entry: str, flip_flags: int = 0, method: int | None = None) -> Path:
+    """Flips general-purpose flag bits of `entry` (and sets its compression method) in both headers."""
+    raw, local, central = zip_headers(archive, entry)
+    for flags_at, method_at in ((local + 6, local + 8), (central + 8, central + 10)):
+        struct.pack_into("<H", raw, flags_at, struct.unpack_from("<H", raw, flags_at)[0] ^ flip_flags)
+        if method is not None:
+            struct.pack_into("<H", raw, method_at, method)
+    archive.write_bytes(bytes(raw))
+    return archive
+
+
+def forge_declared_sizes(archive: Path, entry: str, declared: int) -> Path:
+    """Rewrites the uncompressed size of `entry` in both its local and central headers: the sizes lie."""
+    raw, local_offset, central = zip_headers(archive, entry)
+    raw[local_offset + 22 : local_offset + 26] = struct.pack("<I", declared)
+    raw[central + 24 : central + 28] = struct.pack("<I", declared)
     archive.write_bytes(bytes(raw))
     with zipfile.ZipFile(archive) as zf:
         assert zf.getinfo(entry).file_size == declared
@@ -307,12 +327,41 @@ def test_os_junk_is_skipped_and_recorded(tmp_path, work):
     assert tree(work) == {"Parasitized/a.png": PNG, "Uninfected/b.png": PNG}
 
 
-def test_same_path_spelled_twice_is_written_once_and_recorded_duplicate(tmp_path, work):
-    archive = make_zip(tmp_path / "in" / "a.zip", [("Parasitized/a.png", PNG), ("./Parasitized//a.png", b"other"),
-                                                   ("Uninfected/b.png", PNG)])  # fmt: skip
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_same_path_spelled_twice_is_written_once_the_last_copy_as_tar_and_unzip_do(tmp_path, work, kind):
+    # `tar -rf` appends an updated file: the later copy is the one meant.
+    entries = [("Parasitized/a.png", PNG), ("./Parasitized//a.png", b"newer"), ("Uninfected/b.png", PNG)]
+    archive = (make_zip if kind == "zip" else make_tar)(tmp_path / "in" / f"a.{kind}", entries)
     skipped = run(archive, work)
-    assert skipped == [("./Parasitized//a.png", "duplicate_entry")]
-    assert tree(work) == {"Parasitized/a.png": PNG, "Uninfected/b.png": PNG}
+    assert skipped == [("Parasitized/a.png", "duplicate_entry")]
+    assert tree(work) == {"Parasitized/a.png": b"newer", "Uninfected/b.png": PNG}
+
+
+def test_the_root_entry_of_tar_c_dot_is_not_recorded_as_skipped(tmp_path, work):
+    archive = make_tar(tmp_path / "in" / "a.tar", [tar_member(".", kind=tarfile.DIRTYPE), ("./cat/1.png", PNG),
+                                                   ("./dog/2.png", PNG)])  # fmt: skip
+    assert run(archive, work) == []
+    assert tree(work) == {"cat/1.png": PNG, "dog/2.png": PNG}
+
+
+@pytest.mark.parametrize("reason, forgery", [("encrypted", {"flip_flags": 0x1}),
+                                             ("unsupported_compression", {"method": 9})])  # Deflate64
+def test_zip_entry_zipfile_cannot_read_is_refused_and_recorded(tmp_path, work, reason, forgery):
+    good = [("Parasitized/good.png", PNG), ("Uninfected/good.png", PNG)]
+    archive = make_zip(tmp_path / "in" / "a.zip", good + [("Parasitized/locked.png", PNG)])
+    forge_zip_entry(archive, "Parasitized/locked.png", **forgery)
+    assert run(archive, work) == [("Parasitized/locked.png", reason)]
+    assert tree(work) == dict(good)
+
+
+def test_utf8_names_without_the_utf8_flag_keep_their_letters(tmp_path, work):
+    # What Info-ZIP's `zip` writes: UTF-8 bytes, flag 0x800 unset (zipfile alone reads them as cp437).
+    names = ["Cats é/1.png", "dogs 文/2.png"]
+    archive = make_zip(tmp_path / "in" / "a.zip", [(name, PNG) for name in names])
+    for name in names:
+        forge_zip_entry(archive, name, flip_flags=0x800)
+    assert run(archive, work) == []
+    assert tree(work) == {name: PNG for name in names}
 
 
 # ---------------------------------------------------------------- top folder
@@ -362,6 +411,14 @@ def test_loose_file_beside_the_top_folder_does_not_change_labels(tmp_path, work,
                                                    ("cell_images/Uninfected/b.png", PNG)])  # fmt: skip
     assert run(archive, work) == [(loose, "outside_class_folders")]
     assert tree(work) == {"Parasitized/a.png": PNG, "Uninfected/b.png": PNG}
+
+
+def test_loose_file_above_a_deeper_class_tree_does_not_make_its_top_folder_the_class(tmp_path, work):
+    archive = make_zip(tmp_path / "in" / "a.zip", [("flowers/LICENSE.txt", b"CC-BY"),
+                                                   ("flowers/images/daisy/1.png", PNG),
+                                                   ("flowers/images/rose/2.png", PNG)])  # fmt: skip
+    assert run(archive, work) == [("flowers/LICENSE.txt", "outside_class_folders")]
+    assert tree(work) == {"daisy/1.png": PNG, "rose/2.png": PNG}
 
 
 def test_loose_file_beside_the_class_folders_at_the_root_is_skipped(tmp_path, work):
