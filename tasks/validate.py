@@ -23,6 +23,7 @@ import hashlib
 import logging
 import operator
 import os
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -244,14 +245,19 @@ class _StagedRows(contextlib.ExitStack):
 
 
 def _check_class_names(extracted_dir: Path, labels: set[str]) -> None:
-    # `Cat` and `cat` (or `cat `) are one class to a person but two to the model.
+    # `Cat` and `cat` (or `cat `, or `Café` as macOS spells it, decomposed) are one class to a
+    # person but two to the model.
     by_key: dict[str, list[str]] = defaultdict(list)
     for label in sorted(labels):
-        by_key[label.strip().casefold()].append(label)
-    clashes = [", ".join(map(repr, names)) for names in by_key.values() if len(names) > 1]
+        by_key[unicodedata.normalize("NFC", label).strip().casefold()].append(label)
+    clashes = [", ".join(map(_shown, names)) for names in by_key.values() if len(names) > 1]
     if clashes:
         raise ValidateError(f"{extracted_dir}: class folders differ only by case or spaces: {'; '.join(clashes)}; "
                             "rename or merge them")  # fmt: skip
+
+
+def _shown(label: str) -> str:
+    return repr(label) if unicodedata.is_normalized("NFC", label) else f"{ascii(label)} (decomposed Unicode)"
 
 
 def summary(rows: list[dict]) -> str:

@@ -253,7 +253,8 @@ def test_top_folders_not_all_named_like_splits_are_the_labels(root, tmp_path):
     ("Cat/a.png", "cat/b.png", "'Cat', 'cat'"),
     ("Parasitized /a.png", "Parasitized/b.png", "'Parasitized', 'Parasitized '"),
     ("train/Cat/a.png", "test/cat/b.png", "'Cat', 'cat'"),
-], ids=["case", "trailing_space", "across_archive_splits"])  # fmt: skip
+    ("Caf\u00e9/a.png", "Cafe\u0301/b.png", "'Cafe\\u0301' (decomposed Unicode), 'Caf\u00e9'"),
+], ids=["case", "trailing_space", "across_archive_splits", "unicode_form"])  # fmt: skip
 def test_class_folders_differing_by_case_stop_validate(root, tmp_path, first, second, named):
     write(root, first, png_bytes(seed=1))
     write(root, second, png_bytes(seed=2))
