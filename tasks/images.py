@@ -179,20 +179,19 @@ def resize(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     height, width = size
     h0, w0 = image.shape[:2]
     if mode == "stretch":
-        new_h, new_w = height, width
-    else:
-        scale = min(height / h0, width / w0) if mode == "pad" else max(height / h0, width / w0)
-        new_h, new_w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
-    resized = _shrink_or_grow(image, new_h, new_w)
-    if mode == "stretch":
-        return resized
+        return _shrink_or_grow(image, height, width)
+    if mode == "crop":
+        # Cut the centre at the target's aspect first, then resize: scaling the whole image up
+        # first would ask a 1 x 40M strip for a 64 x 2.6G buffer.
+        scale = max(height / h0, width / w0)
+        crop_h, crop_w = min(h0, max(1, round(height / scale))), min(w0, max(1, round(width / scale)))
+        top, left = (h0 - crop_h) // 2, (w0 - crop_w) // 2
+        return _shrink_or_grow(np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w]), height, width)
+    scale = min(height / h0, width / w0)
+    new_h, new_w = max(1, round(h0 * scale)), max(1, round(w0 * scale))
     out = np.zeros((height, width, image.shape[2]), dtype=np.uint8)
-    if mode == "pad":
-        top, left = (height - new_h) // 2, (width - new_w) // 2
-        out[top : top + new_h, left : left + new_w] = resized
-    else:
-        top, left = (new_h - height) // 2, (new_w - width) // 2
-        out[:] = resized[top : top + height, left : left + width]
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = _shrink_or_grow(image, new_h, new_w)
     return out
 
 

@@ -469,3 +469,10 @@ def test_decode_of_a_broken_file_raises_naming_the_reason():
     data = encode(Image.fromarray(noise(40, 50)), "PNG")
     with pytest.raises(ValueError, match="^truncated: "):
         decode(data[: len(data) // 2], 3)
+
+
+def test_crop_of_an_extreme_strip_cuts_before_it_scales():
+    # Scaled whole before the cut, this 1 x 4M strip would need a 64 x 256M x 3 buffer (49 GB).
+    image = np.full((1, 4_000_000, 3), 77, dtype=np.uint8)
+    out = resize(image, (64, 64), "crop")
+    assert out.shape == (64, 64, 3) and (out == 77).all()
