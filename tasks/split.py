@@ -142,15 +142,15 @@ def _clusters(near_duplicates_csv: Path, rows: list[dict]) -> list[str]:
     return [cluster_of[row["path"]] for row in rows]
 
 
-def _warn_of_absent_classes(rows: list[dict], assigned: list[str]) -> None:
+def _warn_of_absent_classes(rows: list[dict], assigned: list[str], why: str) -> None:
     present = {(row["label"], name) for row, name in zip(rows, assigned)}
     for name in ("val", "test"):
         if name not in assigned:
             continue
         absent = sorted({row["label"] for row in rows} - {label for label, where in present if where == name})
         if absent:
-            log.warning("split: class(es) %s have no %s images (their groups went elsewhere): their %s scores are "
-                        "undefined", ", ".join(absent), name, name)  # fmt: skip
+            log.warning("split: class(es) %s have no %s images (%s): their %s scores are undefined",
+                        ", ".join(absent), name, why, name)  # fmt: skip
 
 
 def _log_clusters(rows: list[dict], clusters: list[str]) -> None:
@@ -200,6 +200,10 @@ def _keep_archive_split(params: SplitParams, rows: list[dict], groups: list[str]
         carved = _assign(params, [rows[i] for i in train], [groups[i] for i in train] if groups else [], fractions)
         for index, name in zip(train, carved):
             assigned[index] = name
+    untrained = sorted({row["label"] for row in rows} - {row["label"] for row, name in zip(rows, assigned) if name == "train"})
+    if untrained:
+        raise SplitError(f"split: class(es) {', '.join(map(repr, untrained))} have no train images in the archive's own "
+                         "split: add some, or set split.archive_split: ignore to re-split it")  # fmt: skip
     counts = Counter(assigned)
     carved_note = "".join(f"; {name} carved from its train images by split.{name}={f}" for name, f in missing.items())
     log.info("split: kept the archive's own split (split.archive_split: keep): %s%s",
@@ -237,7 +241,8 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplica
         together = []
     # A manifest written before the archive_split column has none.
     has_archive_split = any(row.get("archive_split") for row in rows)
-    if has_archive_split and params.archive_split == "keep":
+    kept = has_archive_split and params.archive_split == "keep"
+    if kept:
         assigned = _keep_archive_split(params, rows, together)
     else:
         if has_archive_split:
@@ -250,7 +255,7 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplica
             group = [groups[index]] if groups else []
             writer.writerow([row["path"], row["label"], assigned[index], *group, blocks[index]])
     log.info("%s", summary(rows, assigned))
-    _warn_of_absent_classes(rows, assigned)
+    _warn_of_absent_classes(rows, assigned, "the archive's own split has none" if kept else "their groups went elsewhere")
     _log_clusters(rows, clusters)
     _warn_of_leaks(blocks, assigned)
     return split_csv

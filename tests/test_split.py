@@ -175,6 +175,14 @@ def test_archive_split_without_train_images_is_a_clear_error(tmp_path):
         split(SplitParams(), manifest, tmp_path / "s.csv")
 
 
+def test_archive_split_with_a_class_only_in_test_is_a_clear_error(tmp_path):
+    counts = {("train", "cat"): 10, ("train", "dog"): 10, ("test", "cat"): 4, ("test", "dog"): 4, ("test", "bird"): 3}
+    manifest = write_archive_manifest(tmp_path / "m.csv", counts)
+    with pytest.raises(SplitError, match="class\\(es\\) 'bird' have no train images in the archive's own split"):
+        split(SplitParams(val=0), manifest, tmp_path / "s.csv")
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_train_test_layout_gets_class_labels_and_keeps_its_split(tmp_path):
     # Kaggle's chest X-ray archive, small: chest_xray/{train,test}/<class>/ and no val folder.
     layout = [(name, label, i) for name, n in (("train", 20), ("test", 5)) for label in ("NORMAL", "PNEUMONIA")
