@@ -37,6 +37,13 @@ class StoreError(StageError):
     """A stored object is missing or unreadable; the message names it."""
 
 
+def _inside(name: str) -> str:
+    # Names come from latest.json and a reference labels.csv, which whoever can write the store wrote.
+    if name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")) or "\0" in name:
+        raise StoreError(f"{name!r}: not a name inside the store")
+    return name
+
+
 class Store(Protocol):
     """Published runs and the champion pointer; names are relative to the store's root, `/`-separated."""
 
@@ -90,7 +97,7 @@ class S3Store:
         return self.base.child(name).key
 
     def get(self, name: str, scratch: Path) -> Path:
-        local = scratch / name
+        local = scratch / _inside(name)
         local.parent.mkdir(parents=True, exist_ok=True)
         self._call(name, lambda uri: self.client.download_file(uri.bucket, uri.key, str(local)))
         return local
@@ -147,7 +154,7 @@ class LocalStore:
         return name
 
     def get(self, name: str, scratch: Path) -> Path:
-        path = self.root / name
+        path = self.root / _inside(name)
         if not path.is_file():
             raise StoreError(f"{path}: no such file")
         return path

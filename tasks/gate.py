@@ -8,6 +8,7 @@ files by its own description (model.json: size, resize mode, channels), as `imgc
 does, and labels them with its own calibration and threshold (calibration.json) when it has
 one, so a champion trained at another image size still compares.
 
+Reference images whose bytes the challenger trained or validated on are left out of that set.
 Promoted when, on both sets, challenger minus champion is at least minus `gate.tolerance`;
 each difference comes with a paired bootstrap 95% interval (the same resampled images for
 both models), which informs the reader but does not decide. Whatever the champion, and on the
@@ -25,7 +26,8 @@ import numpy as np
 
 from tasks.calibration import CALIBRATION_JSON, Calibration, calibrated_probabilities, predicted_indices
 from tasks.errors import StageError
-from tasks.files import read_csv
+from tasks.files import read_csv, sha256_file
+from tasks.manifest import read_valid_rows
 from tasks.params import GateParams, ValidateParams
 
 # What each set is called in reasons and reports.
@@ -56,7 +58,21 @@ def run_test_set(extracted_dir: Path, split_csv: Path) -> LabelledFiles:
 def reference_set(labels_csv: Path, images_dir: Path) -> LabelledFiles:
     """Returns the reference set published with a champion: `labels.csv` (path, label) and the files it names."""
     rows = read_csv(labels_csv)
+    if not rows or not {"path", "label"} <= rows[0].keys():
+        raise GateError(f"{labels_csv}: no rows of path,label")
     return LabelledFiles(images_dir, [row["path"] for row in rows], [row["label"] for row in rows])
+
+
+def trained_on(manifest_csv: Path, split_csv: Path) -> set[str]:
+    """Returns the sha256 of every image in this run's train and val splits."""
+    digest = {row["path"]: row["sha256"] for row in read_valid_rows(manifest_csv)}
+    return {digest[row["path"]] for row in read_csv(split_csv) if row["split"] in ("train", "val")}
+
+
+def _unseen(files: LabelledFiles, seen: set[str]) -> LabelledFiles:
+    """Returns the files whose bytes are none of `seen`."""
+    kept = [(path, label) for path, label in zip(files.paths, files.labels) if sha256_file(files.root / path) not in seen]
+    return LabelledFiles(files.root, [path for path, _ in kept], [label for _, label in kept])
 
 
 @dataclass(frozen=True)
@@ -137,7 +153,8 @@ class Comparison:
     interval: tuple[float, float]
 
     def holds(self, tolerance: float) -> bool:
-        return bool(self.difference >= -tolerance)  # NaN (no positives to measure) never holds
+        # Scores are ratios of counts: 19/20 - 20/20 is -0.05000000000000004 in floats, and must hold at 0.05.
+        return bool(self.difference >= -tolerance - 1e-9)  # NaN (no positives to measure) never holds
 
     def as_json(self) -> dict:
         """Returns the comparison as JSON has it: an undefined score (sensitivity without positives) is null, not NaN."""
@@ -148,6 +165,8 @@ class Comparison:
                 "difference": number(self.difference), "interval": [number(bound) for bound in self.interval]}  # fmt: skip
 
     def describe(self, metric: str) -> str:
+        if np.isnan(self.difference):
+            return f"{metric} undefined: none of its n={self.n} images is of the positive class"
         low, high = self.interval
         return (f"{metric} {self.challenger:.4f} vs {self.champion:.4f} ({self.difference:+.4f}, "
                 f"95% CI [{low:+.4f}, {high:+.4f}], n={self.n})")  # fmt: skip
@@ -200,9 +219,11 @@ class Decision:
 FIRST_RUN = "first run: no champion yet (no latest.json); this run is promoted and its test split becomes the reference set"
 
 
-def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champion: Champion | None) -> Decision:
+def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champion: Champion | None,
+          seen: frozenset[str] = frozenset()) -> Decision:  # fmt: skip
     """Returns the decision on the challenger against the champion (None: the first run), on this run's test split
-    and the champion's reference set. A champion that cannot be read, or that knows other classes, is not replaced."""
+    and the champion's reference set less the images the challenger trained on (sha256s in `seen`). A champion
+    that cannot be read, or that knows other classes, is not replaced."""
     challenger = load_contender(challenger_model)
     classes, sets = challenger.classes, {"test": test}
     prepared = {"test": {}, "reference": {}}  # per set: two models described alike decode it once
@@ -226,24 +247,36 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
     if gate.metric == "sensitivity" and positive is None:
         raise GateError(f"gate.metric sensitivity: {challenger_model.parent / CALIBRATION_JSON} names no "
                         "positive class (set evaluate.positive_class and evaluate.target_recall)")  # fmt: skip
-    sets["reference"] = champion.reference
-    truth["reference"] = _class_indices(champion.reference, classes)
-    ours["reference"] = predicted_classes(challenger, champion.reference, prepared["reference"])
-    comparisons = {}
-    for name, files in sets.items():
-        theirs = predicted_classes(defender, files, prepared[name])
-        comparisons[name] = compare(truth[name], ours[name], theirs, len(classes), gate, positive)
+    try:
+        # A split drawn anew (other near-duplicate clusters, another seed) may train on the champion's test images.
+        sets["reference"] = _unseen(champion.reference, seen)
+        if not sets["reference"].paths:
+            return Decision(False, f"not promoted: every image of the champion's ({run_id}) reference set is in this "
+                                   "run's train or val split: none unseen to compare on (gate.force=true promotes)",
+                            run_id)  # fmt: skip
+        theirs = {"reference": predicted_classes(defender, sets["reference"], prepared["reference"])}
+        ours["reference"] = predicted_classes(challenger, sets["reference"], prepared["reference"])
+    except (GateError, OSError) as exc:
+        return Decision(False, f"the champion ({run_id}) cannot be read: its reference set: {exc}", run_id)
+    truth["reference"] = _class_indices(sets["reference"], classes)
+    theirs["test"] = predicted_classes(defender, test, prepared["test"])
+    comparisons = {name: compare(truth[name], ours[name], theirs[name], len(classes), gate, positive) for name in sets}
+    left_out = len(champion.reference.paths) - len(sets["reference"].paths)
+    seen_note = (f"; {left_out} of the reference set's {len(champion.reference.paths)} images are in this run's "
+                 "train or val split, left out") if left_out else ""  # fmt: skip
     metric = f"sensitivity ({classes[positive]})" if gate.metric == "sensitivity" else gate.metric
     failed = [name for name, comparison in comparisons.items() if not comparison.holds(gate.tolerance)]
     if failed:
         said = "; ".join(f"on {SET_NAMES[name]} {comparisons[name].describe(metric)}" for name in failed)
         reason = f"not promoted: worse than the champion ({run_id}) by more than the tolerance {gate.tolerance}: {said}"
-        return Decision(False, reason, run_id, comparisons=comparisons)
+        if any(np.isnan(comparisons[name].difference) for name in failed):
+            reason = f"not promoted: the champion ({run_id}) cannot be compared: {said}"
+        return Decision(False, reason + seen_note, run_id, comparisons=comparisons)
     if chance:
         return Decision(False, chance, run_id, comparisons=comparisons)
     said = ", ".join(f"{name} {comparison.difference:+.4f}" for name, comparison in comparisons.items())
     reason = (f"promoted: {metric} at least the champion's ({run_id}), within the tolerance {gate.tolerance}, "
-              f"on both sets ({said})")  # fmt: skip
+              f"on both sets ({said}){seen_note}")  # fmt: skip
     return Decision(True, reason, run_id, comparisons=comparisons)
 
 

@@ -26,7 +26,7 @@ from tasks.calibration import CALIBRATION_JSON
 from tasks.champion import LATEST, Store, StoreError, open_store
 from tasks.errors import StageError
 from tasks.files import atomic_file, model_json, sha256_file
-from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set
+from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set, trained_on
 from tasks.layout import Layout
 from tasks.params import GateParams, PublishParams, S3Params
 from tasks.report import read_json, report_markdown
@@ -65,10 +65,11 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
     run = f"runs/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{model_hash[:8]}-{secrets.token_hex(2)}"
     run_id = run.removeprefix("runs/")
     test = run_test_set(layout.extracted_dir, layout.split_csv)
+    seen = frozenset(trained_on(layout.manifest_csv, layout.split_csv))
     # The champion fetched from S3 and the report: the system's temporary folder, not the project's.
     with tempfile.TemporaryDirectory(prefix="imgclf-publish-") as scratch:
         pointer = store.read(LATEST)
-        decision = _gate(gate, store, pointer, layout.model_dir / "model.keras", test, Path(scratch))
+        decision = _gate(gate, store, pointer, layout.model_dir / "model.keras", test, seen, Path(scratch))
         if gate.force:
             decision = decision.forced_through()
         report = Path(scratch) / "report.md"
@@ -104,7 +105,7 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
 
 
 def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, model_path: Path, test: LabelledFiles,
-          scratch: Path) -> Decision:  # fmt: skip
+          seen: frozenset[str], scratch: Path) -> Decision:  # fmt: skip
     """Returns the gate's decision on this run against the champion `pointer` (latest.json's bytes) names."""
     if pointer is None:
         return judge(gate, model_path, test, None)
@@ -112,7 +113,7 @@ def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, mod
         champion = _fetch_champion(store, pointer[0], scratch)
     except (StageError, ValueError, KeyError, TypeError) as exc:
         return Decision(False, f"the champion cannot be read ({store.where(LATEST)}): {exc}")
-    return judge(gate, model_path, test, champion)
+    return judge(gate, model_path, test, champion, seen)
 
 
 def _fetch_champion(store: Store, pointer: bytes, scratch: Path) -> Champion:

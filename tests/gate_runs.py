@@ -3,13 +3,17 @@ weights (so every gate outcome is known in advance), as train and evaluate would
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from tasks.files import sha256_file
 from tasks.layout import Layout
+from tasks.manifest import MANIFEST_COLUMNS
 
 CLASSES = ("bright", "dark")
 PER_CLASS = 12
@@ -49,11 +53,13 @@ def fixed_model(image_size: int, channels: int, inverted: bool = False, padding_
 
 
 def make_run(root: Path, *, image_size: int = 16, channels: int = 3, inverted: bool = False, shuffled: bool = False,
-             classes: tuple[str, str] = CLASSES, calibration: dict | None = None, padding_units: int = 0) -> Layout:  # fmt: skip
-    """Returns the layout of a finished run at `root`: data/extracted/<label>/, data/split.csv (test rows),
+             classes: tuple[str, str] = CLASSES, calibration: dict | None = None, padding_units: int = 0,
+             train_copies: int = 0) -> Layout:  # fmt: skip
+    """Returns the layout of a finished run at `root`: data/extracted/<label>/, data/split.csv (test rows), the manifest,
     models/ (model.keras, model.json, summary.txt, optional calibration.json), metrics/ and a plot.
 
     `shuffled`: the archive's folders are wrong for half of each class, as after a broken relabelling.
+    `train_copies`: the first n test images are in the train split too, under other names.
     """
     layout = Layout(root)
     rows = []
@@ -65,7 +71,17 @@ def make_run(root: Path, *, image_size: int = 16, channels: int = 3, inverted: b
         (layout.extracted_dir / label).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(layout.extracted_dir / path), image[:, :, ::-1])
         rows.append(f"{path},{label},test")
+        if index < train_copies:
+            shutil.copyfile(layout.extracted_dir / path, layout.extracted_dir / label / f"train_{index:03d}.png")
+            rows.append(f"{label}/train_{index:03d}.png,{label},train")
     layout.split_csv.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with open(layout.manifest_csv, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, MANIFEST_COLUMNS, restval="")
+        writer.writeheader()
+        for row in rows:
+            path, label, _ = row.split(",")
+            writer.writerow({"path": path, "label": label, "status": "valid",
+                             "sha256": sha256_file(layout.extracted_dir / path)})  # fmt: skip
     layout.model_dir.mkdir(parents=True)
     fixed_model(image_size, channels, inverted, padding_units).save(layout.model_dir / "model.keras")
     described = {"classes": list(classes), "image_size": [image_size, image_size], "channels": channels, "resize": "stretch"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import tempfile
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from sklearn.metrics import f1_score, recall_score
 
 import tasks.publish
 from tasks.champion import LATEST, open_store
-from tasks.gate import _resample_weights, scores
+from tasks.gate import _resample_weights, compare, scores
 from tasks.layout import Layout
 from tasks.params import GateParams, PublishParams, S3Params
 from tasks.publish import publish
@@ -173,6 +174,75 @@ def test_an_unreadable_champion_is_not_replaced_and_one_line_says_why(local, tmp
     assert not record["promoted"] and "\n" not in reason
     assert reason.startswith(f"the champion ({champion['run_id']}) cannot be read:") and "not a readable Keras model" in reason
     assert latest_bytes(local, tmp_path) == before
+
+
+def test_reference_names_leading_out_of_the_store_are_refused_and_nothing_is_written_there(where, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # publish's scratch: where a fetch would land
+    (tmp_path / "tmp").mkdir()
+    champion = make_run(tmp_path / "champion_run")
+    record = published(where, champion)
+    store, reference = open_store(*where, tmp_path), f"runs/{record['run_id']}/reference"
+    # Five levels up from images/: the local store's parent folder, or the scratch folder's parent.
+    escape = "../" * 5 + "PWNED.png"
+    store.put(champion.extracted_dir / "dark/cell_001.png", f"{reference}/images/{escape}")
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(store.get(f"{reference}/labels.csv", tmp_path / "fetched").read_bytes() + f"{escape},dark\n".encode())
+    store.put(labels, f"{reference}/labels.csv")
+    before = latest_bytes(where, tmp_path)
+    record = published(where, make_run(tmp_path / "next"))
+    assert not record["promoted"] and "not a name inside the store" in record["gate"]["reason"]
+    assert not (tmp_path / "tmp" / "PWNED.png").exists()
+    assert latest_bytes(where, tmp_path) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated_image", "no_rows"])
+def test_a_damaged_reference_set_is_a_champion_that_cannot_be_read(local, tmp_path, damage):
+    champion = published(local, make_run(tmp_path / "champion"))
+    reference = tmp_path / "champion" / "runs" / champion["run_id"] / "reference"
+    if damage == "truncated_image":
+        image = reference / "images" / "dark" / "cell_001.png"
+        image.write_bytes(image.read_bytes()[:60])
+    else:
+        (reference / "labels.csv").write_text("path,label\n")
+    before = latest_bytes(local, tmp_path)
+    record = published(local, make_run(tmp_path / "next"))
+    reason = record["gate"]["reason"]
+    assert not record["promoted"] and "\n" not in reason
+    assert reason.startswith("the champion") and "cannot be read" in reason
+    assert ("cell_001.png" if damage == "truncated_image" else "labels.csv: no rows of path,label") in reason
+    assert latest_bytes(local, tmp_path) == before
+    assert open_store(*local, tmp_path).read(f"runs/{record['run_id']}/models/model.keras") is not None
+
+
+def test_reference_images_this_run_trained_on_are_left_out_of_the_comparison(local, tmp_path):
+    published(local, make_run(tmp_path / "champion"))
+    record = published(local, make_run(tmp_path / "partly", train_copies=16))
+    assert record["promoted"] and record["gate"]["sets"]["reference"]["n"] == 8
+    assert record["gate"]["reason"].endswith("; 16 of the reference set's 24 images are in this run's train or val "
+                                             "split, left out")  # fmt: skip
+    record = published(local, make_run(tmp_path / "wholly", train_copies=24))
+    assert not record["promoted"] and "every image of the champion's" in record["gate"]["reason"]
+
+
+def test_a_reference_set_without_positives_says_the_sensitivity_is_undefined(local, tmp_path):
+    usual = {"temperature": 1.0, "positive_class": "dark", "threshold": 0.5}
+    champion = published(local, make_run(tmp_path / "champion", calibration=usual))
+    labels = tmp_path / "champion" / "runs" / champion["run_id"] / "reference" / "labels.csv"
+    labels.write_text("".join(line for line in labels.read_text().splitlines(True) if not line.startswith("dark/")))
+    record = published(local, make_run(tmp_path / "next", calibration=usual), metric="sensitivity")
+    assert not record["promoted"] and record["gate"]["reason"].startswith(f"not promoted: the champion "
+                                                                          f"({champion['run_id']}) cannot be compared")
+    assert "sensitivity (dark) undefined: none of its n=12 images is of the positive class" in record["gate"]["reason"]
+
+
+def test_a_difference_of_exactly_the_tolerance_holds_whatever_floats_make_of_it():
+    truth = np.zeros(20, dtype=int)
+    missed_one = truth.copy()
+    missed_one[0] = 1
+    comparison = compare(truth, missed_one, truth, 2, GateParams(metric="sensitivity", tolerance=0.05), positive=0)
+    assert comparison.difference != -0.05 and comparison.holds(0.05)  # 19/20 - 20/20 in floats
+    assert not comparison.holds(0.04)
 
 
 def test_two_publishes_racing_against_one_champion_move_latest_once(where, tmp_path, monkeypatch):
