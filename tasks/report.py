@@ -67,7 +67,7 @@ def _why(reason: str) -> str:
 def gate_markdown(gate: dict) -> str:
     """Returns the gate's decision (publish.json's `gate`) as markdown: the reason, then each set's scores."""
     verdict = f"**{'Promoted' if gate['promoted'] else 'Not promoted'}**{' (forced)' if gate['forced'] else ''}"
-    lines = ["## Gate", "", verdict, "", _why(gate["reason"]), ""]
+    lines = ["## Gate", "", verdict, "", _markdown_text(_why(gate["reason"])), ""]
     if gate["sets"]:
         lines += ["| set | images | this run | champion | difference | 95% interval (paired bootstrap) |",
                   "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
@@ -77,6 +77,11 @@ def gate_markdown(gate: dict) -> str:
         lines += ["", f"Metric: {gate['metric']}; promoted when the difference is at least minus the tolerance "
                       f"({gate['tolerance']}) on both sets."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _markdown_text(text: str) -> str:
+    # Class and file names are the archive's: `<img onerror=...>` must stay text, `|` must not split a cell.
+    return html.escape(text, quote=False).replace("|", "\\|")
 
 
 def _score(value: float | None, sign: str = "") -> str:
@@ -101,7 +106,8 @@ def report_markdown(layout: Layout, outcome: dict[str, str] | None = None, gate:
     cells = Counter((row["label"], row["split"]) for row in split)
     labels = sorted({label for label, _ in cells})
     lines += ["", "## Split", "", "| label | train | val | test |", "| --- | --- | --- | --- |"]
-    lines += [f"| {label} | {cells[label, 'train']} | {cells[label, 'val']} | {cells[label, 'test']} |" for label in labels]
+    lines += [f"| {_markdown_text(label)} | {cells[label, 'train']} | {cells[label, 'val']} | {cells[label, 'test']} |"
+              for label in labels]  # fmt: skip
     if evaluation:
         lines += ["", "## Model", "",
                   f"{_sentence(score_line(evaluation))}.",

@@ -236,6 +236,13 @@ def test_a_reference_set_without_positives_says_the_sensitivity_is_undefined(loc
     assert "sensitivity (dark) undefined: none of its n=12 images is of the positive class" in record["gate"]["reason"]
 
 
+def test_the_published_report_keeps_class_names_as_text(local, tmp_path):
+    record = published(local, make_run(tmp_path / "odd", classes=("<img src=x onerror=alert(1)>", "a|b")))
+    report = open_store(*local, tmp_path).read(f"runs/{record['run_id']}/report.md")[0].decode()
+    assert "| &lt;img src=x onerror=alert(1)&gt; | 0 | 0 | 12 |" in report and "| a\\|b | 0 | 0 | 12 |" in report
+    assert "<img" not in report
+
+
 def test_a_difference_of_exactly_the_tolerance_holds_whatever_floats_make_of_it():
     truth = np.zeros(20, dtype=int)
     missed_one = truth.copy()
