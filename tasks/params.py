@@ -283,6 +283,10 @@ class S3Params(_Section):
     region: OptionalText = None
 
 
+# What botocore accepts as a bucket name before sending anything (AWS's own rules are stricter).
+S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
 class PublishParams(_Section):
     s3_uri: str | None = None  # s3://bucket/prefix for each run's model, metrics, plots; empty: local_dir
     local_dir: str = "models/champion"  # with s3_uri empty: the champion folder the gate compares against
@@ -294,7 +298,18 @@ class PublishParams(_Section):
             return None
         if not str(value).startswith("s3://") or len(str(value)) <= len("s3://"):
             raise ValueError("must be s3://bucket/prefix, or empty")
+        bucket = str(value).removeprefix("s3://").split("/")[0]
+        if not S3_BUCKET.fullmatch(bucket):
+            raise ValueError(f"invalid bucket name {bucket!r} (letters, digits, '.', '-', '_')")
         return str(value).rstrip("/")
+
+    @field_validator("local_dir")
+    @classmethod
+    def _a_folder_of_its_own(cls, value: str) -> str:
+        # The store keeps runs/ and latest.json at its root: not the project's own root.
+        if Path(value.strip() or ".") == Path("."):
+            raise ValueError("must name a folder of its own (default models/champion)")
+        return value
 
 
 class OrchestrationParams(_Section):

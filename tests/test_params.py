@@ -66,6 +66,9 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"prepare": {"image_size": 16}}, "train.cnn: 3 conv blocks"),
         ({"train": {"model": "vgg16"}, "prepare": {"image_size": 24}}, "train.model: vgg16 needs prepare.image_size"),
         ({"publish": {"s3_uri": "bucket/prefix"}}, "publish.s3_uri"),
+        ({"publish": {"s3_uri": "s3://Bad_Bucket!/runs"}}, "publish.s3_uri: invalid bucket name 'Bad_Bucket!'"),
+        ({"publish": {"local_dir": ""}}, "publish.local_dir: must name a folder of its own"),
+        ({"publish": {"local_dir": "./"}}, "publish.local_dir: must name a folder of its own"),
         ({"orchestration": {"task_runner": "spark"}}, "orchestration.task_runner"),
     ],
 )
