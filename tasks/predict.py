@@ -34,10 +34,12 @@ class PredictError(StageError, ValueError):
 
 
 def expand(paths: Iterable[Path]) -> list[Path]:
-    """Returns the files named, with each folder replaced by the files below it, sorted."""
+    """Returns the paths named, with each folder replaced by everything below it but folders, sorted: broken
+    links, FIFOs and links to folders (not followed) too, so each gets a row saying why it has no label."""
     found: list[Path] = []
     for path in paths:
-        found.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+        below = (p for p in path.rglob("*") if p.is_symlink() or not p.is_dir())
+        found.extend(sorted(below) if path.is_dir() else [path])
     return found
 
 

@@ -237,12 +237,17 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
 
 
-def test_predict_gives_a_fifo_an_error_row_instead_of_hanging(tmp_path, cli_env):
+def test_predict_gives_a_fifo_an_error_row_instead_of_hanging_and_so_to_all_in_a_folder(tmp_path, cli_env):
     model = tiny_model(tmp_path / "models", 8)
     os.mkfifo(tmp_path / "pipe.png")
-    result = imgclf(["predict", "--model", str(model), "pipe.png"], tmp_path, cli_env, timeout=120)
+    (tmp_path / "in").mkdir()
+    os.mkfifo(tmp_path / "in" / "pipe.png")
+    (tmp_path / "in" / "broken.png").symlink_to("nowhere.png")
+    (tmp_path / "in" / "linked").symlink_to(tmp_path / "models", target_is_directory=True)
+    result = imgclf(["predict", "--model", str(model), "pipe.png", "in"], tmp_path, cli_env, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file"]
+    assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file", "in/broken.png,,,no such file",
+                                              "in/linked,,,not a regular file", "in/pipe.png,,,not a regular file"]  # fmt: skip
 
 
 def test_predict_takes_what_validate_takes_by_the_projects_max_pixels(tmp_path, monkeypatch, capsys):
