@@ -162,6 +162,12 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
     accuracy = [float(accuracy_score(truth[folds == k], predicted[folds == k])) for k in range(params.folds)]
     macro_f1 = [float(f1_score(truth[folds == k], predicted[folds == k], labels=range(len(classes)), average="macro",
                                zero_division=0)) for k in range(params.folds)]  # fmt: skip
+    # A fold model that answers one class doubts every label of the others: its "issues" are noise.
+    one_class = [k + 1 for k in range(params.folds) if len(np.unique(predicted[folds == k])) == 1]
+    if one_class:
+        log.warning("audit: the model of fold(s) %s answered one class for every image it held out: it learned "
+                    "nothing, and data/label_issues.csv is not worth reviewing (train longer: train.epochs)",
+                    ", ".join(map(str, one_class)))  # fmt: skip
     report = {
         "enabled": True,
         "folds": params.folds,
@@ -170,6 +176,7 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
         "accuracy": interval(accuracy),
         "macro_f1": interval(macro_f1),
         "label_issues": len(issues),
+        "folds_answering_one_class": one_class,
         "classes": classes,
     }
     with atomic_file(audit_json) as handle:

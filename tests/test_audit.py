@@ -160,3 +160,17 @@ def test_an_exclude_list_without_a_path_column_is_a_clear_error(tmp_path):
         read_exclusion(str(tmp_path / "list.csv"))
     with pytest.raises(TrainError, match=r"train.exclude: .*missing.csv: cannot read it"):
         read_exclusion(str(tmp_path / "missing.csv"))
+
+
+def test_fold_models_that_answer_one_class_are_named_in_a_warning_and_the_json(tmp_path, caplog):
+    from tasks.audit import _write_outputs
+
+    rows = [{"path": f"{label}/{i}.png", "label": label} for i in range(6) for label in ("a", "b")]
+    folds = np.repeat([0, 1], 6)  # each fold holds both labels
+    probabilities = np.tile([0.7, 0.3], (12, 1))  # fold 1's model: always a
+    probabilities[6:] = [[0.9, 0.1] if row["label"] == "a" else [0.2, 0.8] for row in rows[6:]]
+    with caplog.at_level("WARNING", logger="imgclf"):
+        _write_outputs(AuditParams(folds=2), rows, folds, ["a", "b"], probabilities, tmp_path / "oof.csv",
+                       tmp_path / "issues.csv", tmp_path / "audit.json")  # fmt: skip
+    assert json.loads((tmp_path / "audit.json").read_text())["folds_answering_one_class"] == [1]
+    assert "the model of fold(s) 1 answered one class for every image it held out" in caplog.text
