@@ -12,11 +12,12 @@ import warnings
 from urllib.parse import urlparse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from croniter import croniter
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from tasks.errors import StageError
 
@@ -42,9 +43,29 @@ OptionalText = Annotated[str | None, BeforeValidator(lambda value: value or None
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
+def _holds_bool(value: Any) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(map(_holds_bool, value)))
+
+
+def _numeric(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Literal:
+        return any(type(value) is int for value in get_args(annotation))
+    return any(_numeric(arg) for arg in get_args(annotation))
+
+
 class _Section(BaseModel):
     # inf and nan never make sense here: they pass range checks and crash (or train to NaN) later.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads yes and true as booleans, which Python counts as 1: `channels: yes` cached gray images.
+        if _holds_bool(value) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("a number, not true or false")
+        return value
 
 
 class DataParams(_Section):
@@ -103,7 +124,7 @@ class PrepareParams(_Section):
 
 
 class SplitParams(_Section):
-    test: float = Field(default=0.15, ge=0, lt=1)
+    test: float = Field(default=0.15, gt=0, lt=1)  # evaluate, the gate and the report score the test split
     val: float = Field(default=0.15, ge=0, lt=1)
     seed: Seed = 42
     group_pattern: str | None = None
