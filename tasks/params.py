@@ -431,12 +431,25 @@ def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = (
     return "; ".join(problems)
 
 
+class _UniqueKeysLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice in one mapping: PyYAML keeps the last, DVC refuses the file."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"key {key!r} on line {line} was given on line {seen[key]} already")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Returns the params file as read from YAML, with dotted overrides applied; not yet checked."""
     path = Path(path)
     # A mistyped --params must not quietly run on the defaults (and start the 337 MB download).
     try:
-        tree: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        tree: Any = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeysLoader) or {}
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:

@@ -174,3 +174,12 @@ def test_seed_recipe_checks_its_own_cnn_against_the_image_size(tmp_path):
     load_params(write(tmp_path, tree))
     with pytest.raises(ParamsError, match="train.cnn: 3 conv blocks"):
         load_params(write(tmp_path, tree), {"train.recipe": "seed"})
+
+
+def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path):
+    # PyYAML alone keeps the last value; DVC refuses the whole file, naming no key.
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 2\n  epochs: 3\n")
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    assert str(caught.value) == f"{path}: not valid YAML: key 'epochs' on line 3 was given on line 2 already"
