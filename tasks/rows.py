@@ -51,6 +51,9 @@ class Staging:
 
     params: PrepareParams
     folder: Path
+    # The cache the rows are for. When it holds them all already, DVC skips the cache stage, which
+    # would have removed them: validate then removes them itself.
+    cache_dir: Path | None = None
 
 
 def staging_dir(cache_dir: Path) -> Path:
@@ -206,6 +209,17 @@ def holds_exactly(folder: Path, wanted: dict, rows: list[tuple[str, str, str]]) 
                 and crc32(folder / "images.npy", images.offset) == meta["rows_crc32"]
                 and crc32(folder / "index.csv") == meta["index_crc32"])  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def same_rows(folder: Path, other: Path, wanted: dict) -> bool:
+    """Returns whether `other` holds the rows of `folder`, both made with `wanted` settings: their index.csv
+    (each row's path, label and pixels' sha256) the same, byte for byte."""
+    try:
+        meta = json.loads((other / "meta.json").read_text())
+        return ({key: meta.get(key) for key in wanted} == wanted
+                and (folder / "index.csv").read_bytes() == (other / "index.csv").read_bytes())  # fmt: skip
+    except (OSError, ValueError):
         return False
 
 

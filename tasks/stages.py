@@ -36,7 +36,7 @@ def _extract(p: Params, at: Layout, map_shards: ShardMap) -> Path:
 
 def _validate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     # `prepare` is a hint here, not a dependency: validate stages the rows the cache stage will want.
-    staging = Staging(p.prepare, staging_dir(at.cache_dir))
+    staging = Staging(p.prepare, staging_dir(at.cache_dir), at.cache_dir)
     return validate(p.validate, at.extracted_dir, at.manifest_csv, map_shards, staging)
 
 

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import operator
 import os
+import shutil
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -38,7 +39,7 @@ from tasks.images import Verdict, judge
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import PrepareParams, ValidateParams
 from tasks.rows import (RowWriter, Staging, crc32, decoder_fingerprint, pixels_sha256, read_row, row_shape,
-                        settings, shard_largest, write_index, write_meta)  # fmt: skip
+                        same_rows, settings, shard_largest, write_index, write_meta)  # fmt: skip
 
 log = logging.getLogger("imgclf")
 
@@ -186,6 +187,8 @@ def validate(
             progress.update(len(judged.rows))
         if staged:
             staged.finish()
+    if staged and staged.cached_already:
+        shutil.rmtree(staging.folder)
     progress.close()
     _mark_duplicates(rows)
     with atomic_file(manifest_csv, newline="", encoding="utf-8") as handle:
@@ -242,6 +245,8 @@ class _StagedRows(contextlib.ExitStack):
         if self.foreign:
             log.warning("validate: %d files were judged by workers with other decoding code or library versions; "
                         "their rows are not staged", self.foreign)  # fmt: skip
+        cache_dir = self.staging.cache_dir
+        self.cached_already = cache_dir is not None and same_rows(self.folder, cache_dir, self.made_with)
 
 
 def _check_class_names(extracted_dir: Path, labels: set[str]) -> None:

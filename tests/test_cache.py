@@ -185,6 +185,17 @@ def staged_run(root: Path, params: PrepareParams, map_shards=in_process) -> Path
     return staging.folder
 
 
+def test_validate_leaves_no_staging_when_the_cache_holds_its_rows_already(validated_demo):
+    # A validate re-run that changes no valid row: DVC then skips the cache stage, which removes the staging.
+    params, cache_dir = PrepareParams(image_size=[20, 24]), validated_demo / "cache"
+    cache(params, validated_demo / "manifest.csv", validated_demo / "extracted", cache_dir, in_process,
+          staged_run(validated_demo, params))  # fmt: skip
+    for prepare, left in ((params, False), (PrepareParams(image_size=16), True)):
+        staging = Staging(prepare, staging_dir(cache_dir), cache_dir)
+        validate(ValidateParams(), validated_demo / "extracted", validated_demo / "manifest.csv", in_process, staging)
+        assert staging.folder.exists() == left
+
+
 def test_rows_staged_by_validate_give_the_bytes_of_a_cold_decode_and_are_then_removed(validated_demo, monkeypatch):
     params = PrepareParams(image_size=[20, 24])
     monkeypatch.setattr(tasks.validate, "SHARD_FILES", 16)  # several shards: worker processes decode them
