@@ -100,7 +100,9 @@ class DvcProject:
                         repo.lock = self._held  # taken already: DVC's stage methods check that it is held
                         yield repo
             except DvcException as exc:  # a damaged dvc.yaml or dvc.lock, a lock held by `dvc repro`
-                raise ProjectError(f"{self.root / 'dvc.yaml'}: {str(exc).splitlines()[0]}") from None
+                # DVC names the file itself, and says who holds a busy output on the lines after the first.
+                said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+                raise ProjectError(f"{self.root}: DVC: {said}") from None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

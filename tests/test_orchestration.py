@@ -75,6 +75,14 @@ def test_outside_a_dvc_project_the_flow_refuses_saying_how_to_make_one(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
+def test_a_damaged_dvc_lock_is_named_as_dvc_names_it(tmp_path, demo_zip, env):
+    root = project(tmp_path / "p", env, demo_zip)
+    (root / "dvc.lock").write_text('schema: "2.0"\nstages:\n  download: [\n')
+    with pytest.raises(ProjectError) as caught:
+        DvcProject(root).stale("download")  # what the flow asks first
+    assert str(caught.value).startswith(f"{root}: DVC: unable to read: ") and "dvc.lock" in str(caught.value)
+
+
 def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip, env):
     root = project(tmp_path / "p", env, demo_zip)
     assert ran(flow(root)) == ALL
