@@ -62,7 +62,10 @@ class TemporaryServer:
                    "--log-level", "error", "--lifespan", "on"]  # fmt: skip
         # A file, not a pipe: nobody reads a pipe while the run goes on, and a full one would block the server.
         self.errors = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.errors)
+        # Its own session: a terminal's Ctrl-C goes to the whole foreground process group, and the run,
+        # interrupted, still reports its end to the server before it stops it.
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=self.errors,
+                                        start_new_session=True)  # fmt: skip
 
     def wait_until_up(self, timeout: float = START_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout

@@ -230,6 +230,9 @@ def die_with_parent() -> None:
 
 def _single_threaded_worker() -> None:
     die_with_parent()
+    # A terminal's Ctrl-C reaches the whole process group: the parent stops the pool, and a
+    # traceback from each worker would bury its one line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _one_opencv_thread()
 
 

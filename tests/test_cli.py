@@ -217,15 +217,17 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
             "--set", "train.epochs=40", "--set", "train.patience=0"]  # fmt: skip
     # As from a terminal: SIGINT at its default, though a suite started in the background inherits it ignored
     # (and Python then never turns it into KeyboardInterrupt).
+    # In a process group of its own, as a terminal's foreground job.
     process = subprocess.Popen(in_venv(["imgclf", *args]), cwd=project, env=cli_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     backups = project / "models" / ".backup" / "head"
     deadline = time.monotonic() + 240
     while not any(p.name >= "000002" for p in backups.glob("[0-9]*")):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before the moment to stop it"
         time.sleep(0.01)
-    process.send_signal(signal.SIGINT)  # what Ctrl-C sends; training runs in a task runner's thread, not the main one
+    # What Ctrl-C sends: SIGINT to the whole group (the Prefect server too); training runs in a thread, not the main one.
+    os.killpg(process.pid, signal.SIGINT)
     stderr = process.communicate(timeout=240)[1]
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "imgclf: error: interrupted"
     # Stopped at once: the training did not run on to its 40th epoch, and its backup stayed.
