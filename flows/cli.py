@@ -128,19 +128,20 @@ def _command(args: argparse.Namespace) -> None:
         overrides = dict(parse_override(item) for item in args.overrides)
         load_params(args.params, overrides)  # bad params stop here, before Prefect starts
         DvcProject(Path("."))  # and so does a folder that is not a project
-        with one_run_at_a_time(Path("."), "imgclf run"):  # and a run going on here: one line now, no failed flow run
-            pass  # the flow holds the lock for the run itself (a deployment run has no CLI)
-        from flows.server import prefect_api, start_server
+        # And a run going on here: one line now, no failed flow run. Held from here, no later: two runs
+        # started a second apart must not both pass. (A deployment's flow run, without this, takes it itself.)
+        with one_run_at_a_time(Path("."), "imgclf run", for_the_flow=True):
+            from flows.server import prefect_api, start_server
 
-        server = start_server()
-        # Loaded while the server boots on the other core: the flow's modules, and DVC's API,
-        # which the flow asks first (seconds each).
-        importlib.import_module("dvc.repo")
-        from flows.pipeline import pipeline
+            server = start_server()
+            # Loaded while the server boots on the other core: the flow's modules, and DVC's API,
+            # which the flow asks first (seconds each).
+            importlib.import_module("dvc.repo")
+            from flows.pipeline import pipeline
 
-        quiet_prefect_console(args.verbose)
-        with prefect_api(server):
-            outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params, stages=args.stages)
+            quiet_prefect_console(args.verbose)
+            with prefect_api(server):
+                outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params, stages=args.stages)
         width = max(map(len, outcome))
         for name, what in outcome.items():
             print(f"{name:<{width}} {what}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import json
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tasks.errors import StageError
+from tasks.files import alive_elsewhere
 
 
 class ProjectError(StageError):
@@ -31,11 +33,19 @@ def is_dvc_project(root: Path) -> bool:
     return (root / "dvc.yaml").is_file() and (root / ".dvc").is_dir()
 
 
+# Projects whose run lock this process took for the flow it then runs (`imgclf run`): the flow holds it by then.
+_HANDED_TO_THE_FLOW: set[Path] = set()
+
+
 @contextlib.contextmanager
-def one_run_at_a_time(root: Path, what: str, shared: bool = False) -> Iterator[None]:
+def one_run_at_a_time(root: Path, what: str, shared: bool = False, for_the_flow: bool = False) -> Iterator[None]:
     """Holds the project's run lock for `what`: an `imgclf run` alone (exclusive), or `shared` by the
     `imgclf stage` processes, which may run side by side (multi-worker training starts one per worker) but
-    never beside a run. Refused at once, naming the run that holds it."""
+    never beside a run. Refused at once, naming the run that holds it, or the `dvc repro` running a stage.
+    `for_the_flow`: taken by the command line before it starts the flow, which then runs under it."""
+    if not shared and root.resolve() in _HANDED_TO_THE_FLOW:
+        yield
+        return
     lock_path = root / ".imgclf" / "run.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
@@ -50,14 +60,34 @@ def one_run_at_a_time(root: Path, what: str, shared: bool = False) -> Iterator[N
             handle.truncate(0)
             yield
             return
+        _refuse_beside_a_dvc_stage(root)
         handle.seek(0)
         handle.truncate()
         handle.write(f"{what} (pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         handle.flush()
+        if for_the_flow:
+            _HANDED_TO_THE_FLOW.add(root.resolve())
         try:
             yield  # the kernel releases the lock when the file closes, or the process dies
         finally:
+            _HANDED_TO_THE_FLOW.discard(root.resolve())
             handle.truncate(0)  # a stage refusing a later run must not name this one
+
+
+def _refuse_beside_a_dvc_stage(root: Path) -> None:
+    # `dvc repro` lets go of its project lock while a stage's command runs, after it removed the
+    # stage's outputs; the command takes the run lock only once it has started. DVC's rwlock file
+    # names that `dvc repro` throughout.
+    try:
+        locks = json.loads((root / ".dvc" / "tmp" / "rwlock").read_text())
+        infos = [*locks.get("write", {}).values(), *(info for infos in locks.get("read", {}).values() for info in infos)]
+        holders = {(int(info["pid"]), str(info["cmd"])) for info in infos}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    for pid, cmd in sorted(holders):
+        if alive_elsewhere(pid):
+            raise ProjectError(f"{root.resolve()}: {cmd} (pid {pid}) is running a stage in this project; "
+                               "wait for it to end")  # fmt: skip
 
 
 class DvcProject:

@@ -75,7 +75,7 @@ def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
     for folder in folders:
         for entry in folder.iterdir() if folder.is_dir() else ():
             match = _TEMPORARY.match(entry.name)
-            if not match or _alive(int(match.group(1))):
+            if not match or alive_elsewhere(int(match.group(1))):
                 continue
             _remove(entry)
             removed.append(entry)
@@ -84,7 +84,8 @@ def remove_stale_temporaries(folders: Iterable[Path]) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def alive_elsewhere(pid: int) -> bool:
+    """Returns whether `pid` is a live process other than this one."""
     if pid == os.getpid():
         return False  # this run has not written anything yet: the name was an earlier process's
     try:

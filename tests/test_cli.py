@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shlex
@@ -237,6 +238,23 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     result = imgclf(args, project, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
+
+
+def test_imgclf_run_holds_the_run_lock_from_its_first_check_on(tmp_path, cli_env, monkeypatch):
+    # Two runs started a second apart must not both pass the check: the flow takes the lock seconds later.
+    import flows.server
+    from flows.cli import main
+
+    project = dvc_project(tmp_path / "project", cli_env, {})
+    monkeypatch.chdir(project)
+
+    def start_server():
+        with open(project / ".imgclf" / "run.lock") as handle, pytest.raises(BlockingIOError):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        raise KeyboardInterrupt  # seen what it had to: the run stops here
+
+    monkeypatch.setattr(flows.server, "start_server", start_server)
+    assert main(["run"]) == 130
 
 
 def test_predict_gives_a_fifo_an_error_row_instead_of_hanging_and_so_to_all_in_a_folder(tmp_path, cli_env):

@@ -256,6 +256,25 @@ def test_a_run_started_during_dvc_repro_is_refused_in_one_line(tmp_path, demo_zi
     assert not (root / "data").exists()
 
 
+def test_a_run_started_while_dvc_repro_runs_a_stage_command_is_refused_naming_it(tmp_path, demo_zip, env):
+    # While a stage's command runs, `dvc repro` lets go of its project lock (the outputs removed already);
+    # its rwlock file names it.
+    root = project(tmp_path / "p", env, demo_zip)
+    repro = subprocess.Popen(["sleep", "60"])
+    (root / ".dvc" / "tmp").mkdir(exist_ok=True)
+    (root / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(
+        {"read": {}, "write": {str(root / "data" / "split.csv"): {"pid": repro.pid, "cmd": "dvc repro"}}}))  # fmt: skip
+    try:
+        with pytest.raises(ProjectError, match=rf": dvc repro \(pid {repro.pid}\) is running a stage in this project"):
+            flow(root)
+    finally:
+        repro.kill()
+        repro.wait()
+    with one_run_at_a_time(root, "imgclf run"):  # the entry of a process that is gone holds nothing
+        pass
+    assert not (root / "data").exists()
+
+
 def test_permanent_download_failure_fails_the_flow_with_the_url(tmp_path, env):
     missing = tmp_path / "nowhere" / "cells.zip"
     root = project(tmp_path / "p", env, missing)
