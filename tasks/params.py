@@ -205,7 +205,9 @@ class TrainParams(_Section):
     # or weight decay, every epoch run and the last one's weights kept (see `recipe_settings`).
     recipe: Literal["default", "seed"] = "default"
     model: Literal["cnn", "vgg16", "mobilenet_v3_small", "efficientnet_b0"] = "cnn"
-    epochs: int = Field(default=40, gt=0)
+    # At most 1000 (and as many fine-tuning): a phase's epoch orders are laid out before its first epoch,
+    # a second or so per hundred (early stopping usually ends it far sooner).
+    epochs: int = Field(default=40, gt=0, le=1000)
     batch_size: int = Field(default=32, gt=0)  # per replica
     learning_rate: float = Field(default=1e-3, gt=0)  # the start of the schedule
     schedule: Literal["constant", "cosine"] = "cosine"  # cosine: decays to 0 over each phase's epochs
@@ -219,7 +221,7 @@ class TrainParams(_Section):
     # Transfer models: imagenet, none, or the path of a local weights file (include_top=False).
     weights: str = "imagenet"
     fine_tune_layers: int = Field(default=0, ge=0)  # top base layers unfrozen in phase two; 0 skips it
-    fine_tune_epochs: int = Field(default=5, ge=0)
+    fine_tune_epochs: int = Field(default=5, ge=0, le=1000)
     fine_tune_lr: float = Field(default=1e-5, gt=0)
     class_weight: Literal["none", "balanced"] = "none"
     # auto: mixed_float16 on GPU, mixed_bfloat16 on a CPU with native bfloat16 (AVX512_BF16, AMX), else float32

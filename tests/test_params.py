@@ -51,6 +51,7 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"data": {"max_extract_bytes": -1}}, "data.max_extract_bytes"),
         ({"validate": {"max_pixels": 0}}, "validate.max_pixels"),
         ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"train": {"epochs": 100_000_000_000}}, "train.epochs: Input should be less than or equal to 1000"),
         ({"train": {"model": "resnet"}}, "train.model"),
         ({"train": {"cnn": {"filters": []}}}, "train.cnn.filters"),
         ({"augment": {"flip": "sideways"}}, "augment.flip"),
