@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 from tasks.errors import StageError
 from tasks.params import S3Params
@@ -37,10 +36,12 @@ class S3Uri:
 
 def parse_uri(uri: str) -> S3Uri:
     """Returns bucket and key of `s3://bucket/key` (the key may be empty: a bucket or prefix)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
+    # Not urlparse: S3 keys may hold `#` and `?`, which it would take for a fragment and a query.
+    scheme, separator, rest = uri.partition("://")
+    bucket, _, key = rest.partition("/")
+    if scheme != "s3" or not separator or not bucket:
         raise S3Error(f"{uri}: not an s3://bucket/key URI")
-    return S3Uri(parsed.netloc, parsed.path.lstrip("/"))
+    return S3Uri(bucket, key.lstrip("/"))
 
 
 def client(params: S3Params):
@@ -78,14 +79,9 @@ _TRANSIENT = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable
 
 def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:
     """Returns the exception to raise for a boto3/botocore failure: S3Error (one line) or S3Transient."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ReadTimeoutError,
-    )
+    from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError, IncompleteReadError
+    from botocore.exceptions import ConnectionError as BotocoreConnectionError
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
 
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -97,7 +93,10 @@ def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:
         return S3Error(f"{uri}: no AWS credentials found (environment, shared profile or instance/task role)")
     if isinstance(exc, EndpointConnectionError):
         return S3Transient(f"{uri}: cannot reach the S3 endpoint")
-    if isinstance(exc, (ConnectionClosedError, ReadTimeoutError, ConnectionError, TimeoutError)):
+    # botocore's own ConnectionError (a connect timeout), HTTPClientError (closed, read timeout, a body
+    # cut mid-stream), a body shorter than its length: all may pass.
+    broken = (BotocoreConnectionError, HTTPClientError, IncompleteReadError, ConnectionError, TimeoutError)
+    if isinstance(exc, broken):
         return S3Transient(f"{uri}: connection broke ({type(exc).__name__})")
     # boto3's transfer errors (S3UploadFailedError) wrap the ClientError that says why.
     wrapped = exc.__cause__ or exc.__context__

@@ -348,3 +348,20 @@ def test_no_secret_in_any_log_artifact_or_output_of_a_run(moto, bucket, demo_zip
         body = s3c(moto).get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
         assert not any(secret.encode() in body for secret in secrets), item["Key"]
     assert scanned > 20 and len(published) > 10
+
+
+def test_a_connection_broken_mid_transfer_is_transient_whichever_botocore_error_says_it():
+    from botocore.exceptions import (ConnectTimeoutError, IncompleteReadError, ReadTimeoutError,
+                                     ResponseStreamingError)  # fmt: skip
+
+    from tasks.s3 import S3Transient, explain_error
+
+    for error in (ResponseStreamingError(error="cut"), IncompleteReadError(actual_bytes=1, expected_bytes=2),
+                  ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"), ReadTimeoutError(endpoint_url="x")):
+        assert isinstance(explain_error("s3://b/k.zip", error), S3Transient), type(error).__name__
+
+
+def test_an_s3_key_keeps_its_hash_and_question_marks():
+    from tasks.s3 import S3Uri, parse_uri
+
+    assert parse_uri("s3://cells/runs/run#1.zip?v=2") == S3Uri("cells", "runs/run#1.zip?v=2")
