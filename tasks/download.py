@@ -339,10 +339,11 @@ def _http_head(url: str, timeout: float) -> dict:
     headers = {"User-Agent": "imgclf"}
     try:
         # urllib follows a redirect of a HEAD with a GET: its headers serve as well, its body is never read.
-        response = _open(url, headers, timeout, "HEAD", passed=(405, 501))
+        response = _open(url, headers, timeout, "HEAD", passed=(403, 405, 501))
     except HTTPError as refused:
         refused.close()
-        # A server that refuses HEAD: a one-byte GET carries the same headers.
+        # A server that refuses HEAD (a presigned URL signs GET alone: 403): a one-byte GET carries the
+        # same headers, or its own refusal.
         response = _open(url, headers | {"Range": "bytes=0-0"}, timeout)
     with response:
         total = re.fullmatch(r"bytes \d+-\d+/(\d+)", response.headers.get("Content-Range", ""))

@@ -410,17 +410,18 @@ def test_the_head_carries_the_urls_credentials_as_basic_auth(server, tmp_path):
     assert [(r["method"], r["auth"]) for r in server.requests] == [("HEAD", basic)]
 
 
-def test_server_refusing_head_is_asked_with_a_one_byte_ranged_get(server, tmp_path):
+@pytest.mark.parametrize("refusal", [405, 403], ids=["head_not_allowed", "presigned_url_signing_get_only"])
+def test_server_refusing_head_is_asked_with_a_one_byte_ranged_get(server, tmp_path, refusal):
     server.files["/cells.zip"] = PAYLOAD
-    server.head_plans["/cells.zip"] = [405]
+    server.head_plans["/cells.zip"] = [refusal] * 2
     data = params(server.url("/cells.zip"))
     download(data, tmp_path)
     seen(server)
     assert download(data, tmp_path).read_bytes() == PAYLOAD
-    assert seen(server) == [("HEAD", None, 405), ("GET", "bytes=0-0", 206)]
+    assert seen(server) == [("HEAD", None, refusal), ("GET", "bytes=0-0", 206)]
     server.files["/cells.zip"] = OTHER
     assert download(data, tmp_path).read_bytes() == OTHER
-    assert seen(server) == [("HEAD", None, 405), ("GET", "bytes=0-0", 206), ("GET", None, 200)]
+    assert seen(server) == [("HEAD", None, refusal), ("GET", "bytes=0-0", 206), ("GET", None, 200)]
 
 
 def test_without_validators_a_new_size_is_fetched_again_and_said(server, tmp_path):
