@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from flows.dvc_project import is_dvc_project
 from tasks.errors import StageError
@@ -63,31 +64,48 @@ def version_outputs(layout: Layout, orchestration: OrchestrationParams) -> list[
         return _say([f"{layout.root.resolve()} is not a DVC project: skipped versioning"])
     done = []
     if orchestration.dvc_push:
-        if _has_remote(layout):
+        unpushed = _why_no_push(layout)
+        if unpushed is None:
             _run(_dvc("push"), layout)
             done.append("pushed to the DVC remote")
         else:
-            done.append("no DVC remote configured: nothing pushed")
+            done.append(unpushed)
     if orchestration.git_commit:
         done.append(_git_commit_lock(layout))
     return _say(done)
 
 
-def _has_remote(layout: Layout) -> bool:
+def _why_no_push(layout: Layout) -> str | None:
+    """Returns why `dvc push` has nowhere to push, or None when a default remote is set."""
     from dvc.repo import Repo  # in process: `dvc remote list` would start a second Python for one line
 
     with Repo(str(layout.root)) as repo:
-        return bool(repo.config["remote"])
+        remotes = sorted(repo.config["remote"])
+        if not remotes:
+            return "no DVC remote configured: nothing pushed"
+        if not repo.config["core"].get("remote"):
+            return (f"no default DVC remote among {', '.join(remotes)} (dvc remote default NAME): nothing pushed")
+    return None
 
 
 def _git_commit_lock(layout: Layout) -> str:
+    from dvc.repo import Repo
+
     if not (layout.root / ".git").exists():
         return "not a git repo: no git commit"
-    _run(["git", "add", "dvc.lock"], layout)
-    if "dvc.lock" not in _run(["git", "diff", "--cached", "--name-only"], layout).split():
+    if not (layout.root / "dvc.lock").exists():
+        return "no dvc.lock (orchestration.dvc_commit: false?): no git commit"
+    # The outputs dvc.yaml leaves to git (cache: false: metrics, plots' tables), and the .gitignore files
+    # DVC writes beside the cached ones: a clone needs them with the lock.
+    with Repo(str(layout.root)) as repo:
+        in_git = {out.def_path for out in repo.index.outs if not out.use_cache}
+        in_git |= {str(Path(out.def_path).parent / ".gitignore") for out in repo.index.outs if out.use_cache}
+    paths = ["dvc.lock", *(path for path in sorted(in_git) if (layout.root / path).exists())]
+    _run(["git", "add", "--", *paths], layout)
+    if not _run(["git", "diff", "--cached", "--name-only", "--", *paths], layout).split():
         return "dvc.lock unchanged: no git commit"
-    _run(["git", "commit", "--quiet", "-m", "imgclf: record pipeline run in dvc.lock", "--", "dvc.lock"], layout)
-    return "dvc.lock committed to git"
+    _run(["git", "commit", "--quiet", "-m", "imgclf: record pipeline run in dvc.lock", "--", *paths], layout)
+    return "dvc.lock and the outputs git carries committed"
 
 
 def _say(lines: list[str]) -> list[str]:

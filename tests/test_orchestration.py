@@ -64,6 +64,19 @@ def flow(root: Path, **overrides) -> dict[str, str]:
     return pipeline(overrides=overrides, root=str(root))
 
 
+def artifacts_of(flow_run_id) -> list:
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
 def dvc(root: Path, env: dict, *args: str) -> str:
     return sh(["dvc", *args], root, env)
 
@@ -87,7 +100,12 @@ def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents
     root = project(tmp_path / "p", env, demo_zip)
     assert ran(flow(root)) == ALL
     assert ran(flow(root)) == []
-    assert ran(flow(root, **{"train.epochs": 2})) == FROM_TRAIN
+    # Up to evaluate only: the run shows no gate nor page of the model before it.
+    state = pipeline(overrides={"train.epochs": 2}, root=str(root), stages=["evaluate"], return_state=True)
+    assert ran(state.result()) == ["train", "evaluate"]
+    shown = {artifact.key: artifact for artifact in artifacts_of(state.state_details.flow_run_id)}
+    assert "imgclf-gate" not in shown and "imgclf-html-report" not in shown and "## Gate" not in shown["imgclf-report"].data
+    assert ran(flow(root, **{"train.epochs": 2})) == [name for name in FROM_TRAIN if name not in ("train", "evaluate")]
     assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "near_duplicates", *FROM_TRAIN]
     # A deleted output re-runs its stage; the same bytes come back, so nothing after it re-runs.
     (root / "data" / "split.csv").unlink()
@@ -305,6 +323,16 @@ def test_git_commit_after_a_run_records_dvc_lock(tmp_path, demo_zip, env):
     assert ran(flow(root)) == ALL
     log = subprocess.run(["git", "log", "--format=%s", "-1", "--name-only"], cwd=root, capture_output=True, text=True).stdout
     assert "imgclf: record pipeline run in dvc.lock" in log and "dvc.lock" in log
+    # With it, what dvc.yaml leaves to git (cache: false), or a clone of the commit would re-train.
+    assert {"metrics/train.json", "metrics/eval.json", "plots/roc.csv"} <= set(log.split())
+    assert sh(["git", "status", "--porcelain", "--", "metrics", "plots", "dvc.lock"], root, env) == ""
+
+
+def test_a_remote_that_is_not_the_default_is_said_not_pushed_to(tmp_path, env):
+    root = dvc_project(tmp_path / "project", env, {})
+    dvc(root, env, "remote", "add", "storage", str(tmp_path / "store"))
+    said = version_outputs(Layout(root), OrchestrationParams())
+    assert said == ["no default DVC remote among storage (dvc remote default NAME): nothing pushed"]
 
 
 def test_transient_download_failures_are_retried_and_the_flow_succeeds(tmp_path, demo_zip, env):
