@@ -45,7 +45,7 @@ from tasks.files import (  # noqa: E402
     thread_pool_map,
 )
 from tasks.params import OrchestrationParams, Params, load_params, params_tree  # noqa: E402
-from tasks.redact import redact, reveal  # noqa: E402
+from tasks.redact import redact, redact_texts, reveal  # noqa: E402
 from tasks.report import REPORT_HTML, gate_line  # noqa: E402
 from tasks.stages import Layout, run_stage  # noqa: E402
 
@@ -257,8 +257,7 @@ def params_for_dvc(layout: Layout, params_file: Path, overrides: dict[str, Any])
     if not overrides:
         yield None
         return
-    tree = params_tree(params_file, {key: redact(value) if isinstance(value, str) else value
-                                     for key, value in overrides.items()})  # fmt: skip
+    tree = params_tree(params_file, redact_texts(overrides))
     # One name: one run at a time holds the project, and a killed run's copy is overwritten by the next.
     path = layout.root / ".imgclf" / "run-params.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))

@@ -415,6 +415,12 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ParamsError(f"{'.'.join(walked)}: is a value, cannot set {dotted}")
+    if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+        # A section given whole (`--set 'data={url: ...}'`) sets the keys it names: DVC compares every
+        # param a stage lists, and one missing from the run's params would stop it.
+        for key, item in value.items():
+            _apply_override(node[leaf], str(key), item)
+        return
     node[leaf] = value
 
 

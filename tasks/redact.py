@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import SecretStr
@@ -44,11 +45,25 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+def _each_value(value: Any, change: Callable[[Any], Any]) -> Any:
+    # A whole section may be overridden (`--set 'data={url: ...}'`): its texts are inside.
+    if isinstance(value, dict):
+        return {key: _each_value(item, change) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_each_value(item, change) for item in value]
+    return change(value)
+
+
 def hide_secrets(overrides: dict[str, Any]) -> dict[str, Any]:
     """Returns the overrides with each secret-bearing text as a SecretStr: Prefect stores and shows it as `****`."""
-    return {key: SecretStr(value) if isinstance(value, str) and has_secret(value) else value for key, value in overrides.items()}
+    return _each_value(overrides, lambda value: SecretStr(value) if isinstance(value, str) and has_secret(value) else value)
 
 
 def reveal(overrides: dict[str, Any]) -> dict[str, Any]:
     """Returns the overrides with every SecretStr unwrapped: what the stages use."""
-    return {key: value.get_secret_value() if isinstance(value, SecretStr) else value for key, value in overrides.items()}
+    return _each_value(overrides, lambda value: value.get_secret_value() if isinstance(value, SecretStr) else value)
+
+
+def redact_texts(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Returns the overrides with every URL in their texts redacted: what may be written down."""
+    return _each_value(overrides, lambda value: redact(value) if isinstance(value, str) else value)

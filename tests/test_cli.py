@@ -145,7 +145,8 @@ def test_password_and_token_in_the_url_download_and_appear_nowhere(tmp_path, cli
     url = f"http://reader:{password}@127.0.0.1:{server.server_port}/cells.zip?X-Amz-Signature={token}"
     project = dvc_project(tmp_path / "project", cli_env, {"prepare": {"image_size": 24}, "train": {"epochs": 1}})
     try:
-        result = imgclf(["run", "--set", f"data.url={url}", "--set", "data.sha256="], project, cli_env)
+        # The whole section at once: its texts are searched for secrets too (one key alone: the test below).
+        result = imgclf(["run", "--set", f'data={{url: "{url}", sha256: ""}}'], project, cli_env)
     finally:
         server.shutdown()
     assert result.returncode == 0, result.stderr[-3000:]
@@ -158,6 +159,20 @@ def test_password_and_token_in_the_url_download_and_appear_nowhere(tmp_path, cli
         assert secret not in result.stdout + result.stderr
         leaked = [str(path) for path in written if secret.encode() in path.read_bytes()]
         assert not leaked, f"{secret} found in {leaked}"
+
+
+def test_secrets_in_overrides_are_hidden_from_prefect_and_dvc_in_a_whole_section_too():
+    from pydantic import SecretStr
+
+    from tasks.redact import hide_secrets, redact_texts, reveal
+
+    url = "https://reader:pw-planted@host/x.zip?X-Amz-Signature=tok-planted"
+    overrides = {"data.url": url, "data": {"url": url, "sha256": ""}, "train.epochs": 2}
+    hidden = hide_secrets(overrides)
+    assert isinstance(hidden["data.url"], SecretStr) and isinstance(hidden["data"]["url"], SecretStr)
+    written = json.dumps(redact_texts(overrides))  # what the run's params file for DVC holds
+    assert "planted" not in written and written.count("https://***@host/x.zip?***") == 2
+    assert reveal(hidden) == overrides
 
 
 def _run_in_background(project: Path, env: dict, archive: Path) -> subprocess.Popen:

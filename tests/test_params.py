@@ -96,6 +96,12 @@ def test_overrides_apply_by_dotted_key_and_are_validated(tmp_path):
         load_params(path, {"split.tset": 0.2})
 
 
+def test_a_section_given_whole_sets_the_keys_it_names_and_keeps_the_rest(tmp_path):
+    path = write(tmp_path, {"split": {"test": 0.3, "seed": 1}})
+    params = load_params(path, dict([parse_override("split={seed: 7}")]))
+    assert (params.split.seed, params.split.test) == (7, 0.3)
+
+
 def test_empty_override_clears_an_optional_value(tmp_path):
     key, value = parse_override("data.sha256=")
     assert load_params(write(tmp_path, {}), {key: value}).data.sha256 is None
