@@ -96,7 +96,7 @@ def load_contender(model_path: Path) -> Contender:
     return Contender(described, model, load_model_calibration(model_path, described["classes"]))
 
 
-def predicted_classes(contender: Contender, files: LabelledFiles, prepared: dict) -> np.ndarray:
+def predicted_classes(contender: Contender, files: LabelledFiles, prepared: dict, max_pixels: int) -> np.ndarray:
     """Returns the class index the contender gives each file, the files prepared by its own description.
 
     `prepared` keeps the set's arrays by (size, channels, resize): two models described alike decode it once.
@@ -110,7 +110,7 @@ def predicted_classes(contender: Contender, files: LabelledFiles, prepared: dict
         images = []
         for path in files.paths:
             try:
-                images.append(prepare_file(files.root / path, described, ValidateParams().max_pixels))
+                images.append(prepare_file(files.root / path, described, max_pixels))
             except (OSError, ValueError) as exc:
                 raise GateError(f"{files.root / path}: cannot be prepared for the gate ({exc})") from None
         prepared[key] = np.stack(images)
@@ -220,7 +220,7 @@ FIRST_RUN = "first run: no champion yet (no latest.json); this run is promoted a
 
 
 def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champion: Champion | None,
-          seen: frozenset[str] = frozenset()) -> Decision:  # fmt: skip
+          seen: frozenset[str] = frozenset(), max_pixels: int = ValidateParams().max_pixels) -> Decision:  # fmt: skip
     """Returns the decision on the challenger against the champion (None: the first run), on this run's test split
     and the champion's reference set less the images the challenger trained on (sha256s in `seen`). A champion
     that cannot be read, or that knows other classes, is not replaced."""
@@ -228,7 +228,7 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
     classes, sets = challenger.classes, {"test": test}
     prepared = {"test": {}, "reference": {}}  # per set: two models described alike decode it once
     truth = {"test": _class_indices(test, classes)}
-    ours = {"test": predicted_classes(challenger, test, prepared["test"])}
+    ours = {"test": predicted_classes(challenger, test, prepared["test"], max_pixels)}
     chance = _no_better_than_one_class(truth["test"], ours["test"], classes)
     if champion is None:
         return Decision(False, chance) if chance else Decision(True, FIRST_RUN)
@@ -254,12 +254,12 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
             return Decision(False, f"not promoted: every image of the champion's ({run_id}) reference set is in this "
                                    "run's train or val split: none unseen to compare on (gate.force=true promotes)",
                             run_id)  # fmt: skip
-        theirs = {"reference": predicted_classes(defender, sets["reference"], prepared["reference"])}
-        ours["reference"] = predicted_classes(challenger, sets["reference"], prepared["reference"])
+        theirs = {"reference": predicted_classes(defender, sets["reference"], prepared["reference"], max_pixels)}
+        ours["reference"] = predicted_classes(challenger, sets["reference"], prepared["reference"], max_pixels)
     except (GateError, OSError) as exc:
         return Decision(False, f"the champion ({run_id}) cannot be read: its reference set: {exc}", run_id)
     truth["reference"] = _class_indices(sets["reference"], classes)
-    theirs["test"] = predicted_classes(defender, test, prepared["test"])
+    theirs["test"] = predicted_classes(defender, test, prepared["test"], max_pixels)
     comparisons = {name: compare(truth[name], ours[name], theirs[name], len(classes), gate, positive) for name in sets}
     left_out = len(champion.reference.paths) - len(sets["reference"].paths)
     seen_note = (f"; {left_out} of the reference set's {len(champion.reference.paths)} images are in this run's "

@@ -28,7 +28,7 @@ from tasks.errors import StageError
 from tasks.files import atomic_file, model_json, sha256_file
 from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set, trained_on
 from tasks.layout import Layout
-from tasks.params import GateParams, PublishParams, S3Params
+from tasks.params import GateParams, PublishParams, S3Params, ValidateParams
 from tasks.report import read_json, report_markdown
 
 log = logging.getLogger("imgclf")
@@ -53,8 +53,10 @@ def run_files(layout: Layout) -> list[Path]:
     return [*fixed, *(p for p in made if p.is_file()), *exports, *plots]
 
 
-def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layout, record: Path) -> Path:
-    """Returns `record`, which says where the run went and what the gate decided."""
+def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layout, record: Path,
+            max_pixels: int = ValidateParams().max_pixels) -> Path:  # fmt: skip
+    """Returns `record`, which says where the run went and what the gate decided; the gate prepares images
+    up to `max_pixels` (validate's limit)."""
     files = run_files(layout)
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
@@ -69,7 +71,7 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
     # The champion fetched from S3 and the report: the system's temporary folder, not the project's.
     with tempfile.TemporaryDirectory(prefix="imgclf-publish-") as scratch:
         pointer = store.read(LATEST)
-        decision = _gate(gate, store, pointer, layout.model_dir / "model.keras", test, seen, Path(scratch))
+        decision = _gate(gate, store, pointer, layout.model_dir / "model.keras", test, seen, max_pixels, Path(scratch))
         if gate.force:
             decision = decision.forced_through()
         report = Path(scratch) / "report.md"
@@ -105,15 +107,15 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
 
 
 def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, model_path: Path, test: LabelledFiles,
-          seen: frozenset[str], scratch: Path) -> Decision:  # fmt: skip
+          seen: frozenset[str], max_pixels: int, scratch: Path) -> Decision:  # fmt: skip
     """Returns the gate's decision on this run against the champion `pointer` (latest.json's bytes) names."""
     if pointer is None:
-        return judge(gate, model_path, test, None)
+        return judge(gate, model_path, test, None, max_pixels=max_pixels)
     try:
         champion = _fetch_champion(store, pointer[0], scratch)
     except (StageError, ValueError, KeyError, TypeError) as exc:
         return Decision(False, f"the champion cannot be read ({store.where(LATEST)}): {exc}")
-    return judge(gate, model_path, test, champion, seen)
+    return judge(gate, model_path, test, champion, seen, max_pixels)
 
 
 def _fetch_champion(store: Store, pointer: bytes, scratch: Path) -> Champion:

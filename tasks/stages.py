@@ -82,7 +82,7 @@ def _export(p: Params, at: Layout, map_shards: ShardMap) -> Path:
 def _publish(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     from tasks.publish import publish  # boto3 loads only when publishing
 
-    return publish(p.publish, p.gate, p.s3, at, at.metrics_dir / "publish.json")
+    return publish(p.publish, p.gate, p.s3, at, at.metrics_dir / "publish.json", p.validate.max_pixels)
 
 
 def _report(p: Params, at: Layout, map_shards: ShardMap) -> Path:

@@ -19,7 +19,7 @@ from sklearn.metrics import f1_score, recall_score
 
 import tasks.publish
 from tasks.champion import LATEST, open_store
-from tasks.gate import _resample_weights, compare, scores
+from tasks.gate import GateError, _resample_weights, compare, scores
 from tasks.layout import Layout
 from tasks.params import GateParams, PublishParams, S3Params
 from tasks.publish import publish
@@ -241,6 +241,12 @@ def test_the_published_report_keeps_class_names_as_text(local, tmp_path):
     report = open_store(*local, tmp_path).read(f"runs/{record['run_id']}/report.md")[0].decode()
     assert "| &lt;img src=x onerror=alert(1)&gt; | 0 | 0 | 12 |" in report and "| a\\|b | 0 | 0 | 12 |" in report
     assert "<img" not in report
+
+
+def test_the_gate_prepares_images_by_the_projects_validate_max_pixels(local, tmp_path):
+    run, (params, s3) = make_run(tmp_path / "run"), local
+    with pytest.raises(GateError, match="too_large"):  # the cells are 18-40 pixels a side
+        publish(params, GateParams(bootstrap=200), s3, run, run.metrics_dir / "publish.json", max_pixels=300)
 
 
 def test_a_difference_of_exactly_the_tolerance_holds_whatever_floats_make_of_it():
