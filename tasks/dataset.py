@@ -8,7 +8,7 @@ Shuffling is seeded; rescaling and augmentation live in the model, not here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,13 @@ def load_cached_set(cache_dir: Path, split_csv: Path) -> CachedSet:
         paths=[entry["path"] for entry in index],
         meta=meta,
     )
+
+
+def without(data: CachedSet, paths: frozenset[str], splits: tuple[str, ...]) -> CachedSet:
+    """Returns `data` with the images at `paths` left out of `splits` (train.exclude)."""
+    kept = {name: np.array([row for row in data.rows[name] if data.paths[row] not in paths], dtype=np.int64)
+            for name in splits}  # fmt: skip
+    return replace(data, rows=data.rows | kept)
 
 
 def make_dataset(data: CachedSet, split: str, batch_size: int, shuffle: bool = False, seed: int = 0) -> tf.data.Dataset:

@@ -36,7 +36,7 @@ from tasks.calibration import (
     threshold_for_recall,
     uncalibrated,
 )
-from tasks.dataset import CachedSet, DatasetError, load_cached_set, make_dataset
+from tasks.dataset import CachedSet, DatasetError, load_cached_set, make_dataset, without
 from tasks.errors import StageError
 from tasks.files import atomic_file, atomic_path
 from tasks.model import class_probabilities
@@ -56,11 +56,12 @@ class EvaluateError(StageError, ValueError):
 
 
 def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Path, metrics_dir: Path, plots_dir: Path,
-             params: EvaluateParams = EvaluateParams()) -> Path:  # fmt: skip
+             params: EvaluateParams = EvaluateParams(), excluded: frozenset[str] = frozenset()) -> Path:  # fmt: skip
     """Returns the path of `eval.json`, written with the test-split metrics; plots go to `plots_dir`,
-    the calibration fitted on val to `calibration.json` beside the model."""
+    the calibration fitted on val (less the `excluded` images, train.exclude's, as training had it) to
+    `calibration.json` beside the model."""
     model = load_inference_model(model_path)
-    data = load_cached_set(cache_dir, split_csv)
+    data = without(load_cached_set(cache_dir, split_csv), excluded, ("val",))
     _check_positive_class(params, data.classes)
     rows = data.rows["test"]
     if not len(rows):

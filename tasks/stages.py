@@ -67,9 +67,10 @@ def _train(p: Params, at: Layout, map_shards: ShardMap) -> Path:
 
 def _evaluate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     from tasks.evaluate import evaluate
+    from tasks.train import read_exclusion
 
     return evaluate(at.model_dir / "model.keras", at.cache_dir, at.split_csv, at.metrics_dir / "train.json",
-                    at.metrics_dir, at.plots_dir, p.evaluate)  # fmt: skip
+                    at.metrics_dir, at.plots_dir, p.evaluate, read_exclusion(p.train.exclude).paths)  # fmt: skip
 
 
 def _export(p: Params, at: Layout, map_shards: ShardMap) -> Path:

@@ -36,7 +36,7 @@ import tensorflow as tf
 from sklearn.utils.class_weight import compute_class_weight
 
 from tasks.errors import Interrupted, StageError, stop_requested
-from tasks.dataset import CachedSet, load_cached_set, make_dataset
+from tasks.dataset import CachedSet, load_cached_set, make_dataset, without
 from tasks.files import MODEL_JSON, atomic_file, atomic_path
 from tasks.model import Head, build_model, unfreeze_top
 from tasks.multi_worker import fit_multi_worker, local_scores
@@ -220,12 +220,11 @@ def _load(cache_dir: Path, split_csv: Path, exclusion: Exclusion) -> CachedSet:
                          f"images of this data set (e.g. {min(unknown)!r}); paths are relative to data/extracted/, "
                          "as in data/label_issues.csv")  # fmt: skip
     if exclusion.file:
-        kept = {name: np.array([row for row in data.rows[name] if data.paths[row] not in exclusion.paths], dtype=np.int64)
-                for name in ("train", "val")}  # fmt: skip
-        dropped = sum(len(data.rows[name]) - len(kept[name]) for name in kept)
+        kept = without(data, exclusion.paths, ("train", "val"))
+        dropped = sum(len(data.rows[name]) - len(kept.rows[name]) for name in ("train", "val"))
         log.info("train: train.exclude %s lists %d images; %d of them left out of train and val",
                  exclusion.file, len(exclusion.paths), dropped)  # fmt: skip
-        data = replace(data, rows=data.rows | kept)
+        data = kept
     if len(data.classes) < 2:
         raise TrainError(f"train: {cache_dir} holds {len(data.classes)} class(es); a classifier needs two or more")
     if not len(data.rows["train"]):

@@ -156,6 +156,14 @@ def test_threshold_chosen_on_val_reaches_the_target_recall_there(cells):
         assert 0 <= low <= test[name]["value"] <= high <= 1, name
 
 
+def test_val_images_train_exclude_left_out_are_not_calibrated_on_either(cells):
+    data = load_cached_set(cells / "cache", cells / "split.csv")
+    excluded = frozenset(data.paths[row] for row in data.rows["val"][:5])
+    out = evaluate(cells / "models" / "model.keras", cells / "cache", cells / "split.csv", cells / "metrics" / "train.json",
+                   cells / "metrics", cells / "plots", EvaluateParams(bootstrap=200), excluded)  # fmt: skip
+    assert json.loads(out.read_text())["calibration"]["n_val"] == len(data.rows["val"]) - 5
+
+
 def test_temperature_fit_recovers_the_temperature_that_made_the_labels():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, size=(4000, 3))
