@@ -29,6 +29,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "imgclf")
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
 from flows.dvc_project import DvcProject, one_run_at_a_time  # noqa: E402
@@ -186,8 +187,6 @@ def task_run_name(name: str, params: Params) -> str:
 
 
 def _flow_run_name() -> str:
-    from prefect.runtime import flow_run
-
     overrides = flow_run.parameters.get("overrides") or {}
     targets = flow_run.parameters.get("stages") or []
     shown = redact(",".join([*targets, *(f"{key}={value}" for key, value in sorted(overrides.items()))]))
@@ -209,7 +208,9 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     params_file = layout.root / params_path
     params = load_params(params_file, overrides)
     DvcProject(layout.root)  # outside a project: one line saying how to make one, before anything is written
-    with one_run_at_a_time(layout.root, "imgclf run"), params_for_dvc(layout, params_file, overrides) as run_params:
+    # Named as Prefect names the run: `imgclf run` took the lock already, under its own name.
+    holder = f"flow run {flow_run.name!r}"
+    with one_run_at_a_time(layout.root, holder), params_for_dvc(layout, params_file, overrides) as run_params:
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
         with project.held(), shard_map(params.orchestration) as map_shards:

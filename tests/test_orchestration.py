@@ -252,6 +252,7 @@ def test_dvc_repro_started_during_a_run_refuses_instead_of_writing_the_same_outp
     seen = {}
 
     def split_beside_a_dvc_repro(params, layout, map_shards):
+        seen["holder"] = (root / ".imgclf" / "run.lock").read_text()
         seen["repro"] = subprocess.run(in_venv(["dvc", "repro"]), cwd=root, env=env, capture_output=True, text=True)
         return STAGES_BEFORE["split"](params, layout, map_shards)
 
@@ -259,6 +260,7 @@ def test_dvc_repro_started_during_a_run_refuses_instead_of_writing_the_same_outp
     monkeypatch.setitem(STAGES, "split", split_beside_a_dvc_repro)
     assert ran(pipeline(root=str(root), stages=["split"])) == ALL[: ALL.index("split") + 1]
     repro = seen["repro"]
+    assert seen["holder"].startswith(f"flow run 'imgclf-split' (pid {os.getpid()}, started ")  # as a deployment's run
     assert repro.returncode != 0 and "Unable to acquire lock" in repro.stderr + repro.stdout
     assert repro_ran(repro.stdout) == []
     assert "up to date" in dvc(root, env, "status", "split")  # the run recorded each stage it ran; nothing interleaved
