@@ -114,6 +114,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield temp
         os.replace(temp, path)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # A write's own error names no file: "No space left on device" alone says not where.
+        raise (OSError(exc.errno, exc.strerror or str(exc), str(path)) if exc.errno else OSError(f"{path}: {exc}")) from exc
     finally:
         _remove(temp)
 

@@ -258,3 +258,16 @@ def test_a_valid_file_that_no_longer_decodes_stops_the_stage_naming_it(validated
     path.write_bytes(path.read_bytes()[:200])  # cut after validate judged it whole
     with pytest.raises(CacheError, match=f"^{re.escape(str(path.resolve()))}: truncated .*run validate again$"):
         cache(PrepareParams(image_size=16), manifest, extracted, validated_demo / "cache", in_process)
+
+
+def test_a_full_disk_names_the_output_it_was_writing(tmp_path):
+    from tasks.files import atomic_file
+
+    target = tmp_path / "models" / "model.json"
+    with pytest.raises(OSError) as raised:
+        with atomic_file(target) as handle, open("/dev/full", "wb") as full:  # each write: "No space left on device"
+            handle.write("{}")
+            full.write(b"a row")
+            full.flush()
+    assert str(raised.value) == f"[Errno 28] No space left on device: '{target}'"
+    assert list(target.parent.iterdir()) == []  # nor a half file, under any name
