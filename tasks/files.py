@@ -115,10 +115,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield temp
         os.replace(temp, path)
     except OSError as exc:
-        if exc.filename is not None:
+        if exc.filename is not None or exc.errno is None:
             raise
         # A write's own error names no file: "No space left on device" alone says not where.
-        raise (OSError(exc.errno, exc.strerror or str(exc), str(path)) if exc.errno else OSError(f"{path}: {exc}")) from exc
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     finally:
         _remove(temp)
 
