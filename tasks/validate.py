@@ -173,6 +173,8 @@ def validate(
     if split_layout:
         log.info("validate: %s is laid out as split folders: labels are the class folders inside them", extracted_dir)
     _check_class_names(extracted_dir, {_class_of(path, split_layout)[0] for path in paths} - {""})
+    if not split_layout:
+        _warn_of_classes_one_level_down(paths)
     prepare = staging.params if staging else None
     judge_shard = functools.partial(_judge_shard, str(extracted_dir.resolve()), params.max_pixels, split_layout,
                                     prepare)  # fmt: skip
@@ -247,6 +249,21 @@ class _StagedRows(contextlib.ExitStack):
                         "their rows are not staged", self.foreign)  # fmt: skip
         cache_dir = self.staging.cache_dir
         self.cached_already = cache_dir is not None and same_rows(self.folder, cache_dir, self.made_with)
+
+
+def _warn_of_classes_one_level_down(paths: list[str]) -> None:
+    # Kaggle's dogs-vs-cats: train/{cat,dog}/ beside an unlabelled test1/ would train "train vs test1".
+    nested, flat = defaultdict(set), set()
+    for parts in (path.split("/") for path in paths):
+        if len(parts) > 2:
+            nested[parts[0]].add(parts[1])
+        elif len(parts) == 2:
+            flat.add(parts[0])
+    only_folders = sorted(label for label in nested if label not in flat)
+    if only_folders and flat - set(nested):
+        shown = "; ".join(f"{label} holds {', '.join(sorted(nested[label]))}" for label in only_folders)
+        log.warning("validate: class folders that hold only folders (%s) beside ones that hold images (%s): are the "
+                    "classes one level down? The labels here are the top folders", shown, ", ".join(sorted(flat)))  # fmt: skip
 
 
 def _check_class_names(extracted_dir: Path, labels: set[str]) -> None:

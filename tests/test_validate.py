@@ -242,6 +242,16 @@ def test_train_test_layout_gets_class_labels_and_its_archive_split(root, tmp_pat
     assert_rejected(rows[f"{names[0]}/README.png"], "no_label")
 
 
+def test_classes_one_level_down_beside_a_flat_folder_are_warned_of(root, tmp_path, caplog):
+    # Kaggle's dogs-vs-cats: train/{cat,dog}/ and an unlabelled test1/.
+    for i, path in enumerate(["train/cat/1.png", "train/dog/2.png", "test1/3.png", "test1/4.png"]):
+        write(root, path, png_bytes(seed=i))
+    with caplog.at_level("WARNING", logger="imgclf"):
+        rows = run_validate(root, tmp_path)
+    assert {row["label"] for row in rows.values()} == {"train", "test1"}
+    assert "class folders that hold only folders (train holds cat, dog) beside ones that hold images (test1)" in caplog.text
+
+
 def test_top_folders_not_all_named_like_splits_are_the_labels(root, tmp_path):
     write(root, "train/a.png", png_bytes(seed=1))
     write(root, "cat/b.png", png_bytes(seed=2))
