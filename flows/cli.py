@@ -126,6 +126,8 @@ def _command(args: argparse.Namespace) -> None:
         print(output)
     elif args.command == "run":
         overrides = dict(parse_override(item) for item in args.overrides)
+        if not Path(args.params).is_file():
+            DvcProject(Path("."))  # no params file: in a folder that is no project, say how to make one
         load_params(args.params, overrides)  # bad params stop here, before Prefect starts
         DvcProject(Path("."))  # and so does a folder that is not a project
         # And a run going on here: one line now, no failed flow run. Held from here, no later: two runs

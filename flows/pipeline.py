@@ -32,7 +32,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed  # noqa: E402
 
-from flows.dvc_project import DvcProject, one_run_at_a_time  # noqa: E402
+from flows.dvc_project import DvcProject, ProjectError, one_run_at_a_time  # noqa: E402
 from flows.report import publish_artifacts  # noqa: E402
 from flows.versioning import version_outputs  # noqa: E402
 from tasks.download import source_change  # noqa: E402
@@ -220,7 +220,7 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
             get_run_logger().info("%s", gate_line(layout))
         publish_artifacts(layout, outcome)
         version_outputs(layout, params.orchestration)
-        if (layout.root / REPORT_HTML).exists():
+        if (layout.root / REPORT_HTML).exists() and "report" in outcome:  # else an earlier run's page
             get_run_logger().info("report: %s", (layout.root / REPORT_HTML).resolve())
     return outcome
 
@@ -269,10 +269,15 @@ def params_for_dvc(layout: Layout, params_file: Path, overrides: dict[str, Any])
 
 
 def serve(params_path: str = "params.yaml", name: str = "weekly-retrain") -> None:
-    """Serves the flow from this machine on `orchestration.schedule` until interrupted."""
+    """Serves the flow from this machine on `orchestration.schedule` until interrupted; needs a Prefect server."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.settings import get_current_settings
 
     params = load_params(params_path)
+    if not get_current_settings().api.url:
+        # Prefect's ephemeral API has no scheduler: the schedule would never fire.
+        raise ProjectError("imgclf serve: no Prefect server to schedule runs on; start one (`prefect server start`) and "
+                           "set PREFECT_API_URL (e.g. `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)")
     pipeline.serve(
         name=name,
         cron=params.orchestration.schedule,

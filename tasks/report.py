@@ -158,7 +158,7 @@ def report(params: Params, layout: Layout, archive: Path, out: Path) -> Path:
         _release_section(layout),
         _model_section(params, layout),
     ]
-    published = read_json(layout.metrics_dir / "publish.json")
+    published = this_models_publish(layout)
     with atomic_file(out, encoding="utf-8") as handle:
         handle.write(_page(sections, read_json(layout.metrics_dir / "eval.json"), published))
     where = published_report(layout)
@@ -170,10 +170,20 @@ def report(params: Params, layout: Layout, archive: Path, out: Path) -> Path:
     return out
 
 
+def this_models_publish(layout: Layout) -> dict:
+    """Returns metrics/publish.json when it is about the model in models/ now, else {}: a run of some stages
+    only (`imgclf run evaluate`) leaves an earlier model's record behind."""
+    published = read_json(layout.metrics_dir / "publish.json")
+    model = layout.model_dir / "model.keras"
+    if not published or not model.is_file() or published.get("model_sha256") != sha256_file(model):
+        return {}
+    return published
+
+
 def published_report(layout: Layout) -> str | None:
     """Returns where the published run's copy of the report is (an s3:// URI or a local path); None when
-    publish made no run folder."""
-    published = read_json(layout.metrics_dir / "publish.json")
+    publish made no run folder for this model."""
+    published = this_models_publish(layout)
     uri = published.get("uri") if published.get("run_id") else None
     return f"{uri.rstrip('/')}/{PUBLISHED_AS}" if uri else None
 
@@ -390,9 +400,10 @@ def _mistakes_section(layout: Layout) -> Section:
 
 def _release_section(layout: Layout) -> Section:
     title = "Release decision"
-    published = read_json(layout.metrics_dir / "publish.json")
+    published = this_models_publish(layout)
     if not published:
-        return Section("release", title, _not_run(f"{layout.metrics_dir / 'publish.json'} is missing (the publish stage)"))
+        return Section("release", title, _not_run(f"{layout.metrics_dir / 'publish.json'} is missing, or about "
+                                                  "another model (the publish stage)"))
     gate = published.get("gate") or {}
     if not published.get("published", True) or not gate:
         return Section("release", title, _p(f"Not published: {published.get('reason', 'no gate decision recorded')}."))

@@ -74,6 +74,12 @@ def _not_a_project(root: Path) -> list[str]:
     return ["run", "--set", "data.url=missing.zip"]
 
 
+def _empty_folder(root: Path) -> list[str]:
+    for name in ("dvc.yaml", "params.yaml"):
+        (root / name).unlink()
+    return ["run"]
+
+
 def _bad_schedule(root: Path) -> list[str]:
     (root / "params.yaml").write_text(yaml.safe_dump({"orchestration": {"schedule": "every monday"}}))
     return ["serve"]
@@ -92,6 +98,8 @@ FAILURES = {
     "gs_url": (["run", "--set", "data.url=gs://bucket/cells.zip"], 2, "data.url"),
     "missing_archive": (["run", "--set", "data.url=missing.zip"], 1, "missing.zip"),
     "not_a_project": (_not_a_project, 1, "imgclf init"),
+    "empty_folder": (_empty_folder, 1, "imgclf init"),
+    "serve_without_a_server": (["serve"], 1, "imgclf serve: no Prefect server to schedule runs on"),
     "url_ending_in_dot_dot": (["run", "--set", f"data.url=http://127.0.0.1:{free_port()}/x/%2e%2e", "--set", "data.retries=0"],
                               1, "/x/%2e%2e"),  # fmt: skip
     "empty_archive": (_empty_archive, 1, "empty.zip"),

@@ -243,6 +243,17 @@ def test_the_published_report_keeps_class_names_as_text(local, tmp_path):
     assert "<img" not in report
 
 
+def test_a_publish_record_of_an_earlier_model_is_not_this_models(local, tmp_path):
+    from tasks.report import published_report, this_models_publish
+    from tests.gate_runs import fixed_model
+
+    run = make_run(tmp_path / "run")
+    record = published(local, run)
+    assert this_models_publish(run)["run_id"] == record["run_id"] and published_report(run)
+    fixed_model(16, 3, inverted=True).save(run.model_dir / "model.keras")  # `imgclf run evaluate` retrained it
+    assert this_models_publish(run) == {} and published_report(run) is None
+
+
 def test_the_gate_prepares_images_by_the_projects_validate_max_pixels(local, tmp_path):
     run, (params, s3) = make_run(tmp_path / "run"), local
     with pytest.raises(GateError, match="too_large"):  # the cells are 18-40 pixels a side
