@@ -160,7 +160,7 @@ def explain_files(model_path: Path, paths: Iterable[Path], out_dir: Path,
 
     described, model = load_described_model(model_path)
     calibration = load_model_calibration(model_path, described["classes"])
-    files = [file.resolve() for file in expand(paths)]
+    files = [Path(os.path.abspath(file)) for file in expand(paths)]  # not resolve(): a broken link points anywhere
     common = Path(os.path.commonpath([file.parent for file in files])) if files else out_dir
     written = []
     for batch in chunked(files, BATCH):

@@ -97,6 +97,7 @@ def test_predict_explain_writes_one_overlay_per_readable_file_in_the_inputs_layo
         (inputs / relative).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(inputs / relative), image)
     (inputs / "b" / "broken.png").write_bytes(b"not an image")
+    (inputs / "b" / "gone.png").symlink_to("/nonexistent/gone.png")  # a row of its own; it moves no overlay
     out = tmp_path / "explained"
     assert main(["predict", "--model", str(model_dir / "model.keras"), "--explain", str(out), str(inputs)]) == 0
     written = sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file())
