@@ -142,7 +142,8 @@ def _project_url(url: str, folder: Path) -> str:
     try:
         load_params(SOURCE / "params.yaml", {"data.url": url, "data.sha256": None})
     except ParamsError as exc:
-        raise ParamsError("--url: " + str(exc).removeprefix(f"{SOURCE / 'params.yaml'}: ")) from None
+        said = str(exc).removeprefix(f"{SOURCE / 'params.yaml'}: ").removeprefix("--set data.url: data.url: ")
+        raise ParamsError(f"--url: {said}") from None
     if url_scheme(url) == "" and not Path(url).is_absolute() and Path(url).exists() and not (folder / url).exists():
         return str(Path(url).resolve())
     return url

@@ -98,6 +98,13 @@ def test_init_refuses_a_url_with_credentials_before_writing_anything(tmp_path, u
     assert not (tmp_path / "proj").exists()
 
 
+def test_init_refuses_a_url_of_another_scheme_in_the_words_of_its_own_option(tmp_path):
+    with pytest.raises(ParamsError) as caught:
+        init_project(tmp_path / "proj", "ftp://data.example.org/x.zip")
+    assert str(caught.value).startswith("--url: unsupported scheme ftp://")  # not a --set the user never typed
+    assert not (tmp_path / "proj").exists()
+
+
 def test_init_without_git_is_one_line_error_before_creating_anything(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
     with pytest.raises(ToolMissingError, match="^git: not found on PATH") as caught:
