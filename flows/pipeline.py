@@ -120,6 +120,8 @@ LEAN_DASK = {
     # workers' INFO lines off the terminal; not its defaults (OMP_NUM_THREADS=1, ...), which
     # the training in this process would inherit.
     "distributed.nanny.pre-spawn-environ": {"DASK_LOGGING__DISTRIBUTED": "warning"},
+    # A terminal's Ctrl-C reaches the workers too (one process group): they ignore it, and the run stops them.
+    "distributed.worker.preload": ["tasks.files"],
 }
 
 

@@ -234,6 +234,11 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def dask_setup(worker: object) -> None:
+    """Runs in each worker of the flow's own Dask cluster (its preload): Ctrl-C is the run's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _single_threaded_worker() -> None:
     die_with_parent()
     # A terminal's Ctrl-C reaches the whole process group: the parent stops the pool, and a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -261,6 +262,42 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     result = imgclf(args, project, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
+
+
+def test_ctrl_c_under_dask_ends_the_run_at_once_and_leaves_no_worker(tmp_path, cli_env):
+    from tasks.demo_data import make_demo_archive
+
+    project = dvc_project(tmp_path / "project", cli_env, {})
+    archive = make_demo_archive(tmp_path / "cells.zip", per_class=600)  # several shards
+    log = tmp_path / "run.log"
+    args = ["run", "validate", "--set", f"data.url={archive}", "--set", "data.sha256=",
+            "--set", "orchestration.task_runner=dask"]  # fmt: skip
+    with open(log, "w") as stderr:  # a foreground job's process group, as a terminal starts it
+        process = subprocess.Popen(in_venv(["imgclf", *args]), cwd=project, env=cli_env, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while "dask: shards go to" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # the workers too: they hung the run, each dying with a traceback
+        assert process.wait(timeout=120) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert said.strip().splitlines()[-1] == "imgclf: error: interrupted" and "Traceback" not in said
+    time.sleep(2)
+    left = [p.pid for p in psutil.process_iter() if _session(p.pid) == process.pid and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def test_imgclf_run_holds_the_run_lock_from_its_first_check_on(tmp_path, cli_env, monkeypatch):
