@@ -345,6 +345,14 @@ class OrchestrationParams(_Section):
     git_commit: bool = False  # commit dvc.lock after the run (in a git repo)
     schedule: str = "0 3 * * 1"  # cron of `imgclf serve` (weekly retrain: Mondays 03:00)
 
+    @field_validator("dask_address")
+    @classmethod
+    def _scheduler_address(cls, address: str | None) -> str | None:
+        # Checked here: Dask says what is wrong with it only once a stage hands out its first shards.
+        if address is not None and not re.fullmatch(r"((tcp|tls|ucx|ws|wss)://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):\d+", address):
+            raise ValueError("must be a Dask scheduler's address, [tcp://]HOST:PORT")
+        return address
+
     @field_validator("schedule")
     @classmethod
     def _cron(cls, schedule: str) -> str:

@@ -76,6 +76,8 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"train": {"cnn": {"filters": [True, 2]}}}, "train.cnn.filters: a number, not true or false"),
         ({"publish": {"local_dir": "./"}}, "publish.local_dir: must name a folder of its own"),
         ({"orchestration": {"task_runner": "spark"}}, "orchestration.task_runner"),
+        ({"orchestration": {"dask_address": "not a url"}}, "orchestration.dask_address: must be a Dask scheduler's"),
+        ({"orchestration": {"dask_address": "http://x:y:z"}}, "orchestration.dask_address: must be a Dask scheduler's"),
     ],
 )
 def test_bad_params_fail_with_one_line_naming_the_key(tmp_path, tree, dotted):
