@@ -9,18 +9,20 @@ from pathlib import Path
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.layout import Layout
-from tasks.report import REPORT_HTML, gate_markdown, published_report, read_json, read_rows, report_markdown
+from tasks.report import (REPORT_HTML, gate_markdown, published_report, read_json, read_rows, report_markdown,
+                          this_models_publish)
 
 
 def publish_artifacts(layout: Layout, outcome: dict[str, str]) -> None:
     """Creates the run's artifacts: report, a link to the HTML report, the gate's decision, rejected files, confusion
     matrix image, metrics table."""
     # A run of some stages only (`imgclf run evaluate`) leaves an earlier model's gate and page behind.
-    gate = read_json(layout.metrics_dir / "publish.json").get("gate") if "publish" in outcome else None
+    published = this_models_publish(layout)
+    gate = published.get("gate")
     create_markdown_artifact(key="imgclf-report", markdown=report_markdown(layout, outcome, gate), description="imgclf run report")
     page = layout.root / REPORT_HTML
     if page.exists() and "report" in outcome:
-        where = published_report(layout) or str(page)  # the published copy outlives this machine's
+        where = published_report(published) or str(page)  # the published copy outlives this machine's
         create_link_artifact(key="imgclf-html-report", link=where if "://" in where else Path(where).resolve().as_uri(),
                              link_text="Run report (HTML)", description="The run report to open in a browser")  # fmt: skip
     if gate:

@@ -147,6 +147,7 @@ class Html(str):
 
 def report(params: Params, layout: Layout, archive: Path, out: Path) -> Path:
     """Returns `out`, written with the run's HTML report; a copy goes beside the published run when publish made one."""
+    published = this_models_publish(layout)
     sections = [
         _archive_section(params.data, archive, layout.extract_skipped_csv),
         _validate_section(layout, params.validate.max_pixels),
@@ -155,13 +156,12 @@ def report(params: Params, layout: Layout, archive: Path, out: Path) -> Path:
         _training_section(layout),
         _test_section(layout),
         _mistakes_section(layout),
-        _release_section(layout),
+        _release_section(layout, published),
         _model_section(params, layout),
     ]
-    published = this_models_publish(layout)
     with atomic_file(out, encoding="utf-8") as handle:
         handle.write(_page(sections, read_json(layout.metrics_dir / "eval.json"), published))
-    where = published_report(layout)
+    where = published_report(published)
     if where:
         from tasks.champion import open_store  # boto3 loads only when there is a run to publish beside
 
@@ -180,10 +180,9 @@ def this_models_publish(layout: Layout) -> dict:
     return published
 
 
-def published_report(layout: Layout) -> str | None:
-    """Returns where the published run's copy of the report is (an s3:// URI or a local path); None when
-    publish made no run folder for this model."""
-    published = this_models_publish(layout)
+def published_report(published: dict) -> str | None:
+    """Returns where the published run's copy of the report is (an s3:// URI or a local path), by this model's
+    publish record (`this_models_publish`); None when publish made no run folder for it."""
     uri = published.get("uri") if published.get("run_id") else None
     return f"{uri.rstrip('/')}/{PUBLISHED_AS}" if uri else None
 
@@ -403,9 +402,8 @@ def _mistakes_section(layout: Layout) -> Section:
     return Section("mistakes", title, body)
 
 
-def _release_section(layout: Layout) -> Section:
+def _release_section(layout: Layout, published: dict) -> Section:
     title = "Release decision"
-    published = this_models_publish(layout)
     if not published:
         return Section("release", title, _not_run(f"{layout.metrics_dir / 'publish.json'} is missing, or about "
                                                   "another model (the publish stage)"))

@@ -249,9 +249,9 @@ def test_a_publish_record_of_an_earlier_model_is_not_this_models(local, tmp_path
 
     run = make_run(tmp_path / "run")
     record = published(local, run)
-    assert this_models_publish(run)["run_id"] == record["run_id"] and published_report(run)
+    assert this_models_publish(run)["run_id"] == record["run_id"] and published_report(this_models_publish(run))
     fixed_model(16, 3, inverted=True).save(run.model_dir / "model.keras")  # `imgclf run evaluate` retrained it
-    assert this_models_publish(run) == {} and published_report(run) is None
+    assert this_models_publish(run) == {} and published_report(this_models_publish(run)) is None
 
 
 def test_the_gate_prepares_images_by_the_projects_validate_max_pixels(local, tmp_path):
