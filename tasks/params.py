@@ -68,6 +68,17 @@ class _Section(BaseModel):
         return value
 
 
+# What botocore accepts as a bucket name before sending anything (AWS's own rules are stricter).
+S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
+def _check_bucket(uri: str) -> None:
+    """Raises ValueError when an s3:// URI's bucket is a name botocore would refuse."""
+    bucket = uri.removeprefix("s3://").partition("/")[0]
+    if not S3_BUCKET.fullmatch(bucket):
+        raise ValueError(f"invalid bucket name {bucket!r} (letters, digits, '.', '-', '_')")
+
+
 class DataParams(_Section):
     url: str = MALARIA_URL
     sha256: str | None = None
@@ -86,6 +97,8 @@ class DataParams(_Section):
         if scheme not in URL_SCHEMES:
             supported = ", ".join(f"{s}://" for s in URL_SCHEMES if s)
             raise ValueError(f"unsupported scheme {scheme}:// (supported: {supported}, or a local path)")
+        if scheme == "s3":
+            _check_bucket(url)
         return url
 
     @field_validator("sha256", mode="before")
@@ -306,10 +319,6 @@ class S3Params(_Section):
     region: OptionalText = None
 
 
-# What botocore accepts as a bucket name before sending anything (AWS's own rules are stricter).
-S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
-
-
 class PublishParams(_Section):
     s3_uri: str | None = None  # s3://bucket/prefix for each run's model, metrics, plots; empty: local_dir
     local_dir: str = "models/champion"  # with s3_uri empty: the champion folder the gate compares against
@@ -321,9 +330,7 @@ class PublishParams(_Section):
             return None
         if not str(value).startswith("s3://") or len(str(value)) <= len("s3://"):
             raise ValueError("must be s3://bucket/prefix, or empty")
-        bucket = str(value).removeprefix("s3://").split("/")[0]
-        if not S3_BUCKET.fullmatch(bucket):
-            raise ValueError(f"invalid bucket name {bucket!r} (letters, digits, '.', '-', '_')")
+        _check_bucket(str(value))
         return str(value).rstrip("/")
 
     @field_validator("local_dir")

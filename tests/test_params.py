@@ -69,6 +69,7 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"train": {"model": "vgg16"}, "prepare": {"image_size": 24}}, "train.model: vgg16 needs prepare.image_size"),
         ({"publish": {"s3_uri": "bucket/prefix"}}, "publish.s3_uri"),
         ({"publish": {"s3_uri": "s3://Bad_Bucket!/runs"}}, "publish.s3_uri: invalid bucket name 'Bad_Bucket!'"),
+        ({"data": {"url": "s3://Bad_Bucket!/cells.zip"}}, "data.url: invalid bucket name 'Bad_Bucket!'"),
         ({"publish": {"local_dir": ""}}, "publish.local_dir: must name a folder of its own"),
         ({"prepare": {"channels": True}}, "prepare.channels: a number, not true or false"),
         ({"train": {"epochs": True}}, "train.epochs: a number, not true or false"),
