@@ -314,6 +314,8 @@ def _fit(loop: _Loop, phase: _Phase) -> _Fitted:
                              restore_best_weights=loop.params.restore_best)  # fmt: skip
     backup = _Backup(loop.backup_root / phase.name, stopper, phase.epochs)
     resumed = backup.epoch
+    if resumed:
+        log.info("train: %s phase resumed after epoch %d, from the backup a stopped run left", phase.name, resumed)
     _log_epochs(loop.live, backup.history)  # the epochs a killed run did, so the curves keep them
     if backup.done:  # killed in a later phase: this one's result is all it needs
         backup.restore_end(loop.model)

@@ -262,6 +262,7 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     result = imgclf(args, project, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
+    assert f"train: head phase resumed after epoch {stopped_at}, from the backup" in result.stderr  # and says so
 
 
 def test_ctrl_c_under_dask_ends_the_run_at_once_and_leaves_no_worker(tmp_path, cli_env):
