@@ -129,6 +129,9 @@ def _read_with_pillow(data: bytes, max_pixels: int | None, draft_size: int | Non
     header = dict(format=image.format or "", mode=image.mode, width=image.width, height=image.height)
     if image.format not in SUPPORTED_FORMATS:
         return Verdict("unsupported_format", image.format or "", **header), None
+    if image.mode == "F":
+        # 0..1 or 0..255 or any other range: a guess would cache some sets black, silently.
+        return Verdict("unsupported_format", "floating-point pixels: no range to map to 8 bits", **header), None
     if max_pixels is not None and image.width * image.height > max_pixels:
         return Verdict("too_large", f"{image.width}x{image.height} > validate.max_pixels", **header), None
     if image.format == "PNG" and (damage := png_damage(data)):
@@ -167,9 +170,6 @@ def _decode_with_pillow(image: Image.Image, draft_size: int | None) -> np.ndarra
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit gray: keep the high byte, as Pillow's 8-bit modes and OpenCV do.
         gray = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(gray[:, :, None], 3, axis=2)
-    if image.mode == "F":
-        gray = np.clip(np.asarray(image), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     return np.asarray(image.convert("RGB"))
 

@@ -105,6 +105,16 @@ def test_format_pillow_opens_but_not_supported_is_rejected_as_unsupported_format
     assert rows["cat/b.ico"]["format"] == "ICO"
 
 
+def test_floating_point_tiff_is_rejected_not_cached_black(root, tmp_path):
+    # Float pixels come in 0..1 as often as in 0..255: no mapping to 8 bits is right for both.
+    write(root, "cat/float.tif", encode(Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)), "TIFF"))
+    write(root, "cat/int16.tif", encode(Image.fromarray(noise(8, 8)[..., 0].astype(np.uint16) << 8), "TIFF"))
+    rows = run_validate(root, tmp_path)
+    assert_rejected(rows["cat/float.tif"], "unsupported_format")
+    assert "floating-point" in rows["cat/float.tif"]["detail"]
+    assert_valid(rows["cat/int16.tif"], "TIFF", 8, 8)
+
+
 def test_too_large_image_is_rejected_from_its_header_without_decoding(root, tmp_path):
     # The IHDR claims 30000x30000 but the pixel data is garbage: decoding would say
     # truncated/corrupt, so `too_large` proves the verdict came from the header alone.
