@@ -304,7 +304,7 @@ def _training_section(layout: Layout) -> Section:
     if not training:
         return Section("training", title, _not_run(f"{layout.metrics_dir / 'train.json'} is missing (the train stage)"))
     keys = ("recipe", "model", "device", "precision", "n_train", "n_val", "epochs_run", "resumed_from_epoch", "seconds",
-            "images_per_second", "val_loss", "val_accuracy")  # fmt: skip
+            "images_per_second", "val_loss", "val_accuracy", "train_loss", "train_accuracy")  # fmt: skip
     body = _table(["", ""], [[key.replace("_", " "), _number(training[key])] for key in keys if key in training], head=False)
     return Section("training", title, body + _plot(layout.plots_dir / "training_curves.png", "training curves"))
 

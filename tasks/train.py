@@ -165,7 +165,8 @@ def train(
     seconds = time.perf_counter() - started
     loop.live.end()
 
-    report = _report(loop, phases, seconds, _final_scores(loop))
+    final = _final_scores(loop)
+    report = _report(loop, phases, seconds, final)
     # Valid JSON or nothing: a NaN that got past the per-epoch check fails here, before any file is written.
     text = json.dumps(report, indent=2, allow_nan=False)
     model_path = _save(model, data, params, augment, devices.precision, exclusion, model_dir)
@@ -175,7 +176,7 @@ def train(
     if scratch is not None:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("train: %d epochs, %.0f images/s, %s accuracy %.4f -> %s", report["epochs_run"], report["images_per_second"],
-             "val" if report["n_val"] else "train (no val split)", report["val_accuracy"], model_path)  # fmt: skip
+             "val" if report["n_val"] else "train (no val split)", final["accuracy"], model_path)  # fmt: skip
     return model_path
 
 
@@ -367,10 +368,11 @@ def _final_scores(loop: _Loop) -> dict:
 
 
 def _report(loop: _Loop, phases: list[_Fitted], seconds: float, final: dict) -> dict:
-    """Returns train.json: the run's devices, sizes, speed, final val scores and per-epoch history."""
+    """Returns train.json: the run's devices, sizes, speed, final scores and per-epoch history."""
     keys = dict.fromkeys(key for phase in phases for key in phase.history)
     history = {key: [value for phase in phases for value in phase.history.get(key, [])] for key in keys}
     rates = [phase.images_per_second for phase in phases if phase.images_per_second]
+    scored = "val" if loop.val_ds is not None else "train"
     return {
         "recipe": loop.params.recipe,
         "model": loop.params.model,
@@ -383,9 +385,10 @@ def _report(loop: _Loop, phases: list[_Fitted], seconds: float, final: dict) -> 
         "resumed_from_epoch": sum(phase.resumed_from for phase in phases),
         "seconds": round(seconds, 3),
         "images_per_second": round(float(np.mean(rates or [0.0])), 1),
-        # After restoring the best weights: what the saved model scores on val (train if no val).
-        "val_loss": float(final["loss"]),
-        "val_accuracy": float(final["accuracy"]),
+        # After restoring the best weights: what the saved model scores on val (train if no val),
+        # named for the split scored so that no train figure passes for a val one.
+        f"{scored}_loss": float(final["loss"]),
+        f"{scored}_accuracy": float(final["accuracy"]),
         "history": history,
     }
 
