@@ -178,7 +178,26 @@ def load_base(name: str, weights: str, input_shape: tuple[int, int, int]) -> ker
             base.load_weights(weights)
         except (OSError, ValueError) as exc:
             raise ModelError(f"train.weights: cannot load {weights} into {name}: {exc}") from None
+        if name == "efficientnet_b0":
+            _scale_as_keras_imagenet_build(base)
     return base
+
+
+# ImageNet's per-channel standard deviations (RGB), as keras.applications.efficientnet has them.
+_IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+
+
+def _scale_as_keras_imagenet_build(base: keras.Model) -> None:
+    """Gives an EfficientNet loaded from a weights file the input scale its ImageNet weights expect.
+
+    Keras adds a per-channel `Rescaling(1 / sqrt(stddev))` after the stem's Normalization only
+    when it fetches the imagenet weights itself (tensorflow/tensorflow#49930): the same file
+    loaded into the plain architecture sees inputs about 2x too large. Folding the factor into
+    the Normalization's variance gives the very outputs of Keras's own build.
+    """
+    norm = next(layer for layer in base.layers if isinstance(layer, layers.Normalization))
+    norm.adapt_variance.assign(norm.adapt_variance * np.array(_IMAGENET_STDDEV_RGB, dtype="float32"))
+    norm.finalize_state()
 
 
 def build_model(

@@ -296,6 +296,19 @@ def test_transfer_base_loads_weights_from_a_local_file(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_efficientnet_from_a_local_weights_file_computes_what_keras_imagenet_build_does(tmp_path, monkeypatch):
+    from keras.src.applications import efficientnet
+
+    path = tmp_path / "efficientnetb0_notop.weights.h5"
+    keras.applications.EfficientNetB0(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(path)
+    # Keras's own imagenet path, its download answered by the same file.
+    monkeypatch.setattr(efficientnet.file_utils, "get_file", lambda *args, **kwargs: str(path))
+    keras_build = keras.applications.EfficientNetB0(include_top=False, weights="imagenet", input_shape=(32, 32, 3))
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    ours = load_base("efficientnet_b0", str(path), (32, 32, 3))
+    np.testing.assert_allclose(ours(images), keras_build(images), rtol=1e-4, atol=1e-10)
+
+
 def test_transfer_model_trains_head_then_fine_tunes_top_layers(cells, tmp_path):
     model_path = run_train(cells, tmp_path, model="mobilenet_v3_small", weights="none", epochs=1,
                            fine_tune_layers=6, fine_tune_epochs=1)  # fmt: skip
