@@ -166,7 +166,7 @@ def stage_task(name: str, params: Params, layout: Layout, project: DvcProject, m
     if reason is None and name == "download" and not params.data.sha256:
         # dvc.lock cannot see new data behind the same URL: the source itself is asked (a
         # pinned data.sha256 already says which content the archive must be).
-        reason = source_change(params.data, layout.raw_dir, params.s3)
+        reason = source_change(params.data, layout.raw_dir, layout.source_json, params.s3)
     if reason is None:
         logger.info("%s: up to date in dvc.lock, skipped", name)
         return Completed(name="Skipped", message="up to date in dvc.lock")

@@ -4,10 +4,11 @@ Bytes stream into `<name>.part`; `<name>.part.json` records the URL and the vali
 (ETag, Last-Modified) the server gave, so an interrupted HTTP or S3 transfer resumes from
 there only while the file is provably the same one (If-Range, If-Match), never blindly.
 Only a complete (and, when `data.sha256` is set, verified) file is renamed to its final
-name. A `<name>.source.json` beside it records where it came from and what the source said of
-it (ETag, Last-Modified, size; a local file's mtime). Each run asks the source again, cheaply,
-as `dvc import-url` does, and fetches only when it changed: a scheduled retrain sees new data
-published at the same URL.
+name. `data/source.json` (an output of its own, outside `data/raw`) records where it came from and
+what the source said of it (ETag, Last-Modified, size; a local file's mtime). Each run asks the
+source again, cheaply, as `dvc import-url` does, and fetches only when it changed: a scheduled
+retrain sees new data published at the same URL, and the same bytes fetched again under new
+validators change the record alone, not the folder extract depends on.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def archive_path(data: DataParams, raw_dir: Path) -> Path:
     return raw_dir / (name if name not in ("", ".", "..") and len(name.encode()) <= 200 else "archive")
 
 
-def download(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> Path:
-    """Returns the path of the verified archive, fetched unless the source is unchanged since the last download."""
+def download(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Params()) -> Path:
+    """Returns the path of the verified archive, fetched unless the source is unchanged since the
+    last download, whose source `record` describes."""
     target = archive_path(data, raw_dir)
     fetch = _by_scheme(FETCHERS, data.url)
     if data.sha256 and target.exists():
@@ -68,12 +70,11 @@ def download(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> Path
             return target
         change = "the archive does not match data.sha256"
     else:
-        change, proof = _compare(data, target, s3)
+        change, proof = _compare(data, target, record, s3)
         if change is None:
             log.info("download: %s: source unchanged (%s), nothing fetched", target, proof)
             return target
     log.info("download: %s: %s; fetching %s", target, change, redact(data.url))
-    record = _source_record(target)
     part = target.with_name(target.name + ".part")
     raw_dir.mkdir(parents=True, exist_ok=True)
     source = fetch(data, part, s3)
@@ -86,12 +87,14 @@ def download(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> Path
         )
     # The old record must not vouch for the new archive if we stop before ours is written.
     record.unlink(missing_ok=True)
+    # Where records lay before they left data/raw: a stale one there would vouch for nothing.
+    target.with_name(target.name + ".source.json").unlink(missing_ok=True)
     os.replace(part, target)
     size = target.stat().st_size
     with atomic_file(record) as handle:
-        json.dump({"url": redact(data.url), "sha256": digest, "bytes": size, "etag": source.get("etag"),
-                   "last_modified": source.get("last_modified"), "mtime_ns": source.get("mtime_ns")},
-                  handle, indent=2)  # fmt: skip
+        json.dump({"url": redact(data.url), "archive": target.name, "sha256": digest, "bytes": size,
+                   "etag": source.get("etag"), "last_modified": source.get("last_modified"),
+                   "mtime_ns": source.get("mtime_ns")}, handle, indent=2)  # fmt: skip
     _part_record(part).unlink(missing_ok=True)
     # Without data.sha256 nothing pins the archive's content: say how to pin it.
     pin = "" if data.sha256 else "; to pin it, set data.sha256 to this digest in params.yaml"
@@ -99,24 +102,24 @@ def download(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> Path
     return target
 
 
-def source_change(data: DataParams, raw_dir: Path, s3: S3Params = S3Params()) -> str | None:
+def source_change(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Params()) -> str | None:
     """Returns why the source at `data.url` may differ from the archive downloaded from it before
     (one line), or None when it is provably the same one. Asks the source, never for its body:
     HTTP(S) a HEAD (a one-byte GET where HEAD is refused), S3 head_object, a local file its stat.
     Transient failures are retried; a permanent one raises DownloadError."""
-    return _compare(data, archive_path(data, raw_dir), s3)[0]
+    return _compare(data, archive_path(data, raw_dir), record, s3)[0]
 
 
 # What a source says of itself, as source.json records it, and the names a log gives them.
 _VALIDATORS = {"etag": "ETag", "last_modified": "Last-Modified", "mtime_ns": "mtime"}
 
 
-def _compare(data: DataParams, target: Path, s3: S3Params) -> tuple[str | None, str]:
-    """Returns (why the source differs from `target`'s record, or None; what proved it the same)."""
+def _compare(data: DataParams, target: Path, record: Path, s3: S3Params) -> tuple[str | None, str]:
+    """Returns (why the source differs from `record`'s, or None; what proved `target` the same)."""
     if not target.exists():
         return "no archive downloaded yet", ""
     try:
-        before = json.loads(_source_record(target).read_text())
+        before = json.loads(record.read_text())
     except (OSError, ValueError):
         return "no record of where the archive came from", ""
     if before.get("url") != redact(data.url):
@@ -142,10 +145,6 @@ def _by_scheme(table: dict[str, T], url: str) -> T:
         supported = ", ".join(f"{s}://" for s in table if s) + ", or a local path"
         raise DownloadError(f"{redact(url)}: unsupported scheme (supported: {supported})")
     return table[url_scheme(url)]
-
-
-def _source_record(target: Path) -> Path:
-    return target.with_name(target.name + ".source.json")
 
 
 def _local_file(data: DataParams) -> tuple[Path, os.stat_result]:

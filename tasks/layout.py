@@ -17,6 +17,7 @@ class Layout:
     root: Path
 
     raw_dir = _below_root("data/raw")
+    source_json = _below_root("data/source.json")
     extracted_dir = _below_root("data/extracted")
     extract_skipped_csv = _below_root("data/extract_skipped.csv")
     manifest_csv = _below_root("data/manifest.csv")

@@ -149,7 +149,7 @@ def report(params: Params, layout: Layout, archive: Path, out: Path) -> Path:
     """Returns `out`, written with the run's HTML report; a copy goes beside the published run when publish made one."""
     published = this_models_publish(layout)
     sections = [
-        _archive_section(params.data, archive, layout.extract_skipped_csv),
+        _archive_section(params.data, archive, layout.source_json, layout.extract_skipped_csv),
         _validate_section(layout, params.validate.max_pixels),
         _split_section(layout, params.split.group_pattern),
         _data_audit_section(layout, params.validate.max_pixels),
@@ -190,9 +190,10 @@ def published_report(published: dict) -> str | None:
 # --- Sections, top to bottom ----------------------------------------------------------------------
 
 
-def _archive_section(data: DataParams, archive: Path, skipped_csv: Path) -> Section:
+def _archive_section(data: DataParams, archive: Path, source_json: Path, skipped_csv: Path) -> Section:
     title = "The archive"
-    record = read_json(archive.with_name(archive.name + ".source.json"))  # download's record of the source
+    record = read_json(source_json)  # download's record of the source, unless of another archive
+    record = record if record.get("archive") == archive.name else {}
     if not archive.is_file():
         return Section("archive", title, _not_run(f"no archive at {archive} (the download stage)"))
     digest = record.get("sha256") or sha256_file(archive)

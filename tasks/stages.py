@@ -27,7 +27,7 @@ Stage = Callable[[Params, Layout, ShardMap], object]
 
 
 def _download(p: Params, at: Layout, map_shards: ShardMap) -> Path:
-    return download(p.data, at.raw_dir, p.s3)
+    return download(p.data, at.raw_dir, at.source_json, p.s3)
 
 
 def _extract(p: Params, at: Layout, map_shards: ShardMap) -> Path:

@@ -159,21 +159,21 @@ def params(url: str, sha256: str | None = None, retries: int = 3) -> DataParams:
 def test_http_download_writes_final_file_and_source_record_and_no_part(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     raw = tmp_path / "raw"
-    path = download(params(server.url("/cells.zip")), raw)
+    path = download(params(server.url("/cells.zip")), raw, raw.parent / "source.json")
     assert path == raw / "cells.zip" == archive_path(params(server.url("/cells.zip")), raw)
     assert path.read_bytes() == PAYLOAD
-    record = json.loads((raw / "cells.zip.source.json").read_text())
-    assert record == {"url": server.url("/cells.zip"), "sha256": PAYLOAD_SHA, "bytes": len(PAYLOAD),
+    record = json.loads((tmp_path / "source.json").read_text())
+    assert record == {"url": server.url("/cells.zip"), "archive": "cells.zip", "sha256": PAYLOAD_SHA, "bytes": len(PAYLOAD),
                       "etag": etag(PAYLOAD), "last_modified": LAST_MODIFIED, "mtime_ns": None}  # fmt: skip
     assert not (raw / "cells.zip.part").exists()
-    assert sorted(p.name for p in raw.iterdir()) == ["cells.zip", "cells.zip.source.json"]
+    assert sorted(p.name for p in raw.iterdir()) == ["cells.zip"]
 
 
 def killed_run(server, path: str, raw) -> None:
     """Leaves what a download killed halfway leaves: half the file in `<name>.part`."""
     server.plans[path] = ["cut", *server.plans.get(path, ["serve"])]
     with pytest.raises(DownloadError):
-        download(params(server.url(path), retries=0), raw)
+        download(params(server.url(path), retries=0), raw, raw.parent / "source.json")
     assert (raw / "cells.zip.part").exists() and not (raw / "cells.zip").exists()
 
 
@@ -188,28 +188,28 @@ def test_a_stopped_run_ends_the_transfer_at_once_and_keeps_no_final_file(server,
     stop_requested.set()  # what the flow sets on Ctrl-C while this stage runs in a task runner's thread
     try:
         with pytest.raises(Interrupted, match="download cells.zip: interrupted at 0 of"):
-            download(params(server.url("/cells.zip")), raw)
+            download(params(server.url("/cells.zip")), raw, raw.parent / "source.json")
     finally:
         stop_requested.clear()
     assert not (raw / "cells.zip").exists() and len(server.requests) == 1  # not retried
-    assert download(params(server.url("/cells.zip")), raw).read_bytes() == PAYLOAD
+    assert download(params(server.url("/cells.zip")), raw, raw.parent / "source.json").read_bytes() == PAYLOAD
 
 
 def test_interrupted_transfer_resumes_with_range_and_if_range_on_the_etag(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     server.plans["/cells.zip"] = ["cut", "serve"]
-    path = download(params(server.url("/cells.zip")), tmp_path / "raw")
+    path = download(params(server.url("/cells.zip")), tmp_path / "raw", tmp_path / "source.json")
     assert path.read_bytes() == PAYLOAD
     assert server.requests[0]["range"] is None
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 206)]
-    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["cells.zip", "cells.zip.source.json"]
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == ["cells.zip"]
 
 
 def test_part_left_by_a_killed_run_resumes_with_range_and_if_range_on_the_etag(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     raw = tmp_path / "raw"
     killed_run(server, "/cells.zip", raw)
-    path = download(params(server.url("/cells.zip"), sha256=PAYLOAD_SHA), raw)
+    path = download(params(server.url("/cells.zip"), sha256=PAYLOAD_SHA), raw, raw.parent / "source.json")
     assert path.read_bytes() == PAYLOAD
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 206)]
     assert not (raw / "cells.zip.part").exists() and not (raw / "cells.zip.part.json").exists()
@@ -219,7 +219,7 @@ def test_without_an_etag_a_resume_is_tied_to_last_modified(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     server.validators["/cells.zip"] = "last-modified"
     killed_run(server, "/cells.zip", tmp_path)
-    assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == PAYLOAD
+    assert download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == PAYLOAD
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", LAST_MODIFIED, 206)]
 
 
@@ -227,7 +227,7 @@ def test_part_from_another_url_is_not_resumed(server, tmp_path):
     server.files["/a/cells.zip"] = PAYLOAD
     server.files["/b/cells.zip"] = OTHER
     killed_run(server, "/a/cells.zip", tmp_path)
-    assert download(params(server.url("/b/cells.zip")), tmp_path).read_bytes() == OTHER
+    assert download(params(server.url("/b/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == OTHER
     assert resumes(server) == [(None, None, 200)]
 
 
@@ -235,7 +235,7 @@ def test_part_of_a_file_changed_since_is_started_over_when_if_range_fails(server
     server.files["/cells.zip"] = PAYLOAD
     killed_run(server, "/cells.zip", tmp_path)
     server.files["/cells.zip"] = OTHER  # same name and size, new ETag
-    assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == OTHER
+    assert download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == OTHER
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 200)]
 
 
@@ -244,7 +244,7 @@ def test_server_ignoring_if_range_cannot_splice_in_a_changed_file(server, tmp_pa
     server.plans["/cells.zip"] = ["noifrange"]
     killed_run(server, "/cells.zip", tmp_path)
     server.files["/cells.zip"] = OTHER
-    assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == OTHER
+    assert download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == OTHER
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 206), (None, None, 200)]
 
 
@@ -255,7 +255,7 @@ def test_server_ignoring_if_range_without_an_etag_cannot_splice_in_a_changed_fil
     killed_run(server, "/cells.zip", tmp_path)
     server.files["/cells.zip"] = OTHER
     server.modified["/cells.zip"] = "Thu, 02 Jan 2025 00:00:00 GMT"
-    assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == OTHER
+    assert download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == OTHER
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", LAST_MODIFIED, 206), (None, None, 200)]
 
 
@@ -265,7 +265,7 @@ def test_server_without_etag_or_last_modified_restarts_from_zero(server, tmp_pat
     server.validators["/cells.zip"] = "none"
     killed_run(server, "/cells.zip", tmp_path)
     server.files["/cells.zip"] = OTHER
-    assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == OTHER
+    assert download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == OTHER
     assert resumes(server) == [(None, None, 200)]
 
 
@@ -273,7 +273,7 @@ def test_server_that_ignores_range_restarts_part_from_zero(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     server.plans["/cells.zip"] = ["norange"]
     killed_run(server, "/cells.zip", tmp_path)
-    path = download(params(server.url("/cells.zip")), tmp_path)
+    path = download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json")
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 200)]
     assert path.read_bytes() == PAYLOAD  # not the first half twice
 
@@ -282,7 +282,7 @@ def test_short_body_without_content_length_is_retried_then_fails_with_no_final_f
     server.files["/cells.zip"] = zip_bytes()
     server.plans["/cells.zip"] = ["unsized-cut"]
     with pytest.raises(DownloadError) as raised:
-        download(params(server.url("/cells.zip"), retries=2), tmp_path)
+        download(params(server.url("/cells.zip"), retries=2), tmp_path, tmp_path / "source.json")
     message = str(raised.value)
     assert message.startswith(server.url("/cells.zip") + ": gave up after 3 attempts")
     assert "truncated" in message and "\n" not in message
@@ -293,39 +293,39 @@ def test_short_body_without_content_length_is_retried_then_fails_with_no_final_f
 def test_body_without_content_length_is_kept_once_the_archive_is_whole(server, tmp_path):
     server.files["/cells.zip"] = zip_bytes()
     server.plans["/cells.zip"] = ["unsized-cut", "unsized"]
-    assert download(params(server.url("/cells.zip")), tmp_path).read_bytes() == zip_bytes()
+    assert download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == zip_bytes()
     assert len(server.requests) == 2
 
 
 def test_without_sha256_the_log_recommends_setting_it_to_the_digest(server, tmp_path, caplog):
     server.files["/cells.zip"] = PAYLOAD
     with caplog.at_level(logging.INFO, logger="imgclf"):
-        download(params(server.url("/cells.zip")), tmp_path)
+        download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json")
     assert any("data.sha256" in r.getMessage() and PAYLOAD_SHA in r.getMessage() for r in caplog.records)
 
 
 def test_archive_left_without_its_record_is_not_taken_for_the_previous_url(server, tmp_path, monkeypatch):
     server.files["/a/cells.zip"] = PAYLOAD
     server.files["/b/cells.zip"] = OTHER
-    download(params(server.url("/a/cells.zip")), tmp_path)
+    download(params(server.url("/a/cells.zip")), tmp_path, tmp_path / "source.json")
     real_atomic_file = tasks.download.atomic_file
 
     def killed_before_the_record(path, *args, **kwargs):
-        if path.name.endswith(".source.json"):
+        if path.name == "source.json":
             raise KeyboardInterrupt  # the run dies between the rename and writing the record
         return real_atomic_file(path, *args, **kwargs)
 
     monkeypatch.setattr(tasks.download, "atomic_file", killed_before_the_record)
     with pytest.raises(KeyboardInterrupt):
-        download(params(server.url("/b/cells.zip")), tmp_path)
+        download(params(server.url("/b/cells.zip")), tmp_path, tmp_path / "source.json")
     monkeypatch.undo()
-    assert download(params(server.url("/a/cells.zip")), tmp_path).read_bytes() == PAYLOAD
+    assert download(params(server.url("/a/cells.zip")), tmp_path, tmp_path / "source.json").read_bytes() == PAYLOAD
 
 
 def test_server_errors_are_retried_until_success(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     server.plans["/cells.zip"] = [503, 503, "serve"]
-    path = download(params(server.url("/cells.zip"), retries=3), tmp_path / "raw")
+    path = download(params(server.url("/cells.zip"), retries=3), tmp_path / "raw", tmp_path / "source.json")
     assert path.read_bytes() == PAYLOAD
     assert len(server.requests) == 3
 
@@ -333,7 +333,7 @@ def test_server_errors_are_retried_until_success(server, tmp_path):
 def test_permanent_404_fails_at_once_naming_url_and_status(server, tmp_path):
     url = server.url("/missing.zip")
     with pytest.raises(DownloadError) as raised:
-        download(params(url, retries=3), tmp_path / "raw")
+        download(params(url, retries=3), tmp_path / "raw", tmp_path / "source.json")
     assert url in str(raised.value)
     assert "404" in str(raised.value)
     assert len(server.requests) == 1
@@ -344,20 +344,20 @@ def test_checksum_mismatch_raises_and_leaves_no_final_file(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     raw = tmp_path / "raw"
     with pytest.raises(DownloadError, match="sha256"):
-        download(params(server.url("/cells.zip"), sha256="0" * 64), raw)
+        download(params(server.url("/cells.zip"), sha256="0" * 64), raw, raw.parent / "source.json")
     assert not (raw / "cells.zip").exists()
     assert not (raw / "cells.zip.part").exists()
-    assert not (raw / "cells.zip.source.json").exists()
+    assert not (tmp_path / "source.json").exists()
 
 
 def test_an_archive_matching_data_sha256_is_kept_without_asking_the_source(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     data = params(server.url("/cells.zip"), sha256=PAYLOAD_SHA)
-    download(data, tmp_path / "raw")
+    download(data, tmp_path / "raw", tmp_path / "source.json")
     assert len(server.requests) == 1
     server.requests.clear()
     server.files["/cells.zip"] = OTHER  # the content is pinned: a new file at the URL is not wanted
-    path = download(data, tmp_path / "raw")
+    path = download(data, tmp_path / "raw", tmp_path / "source.json")
     assert server.requests == []
     assert path.read_bytes() == PAYLOAD
 
@@ -376,36 +376,36 @@ def messages(caplog) -> str:
 def test_unchanged_source_is_asked_with_a_head_only_and_nothing_fetched(server, tmp_path, caplog):
     server.files["/cells.zip"] = PAYLOAD
     data = params(server.url("/cells.zip"))
-    download(data, tmp_path)
+    download(data, tmp_path, tmp_path / "source.json")
     assert seen(server) == [("GET", None, 200)]
     with caplog.at_level(logging.INFO, logger="imgclf"):
-        assert download(data, tmp_path).read_bytes() == PAYLOAD
+        assert download(data, tmp_path, tmp_path / "source.json").read_bytes() == PAYLOAD
     assert seen(server) == [("HEAD", None, 200)]
     proof = f"ETag {etag(PAYLOAD)}, Last-Modified {LAST_MODIFIED}, size 300000"
     assert f"cells.zip: source unchanged ({proof}), nothing fetched" in messages(caplog)
-    assert source_change(data, tmp_path) is None
+    assert source_change(data, tmp_path, tmp_path / "source.json") is None
 
 
 def test_changed_etag_at_the_same_url_is_fetched_again_and_the_log_says_why(server, tmp_path, caplog):
     server.files["/cells.zip"] = PAYLOAD
     data = params(server.url("/cells.zip"))
-    download(data, tmp_path)
+    download(data, tmp_path, tmp_path / "source.json")
     server.files["/cells.zip"] = OTHER  # same URL, same size, same Last-Modified: only the ETag tells
-    assert source_change(data, tmp_path) == "ETag changed"
+    assert source_change(data, tmp_path, tmp_path / "source.json") == "ETag changed"
     seen(server)
     with caplog.at_level(logging.INFO, logger="imgclf"):
-        assert download(data, tmp_path).read_bytes() == OTHER
+        assert download(data, tmp_path, tmp_path / "source.json").read_bytes() == OTHER
     assert seen(server) == [("HEAD", None, 200), ("GET", None, 200)]
     assert "cells.zip: ETag changed; fetching" in messages(caplog)
-    assert json.loads((tmp_path / "cells.zip.source.json").read_text())["etag"] == etag(OTHER)
+    assert json.loads((tmp_path / "source.json").read_text())["etag"] == etag(OTHER)
 
 
 def test_the_head_carries_the_urls_credentials_as_basic_auth(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     data = params(server.url("/cells.zip").replace("://", "://reader:s%40cret@"))
-    download(data, tmp_path)
+    download(data, tmp_path, tmp_path / "source.json")
     server.requests.clear()
-    assert source_change(data, tmp_path) is None
+    assert source_change(data, tmp_path, tmp_path / "source.json") is None
     basic = "Basic " + base64.b64encode(b"reader:s@cret").decode()
     assert [(r["method"], r["auth"]) for r in server.requests] == [("HEAD", basic)]
 
@@ -415,12 +415,12 @@ def test_server_refusing_head_is_asked_with_a_one_byte_ranged_get(server, tmp_pa
     server.files["/cells.zip"] = PAYLOAD
     server.head_plans["/cells.zip"] = [refusal] * 2
     data = params(server.url("/cells.zip"))
-    download(data, tmp_path)
+    download(data, tmp_path, tmp_path / "source.json")
     seen(server)
-    assert download(data, tmp_path).read_bytes() == PAYLOAD
+    assert download(data, tmp_path, tmp_path / "source.json").read_bytes() == PAYLOAD
     assert seen(server) == [("HEAD", None, refusal), ("GET", "bytes=0-0", 206)]
     server.files["/cells.zip"] = OTHER
-    assert download(data, tmp_path).read_bytes() == OTHER
+    assert download(data, tmp_path, tmp_path / "source.json").read_bytes() == OTHER
     assert seen(server) == [("HEAD", None, refusal), ("GET", "bytes=0-0", 206), ("GET", None, 200)]
 
 
@@ -428,42 +428,42 @@ def test_without_validators_a_new_size_is_fetched_again_and_said(server, tmp_pat
     server.files["/cells.zip"] = PAYLOAD
     server.validators["/cells.zip"] = "none"
     data = params(server.url("/cells.zip"))
-    download(data, tmp_path)
+    download(data, tmp_path, tmp_path / "source.json")
     server.files["/cells.zip"] = PAYLOAD + b"more"
-    assert source_change(data, tmp_path) == "size changed: 300000 -> 300004 bytes"
-    assert download(data, tmp_path).read_bytes() == PAYLOAD + b"more"
+    assert source_change(data, tmp_path, tmp_path / "source.json") == "size changed: 300000 -> 300004 bytes"
+    assert download(data, tmp_path, tmp_path / "source.json").read_bytes() == PAYLOAD + b"more"
 
 
 def test_asking_the_source_retries_transient_errors(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     data = params(server.url("/cells.zip"))
-    download(data, tmp_path)
+    download(data, tmp_path, tmp_path / "source.json")
     server.head_plans["/cells.zip"] = [503, "serve"]
     seen(server)
-    assert source_change(data, tmp_path) is None
+    assert source_change(data, tmp_path, tmp_path / "source.json") is None
     assert seen(server) == [("HEAD", None, 503), ("HEAD", None, 200)]
 
 
 def test_source_gone_raises_one_line_naming_the_url_and_keeps_the_archive(server, tmp_path):
     server.files["/cells.zip?token=secret"] = PAYLOAD
     data = params(server.url("/cells.zip?token=secret"))
-    download(data, tmp_path)
+    download(data, tmp_path, tmp_path / "source.json")
     del server.files["/cells.zip?token=secret"]
     with pytest.raises(DownloadError) as raised:
-        download(data, tmp_path)
+        download(data, tmp_path, tmp_path / "source.json")
     assert str(raised.value) == f"{server.url('/cells.zip')}?***: HTTP 404 Not Found"
     assert (tmp_path / "cells.zip").read_bytes() == PAYLOAD
 
 
 def test_first_download_reports_no_archive_yet(server, tmp_path):
-    assert source_change(params(server.url("/cells.zip")), tmp_path) == "no archive downloaded yet"
+    assert source_change(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json") == "no archive downloaded yet"
     assert server.requests == []
 
 
 def test_retries_exhausted_raises_gave_up_after_retries_plus_one_requests(server, tmp_path):
     server.plans["/cells.zip"] = [500]
     with pytest.raises(DownloadError, match="gave up") as raised:
-        download(params(server.url("/cells.zip"), retries=3), tmp_path / "raw")
+        download(params(server.url("/cells.zip"), retries=3), tmp_path / "raw", tmp_path / "source.json")
     assert server.url("/cells.zip") in str(raised.value)
     assert len(server.requests) == 4
     assert not (tmp_path / "raw" / "cells.zip").exists()
@@ -473,7 +473,7 @@ def test_file_url_copies_the_file(tmp_path):
     source = tmp_path / "src" / "cells.zip"
     source.parent.mkdir()
     source.write_bytes(PAYLOAD)
-    path = download(params(source.as_uri()), tmp_path / "raw")
+    path = download(params(source.as_uri()), tmp_path / "raw", tmp_path / "source.json")
     assert path == tmp_path / "raw" / "cells.zip"
     assert path.read_bytes() == PAYLOAD
     assert not (tmp_path / "raw" / "cells.zip.part").exists()
@@ -484,20 +484,20 @@ def test_local_file_rewritten_with_the_same_size_is_copied_again(tmp_path):
     source.parent.mkdir()
     source.write_bytes(PAYLOAD)
     data = params(str(source))
-    download(data, tmp_path / "raw")
-    assert source_change(data, tmp_path / "raw") is None
+    download(data, tmp_path / "raw", tmp_path / "source.json")
+    assert source_change(data, tmp_path / "raw", tmp_path / "source.json") is None
     source.write_bytes(OTHER)
     before = source.stat().st_mtime_ns
     os.utime(source, ns=(before, before + 1_000_000_000))  # a coarse clock could give the same mtime twice
-    assert source_change(data, tmp_path / "raw") == "mtime changed"
-    assert download(data, tmp_path / "raw").read_bytes() == OTHER
+    assert source_change(data, tmp_path / "raw", tmp_path / "source.json") == "mtime changed"
+    assert download(data, tmp_path / "raw", tmp_path / "source.json").read_bytes() == OTHER
 
 
 def test_plain_local_path_copies_the_file(tmp_path):
     source = tmp_path / "src" / "cells.zip"
     source.parent.mkdir()
     source.write_bytes(PAYLOAD)
-    path = download(params(str(source), sha256=PAYLOAD_SHA), tmp_path / "raw")
+    path = download(params(str(source), sha256=PAYLOAD_SHA), tmp_path / "raw", tmp_path / "source.json")
     assert path == tmp_path / "raw" / "cells.zip"
     assert path.read_bytes() == PAYLOAD
     assert source.read_bytes() == PAYLOAD  # copied, not moved
@@ -506,7 +506,7 @@ def test_plain_local_path_copies_the_file(tmp_path):
 def test_missing_local_file_raises_naming_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "cells.zip"
     with pytest.raises(DownloadError, match=re.escape(str(missing))):
-        download(params(str(missing)), tmp_path / "raw")
+        download(params(str(missing)), tmp_path / "raw", tmp_path / "source.json")
     assert not (tmp_path / "raw" / "cells.zip").exists()
 
 
@@ -514,7 +514,7 @@ def test_unsupported_scheme_raises_naming_supported_schemes(tmp_path):
     # params.yaml refuses the scheme at load; the stage still guards params built without validation.
     unchecked = DataParams.model_construct(**{**params("https://x/cells.zip").model_dump(), "url": "ftp://127.0.0.1/cells.zip"})
     with pytest.raises(DownloadError, match="unsupported scheme") as raised:
-        download(unchecked, tmp_path / "raw")
+        download(unchecked, tmp_path / "raw", tmp_path / "source.json")
     message = str(raised.value)
     assert "ftp://127.0.0.1/cells.zip" in message
     for scheme in ("http://", "https://", "file://"):

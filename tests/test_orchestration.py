@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -97,9 +98,13 @@ def test_a_damaged_dvc_lock_is_named_as_dvc_names_it(tmp_path, demo_zip, env):
 
 
 def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip, env):
-    root = project(tmp_path / "p", env, demo_zip)
+    archive = Path(shutil.copy(demo_zip, tmp_path / "cells.zip"))
+    root = project(tmp_path / "p", env, archive)
     assert ran(flow(root)) == ALL
     assert ran(flow(root)) == []
+    # The same bytes at the source with a new mtime: fetched again; only the page showing the source follows.
+    os.utime(archive, ns=(archive.stat().st_mtime_ns, archive.stat().st_mtime_ns + 10**9))
+    assert ran(flow(root)) == ["download", "report"]
     # Up to evaluate only: the run shows no gate nor page of the model before it.
     state = pipeline(overrides={"train.epochs": 2}, root=str(root), stages=["evaluate"], return_state=True)
     assert ran(state.result()) == ["train", "evaluate"]

@@ -31,7 +31,7 @@ def test_download_from_s3_verifies_the_checksum(moto, bucket, demo_zip, tmp_path
     import hashlib
 
     digest = hashlib.sha256(demo_zip.read_bytes()).hexdigest()
-    got = download(quick(f"s3://{bucket}/sets/cells.zip", sha256=digest), tmp_path / "raw", S3Params(endpoint_url=moto))
+    got = download(quick(f"s3://{bucket}/sets/cells.zip", sha256=digest), tmp_path / "raw", tmp_path / "source.json", S3Params(endpoint_url=moto))
     assert got == tmp_path / "raw" / "cells.zip" and got.read_bytes() == demo_zip.read_bytes()
     assert not (tmp_path / "raw" / "cells.zip.part").exists()
 
@@ -49,14 +49,14 @@ def test_s3_download_resumes_from_the_part_file(moto, bucket, tmp_path):
     raw = tmp_path / "raw"
     url = f"s3://{bucket}/a.zip"
     leave_part(raw, url, etag, len(payload), payload[:123_457])
-    assert download(quick(url), raw).read_bytes() == payload
+    assert download(quick(url), raw, raw.parent / "source.json").read_bytes() == payload
     # The bytes already there are kept, not fetched again: a wrong prefix shows in the checksum.
     (raw / "a.zip").unlink()
     leave_part(raw, url, etag, len(payload), b"\0" * 1000)
     import hashlib
 
     with pytest.raises(DownloadError, match="sha256 mismatch"):
-        download(quick(f"s3://{bucket}/a.zip", sha256=hashlib.sha256(payload).hexdigest()), raw)
+        download(quick(f"s3://{bucket}/a.zip", sha256=hashlib.sha256(payload).hexdigest()), raw, raw.parent / "source.json")
 
 
 def test_s3_part_of_an_overwritten_object_is_started_over_not_spliced(moto, bucket, tmp_path):
@@ -65,8 +65,8 @@ def test_s3_part_of_an_overwritten_object_is_started_over_not_spliced(moto, buck
     old_etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=old)["ETag"]
     leave_part(tmp_path, url, old_etag, len(old), old[:123_457])
     new_etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=new)["ETag"]
-    assert download(quick(url), tmp_path).read_bytes() == new
-    assert json.loads((tmp_path / "a.zip.source.json").read_text())["etag"] == new_etag
+    assert download(quick(url), tmp_path, tmp_path / "source.json").read_bytes() == new
+    assert json.loads((tmp_path / "source.json").read_text())["etag"] == new_etag
     assert not (tmp_path / "a.zip.part.json").exists()
 
 
@@ -74,29 +74,29 @@ def test_s3_object_overwritten_at_the_same_key_is_fetched_again(moto, bucket, tm
     old, new = os.urandom(300_000), os.urandom(300_000)
     url = f"s3://{bucket}/a.zip"
     s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=old)
-    assert download(quick(url), tmp_path).read_bytes() == old
-    assert source_change(quick(url), tmp_path) is None  # head_object: the same ETag and size
+    assert download(quick(url), tmp_path, tmp_path / "source.json").read_bytes() == old
+    assert source_change(quick(url), tmp_path, tmp_path / "source.json") is None  # head_object: the same ETag and size
     new_etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=new)["ETag"]
-    assert source_change(quick(url), tmp_path) == "ETag changed"
+    assert source_change(quick(url), tmp_path, tmp_path / "source.json") == "ETag changed"
     with caplog.at_level("INFO", logger="imgclf"):
-        assert download(quick(url), tmp_path).read_bytes() == new
+        assert download(quick(url), tmp_path, tmp_path / "source.json").read_bytes() == new
     assert "a.zip: ETag changed; fetching" in caplog.text
-    assert json.loads((tmp_path / "a.zip.source.json").read_text())["etag"] == new_etag
+    assert json.loads((tmp_path / "source.json").read_text())["etag"] == new_etag
 
 
 def test_missing_bucket_and_key_are_one_line_each(moto, bucket, tmp_path):
     with pytest.raises(DownloadError) as no_bucket:
-        download(quick("s3://imgclf-no-such-bucket/x.zip"), tmp_path)
+        download(quick("s3://imgclf-no-such-bucket/x.zip"), tmp_path, tmp_path / "source.json")
     assert str(no_bucket.value) == "s3://imgclf-no-such-bucket/x.zip: no such bucket"
     with pytest.raises(DownloadError) as no_key:
-        download(quick(f"s3://{bucket}/missing.zip"), tmp_path)
+        download(quick(f"s3://{bucket}/missing.zip"), tmp_path, tmp_path / "source.json")
     assert str(no_key.value) == f"s3://{bucket}/missing.zip: no such key"
 
 
 def test_unreachable_endpoint_is_retried_then_one_line(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(DownloadError) as caught:
-        download(quick("s3://imgclf-any/x.zip"), tmp_path, S3Params(endpoint_url=closed))
+        download(quick("s3://imgclf-any/x.zip"), tmp_path, tmp_path / "source.json", S3Params(endpoint_url=closed))
     assert str(caught.value) == "s3://imgclf-any/x.zip: gave up after 3 attempts: s3://imgclf-any/x.zip: cannot reach the S3 endpoint"
 
 
@@ -121,7 +121,7 @@ def test_denied_access_and_bad_credentials_are_one_line_without_the_secret(tmp_p
             os.environ.update(env)
             try:
                 with pytest.raises(DownloadError) as caught:
-                    download(quick("s3://imgclf-locked/x.zip"), tmp_path, S3Params(endpoint_url=endpoint))
+                    download(quick("s3://imgclf-locked/x.zip"), tmp_path, tmp_path / "source.json", S3Params(endpoint_url=endpoint))
             finally:
                 os.environ.update({k: v for k, v in saved.items() if v is not None})
             assert str(caught.value) == f"s3://imgclf-locked/x.zip: {meaning}"
