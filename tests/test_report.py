@@ -126,6 +126,21 @@ def test_sections_whose_stage_did_not_run_say_not_run(tmp_path, demo_zip):
     assert "<h3>Params</h3>" in page and "<h3>Versions</h3>" in page  # what the run was asked to do, and with what
 
 
+def test_the_archive_section_shows_the_download_s_record_of_this_archive_only(tmp_path, demo_zip):
+    layout = Layout(tmp_path)
+    archive = layout.raw_dir / demo_zip.name
+    archive.parent.mkdir(parents=True)
+    shutil.copy(demo_zip, archive)
+    record = {"url": "https://example.org/sets/cells.zip", "archive": archive.name, "sha256": "ab" * 32,
+              "etag": '"e-1"', "last_modified": "Tue, 01 Sep 2026 10:00:00 GMT"}  # fmt: skip
+    layout.source_json.write_text(json.dumps(record))
+    page = report(Params(), layout, archive, tmp_path / REPORT_HTML).read_text()
+    assert "https://example.org/sets/cells.zip" in page and "ab" * 32 in page and "Tue, 01 Sep 2026" in page
+    layout.source_json.write_text(json.dumps(record | {"archive": "other.zip"}))  # an earlier URL's archive
+    page = report(Params(), layout, archive, tmp_path / REPORT_HTML).read_text()
+    assert "example.org" not in page and "Tue, 01 Sep 2026" not in page and "ab" * 32 not in page
+
+
 def test_the_page_shows_the_params_dvc_yaml_gives_the_stage():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
     assert tuple(stage["params"]) == SHOWN_PARAMS
