@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Folder-per-class image archive -> clean, cached, split dataset -> trained, evaluated, "
         f"exported, gated and reported image classifier ({', '.join(STAGES)}), by stage or as one Prefect flow.",
     )
+    parser.add_argument("--version", action="version", version=f"imgclf {importlib.metadata.version('imgclf')}")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--verbose", action="store_true",
                         help="show Python tracebacks of failures (always kept in the Prefect run's logs)")  # fmt: skip

@@ -112,6 +112,13 @@ FAILURES = {
 }
 
 
+def test_version_is_the_installed_packages(tmp_path, cli_env):
+    from importlib.metadata import version
+
+    shown = imgclf(["--version"], tmp_path, cli_env)
+    assert (shown.returncode, shown.stdout) == (0, f"imgclf {version('imgclf')}\n")
+
+
 @pytest.mark.parametrize("case", FAILURES)
 def test_each_failure_is_one_last_line_naming_its_cause_without_a_traceback(case, tmp_path, cli_env, demo_zip):
     args, code, named = FAILURES[case]
