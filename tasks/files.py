@@ -284,8 +284,22 @@ def _pool_map(executor: Callable[..., Any], fn: Callable[[T], R], shards: Sequen
     if workers <= 1:
         yield from map(fn, shards)  # one shard (a small set) or one core: workers would cost more than they save
         return
-    with executor(max_workers=workers) as pool:
+    pool = executor(max_workers=workers)
+    try:
         yield from in_order(pool.submit, fn, shards, window=2 * workers)
+    except BaseException:
+        _abandon(pool)  # Ctrl-C, a failed shard, a reader gone: the shards still running are not waited for
+        raise
+    pool.shutdown()
+
+
+def _abandon(pool: Any) -> None:
+    """Ends `pool` without waiting for its running shards: worker processes are terminated (a
+    shard writes under temporary names only, which the next run removes); threads finish theirs."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # a process pool's, until shutdown
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def process_pool_map(fn: Callable[[T], R], shards: Sequence[T]) -> Iterator[R]:

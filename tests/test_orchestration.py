@@ -417,6 +417,26 @@ def test_in_order_yields_shard_results_in_order_with_a_few_shards_in_flight():
     assert submitted[20:] == [100, 101, 102, 103]
 
 
+def test_an_interrupted_process_pool_stops_its_workers_without_waiting_for_their_shards():
+    import time
+
+    import psutil
+
+    from tasks.files import process_pool_map
+
+    before = set(psutil.Process().children(recursive=True))  # the module's Prefect server
+    results = process_pool_map(time.sleep, [0, 120, 120, 120])
+    assert next(results) is None
+    workers = [child for child in psutil.Process().children(recursive=True)
+               if child not in before and "resource_tracker" not in " ".join(child.cmdline())]  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        results.throw(KeyboardInterrupt)  # Ctrl-C while the parent waits for the next shard
+    assert time.monotonic() - started < 10
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert workers and not alive
+
+
 @pytest.mark.parametrize("runner", ["processes", "threads"])
 def test_shards_fan_out_on_the_configured_pool_with_the_same_bytes_and_no_task_run_each(tmp_path, runner, env):
     from tasks.demo_data import make_demo_archive
