@@ -18,8 +18,11 @@ import hashlib
 import mimetypes
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
+
+import yaml
 
 from tasks.errors import StageError
 from tasks.files import atomic_file, atomic_path, retrying
@@ -181,6 +184,34 @@ class LocalStore:
             return True
         finally:
             os.close(descriptor)  # releases the lock
+
+
+def check_store_folder(params: PublishParams, root: Path) -> None:
+    """Refuses a `publish.local_dir` (with `publish.s3_uri` empty) that is the project's own folder,
+    whose root the store's runs/ and latest.json would share, or lies in an output of dvc.yaml,
+    which DVC deletes before its stage re-runs (and the stage replaces whole): the champion with it."""
+    if params.s3_uri:
+        return
+    folder = (root / params.local_dir).resolve()
+    if folder == root.resolve():
+        raise StoreError(f"publish.local_dir: {params.local_dir or repr('')} is the project's own folder; "
+                         "name a folder of its own (default models/champion)")  # fmt: skip
+    for stage, output in _outputs(root):
+        if folder.is_relative_to((root / output).resolve()):
+            raise StoreError(f"publish.local_dir: {params.local_dir} lies in {output}, an output of dvc.yaml's stage "
+                             f"{stage}: DVC deletes it before that stage re-runs, and the champion store with it")  # fmt: skip
+
+
+def _outputs(root: Path) -> Iterator[tuple[str, str]]:
+    """Yields (stage, path) of each output dvc.yaml declares (outs, metrics, plots)."""
+    try:
+        stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    except (OSError, KeyError, TypeError):
+        return  # no pipeline here (a test, a stage run by hand): no outputs to keep clear of
+    for name, stage in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                yield name, next(iter(entry)) if isinstance(entry, dict) else entry
 
 
 def open_store(params: PublishParams, s3: S3Params, root: Path) -> Store:

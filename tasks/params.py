@@ -333,14 +333,6 @@ class PublishParams(_Section):
         _check_bucket(str(value))
         return str(value).rstrip("/")
 
-    @field_validator("local_dir")
-    @classmethod
-    def _a_folder_of_its_own(cls, value: str) -> str:
-        # The store keeps runs/ and latest.json at its root: not the project's own root.
-        if Path(value.strip() or ".") == Path("."):
-            raise ValueError("must name a folder of its own (default models/champion)")
-        return value
-
 
 class OrchestrationParams(_Section):
     """How the Prefect flow runs; no stage reads these, so changing them re-runs nothing."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.cache import cache
+from tasks.champion import check_store_folder
 from tasks.download import archive_path, download
 from tasks.extract import extract
 from tasks.files import ShardMap, process_pool_map
@@ -112,4 +113,5 @@ STAGES: dict[str, Stage] = {
 
 def run_stage(name: str, params: Params, layout: Layout, map_shards: ShardMap = process_pool_map) -> object:
     """Runs one stage by name and returns its output path."""
+    check_store_folder(params.publish, layout.root)  # before any stage's work, not after training
     return STAGES[name](params, layout, map_shards)

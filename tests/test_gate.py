@@ -325,3 +325,26 @@ def test_every_deployment_runs_one_at_a_time_and_queues_the_next():
         limit = deployment["concurrency_limit"]
         assert limit["limit"] == 1, deployment["name"]
         assert ConcurrencyLimitStrategy(limit["collision_strategy"]) is ConcurrencyLimitStrategy.ENQUEUE
+
+
+@pytest.mark.parametrize(("local_dir", "said"), [
+    ("", "is the project's own folder"), ("./", "is the project's own folder"), ("models/..", "is the project's own folder"),
+    ("{root}", "is the project's own folder"), ("models/serving", "lies in models/serving, an output of dvc.yaml's stage export"),
+    ("data/extracted/champion", "lies in data/extracted, an output of dvc.yaml's stage extract"),
+    ("reports", "lies in reports, an output of dvc.yaml's stage report"),
+])  # fmt: skip
+def test_a_champion_folder_dvc_would_delete_or_the_project_root_is_refused_before_any_stage_works(tmp_path, local_dir, said):
+    import shutil
+
+    from tasks.champion import StoreError, check_store_folder
+    from tasks.params import Params
+    from tasks.stages import run_stage
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = Params(data={"url": str(tmp_path / "cells.zip")}, publish={"local_dir": local_dir.format(root=tmp_path)})
+    (tmp_path / "cells.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip: downloading it would copy it
+    with pytest.raises(StoreError, match=f"^publish.local_dir: .*{said}"):
+        run_stage("download", params, Layout(tmp_path))  # the first stage: nothing is fetched
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.zip", "dvc.yaml"]
+    check_store_folder(PublishParams(), tmp_path)  # the default, models/champion, beside the model's outputs
+    check_store_folder(PublishParams(local_dir=str(tmp_path.parent / "champion")), tmp_path)  # outside the project
