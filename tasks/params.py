@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from urllib.parse import urlparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -408,9 +408,9 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ParamsError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5")
     try:
-        return key.strip(), (yaml.safe_load(raw) if raw.strip() else None)
+        return key.strip(), (yaml.load(raw, _UniqueKeysLoader) if raw.strip() else None)
     except yaml.YAMLError as exc:
-        raise ParamsError(f"--set {key.strip()}: not a valid YAML value: {str(exc).splitlines()[0]}") from None
+        raise ParamsError(f"--set {key.strip()}: not a valid YAML value: {_yaml_problem(exc)}") from None
 
 
 def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -446,13 +446,25 @@ def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = (
     return "; ".join(problems)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Returns what is wrong, and on which line: PyYAML's first line is often only its context."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or not exc.problem:
+        return str(exc).splitlines()[0]
+    mark = exc.problem_mark
+    return exc.problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+
+
 class _UniqueKeysLoader(yaml.SafeLoader):
     """YAML that refuses a key written twice in one mapping: PyYAML keeps the last, DVC refuses the file."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: the keys after it may override merged ones, as YAML means
             key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader's own check says it: "found unhashable key"
             if key in seen:
                 raise yaml.MarkedYAMLError(problem=f"key {key!r} on line {line} was given on line {seen[key]} already")
             seen[key] = line
@@ -468,7 +480,7 @@ def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ParamsError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,15 @@ def test_a_key_written_twice_is_refused_naming_it_and_its_lines(tmp_path):
     with pytest.raises(ParamsError) as caught:
         load_params(path)
     assert str(caught.value) == f"{path}: not valid YAML: key 'epochs' on line 3 was given on line 2 already"
+
+
+def test_merge_keys_read_as_yaml_means_them_and_odd_keys_and_repeats_in_a_set_are_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("split: {<<: {test: 0.2, seed: 3}, seed: 5}\n")  # what safe_load and DVC accept
+    assert (load_params(path).split.test, load_params(path).split.seed) == (0.2, 5)
+    path.write_text("train: {? [a, b] : 1}\n")
+    with pytest.raises(ParamsError, match=f"^{re.escape(str(path))}: not valid YAML: .*unhashable key"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="^--set split: not a valid YAML value: key 'seed' on line 1 was given"):
+        parse_override("split={seed: 1, seed: 2}")
+
