@@ -182,10 +182,17 @@ def _refusal(entry: Entry) -> str | None:
         return "path_traversal"
     if not entry.parts:
         return None if entry.kind == "dir" else "empty_name"  # `./`, the root of `tar -C dir .`
+    if not entry.name.isascii() and _shown(entry.name) != entry.name:
+        return "bad_name"  # a tar name that is not UTF-8: no label can be read from it, and DVC cannot hash it
     sizes = [len(part.encode("utf-8", "surrogateescape")) for part in entry.parts]
     if max(sizes) > NAME_MAX or sum(sizes) + len(sizes) > PATH_BYTES_MAX:
         return "name_too_long"
     return None
+
+
+def _shown(name: str) -> str:
+    """Returns `name` with the bytes that are not UTF-8 (tarfile keeps them as surrogates) escaped: \\xff."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_junk(parts: tuple[str, ...]) -> bool:
@@ -242,7 +249,7 @@ def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ..
         if reason is None:
             files.append(entry)
         else:
-            skipped.append((entry.name, reason))
+            skipped.append((_shown(entry.name), reason))
     root = _class_root([e.parts for e in files])
     # Some mirrors nest a second full copy (cell_images/cell_images/, or one beside the classes).
     copies = _nested_copies([e.parts[len(root) :] for e in files if _in_a_folder_below(e.parts, root)])

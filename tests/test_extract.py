@@ -145,6 +145,8 @@ def hostile_cases(tmp_path: Path) -> dict[str, tuple[str, list, str, str]]:
         "tar-chardev": ("tar", [tar_member("Parasitized/null.png", kind=tarfile.CHRTYPE)],
                         "Parasitized/null.png", "device"),
         "tar-long-path": ("tar", [(LONG_PATH, PNG)], LONG_PATH, "name_too_long"),
+        "tar-name-not-utf8": ("tar", [(b"Parasitized/bad\xff\xfe.png".decode("utf-8", "surrogateescape"), PNG)],
+                              "Parasitized/bad\\xff\\xfe.png", "bad_name"),
     }  # fmt: skip
 
 
