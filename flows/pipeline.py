@@ -257,7 +257,7 @@ def params_for_dvc(layout: Layout, params_file: Path, overrides: dict[str, Any])
 
     It lives only while the run does; URLs in it are redacted, so dvc.lock never holds a credential.
     """
-    if not overrides:
+    if not overrides and params_file.resolve() == (layout.root / "params.yaml").resolve():
         yield None
         return
     tree = params_tree(params_file, redact_texts(overrides))

@@ -174,6 +174,13 @@ def test_overrides_apply_to_their_run_alone_even_when_a_stage_fails(tmp_path, de
     status = json.loads(dvc(root, env, "status", "--json"))  # dvc.lock is truthful: params.yaml says 1 epoch
     train_changed = [{"changed deps": {"params.yaml": {"train": "modified"}}}]
     assert status == {"train": train_changed, "audit": train_changed, "report": train_changed}  # the stages that read train
+    # Another params file (`imgclf --params other.yaml run`): DVC compares and records its values too.
+    other = yaml.safe_load(before)
+    other["train"]["epochs"] = 3
+    (root / "other.yaml").write_text(yaml.safe_dump(other))
+    assert ran(pipeline(params_path="other.yaml", root=str(root), stages=["train"])) == ["train"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["epochs"] == 3
     with pytest.raises(ModelError):
         flow(root, **{"train.model": "mobilenet_v3_small", "train.weights": str(tmp_path / "missing.weights.h5"),
                       "prepare.image_size": 32})  # fmt: skip
