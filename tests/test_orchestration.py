@@ -97,7 +97,7 @@ def test_a_damaged_dvc_lock_is_named_as_dvc_names_it(tmp_path, demo_zip, env):
     assert str(caught.value).startswith(f"{root}: DVC: unable to read: ") and "dvc.lock" in str(caught.value)
 
 
-def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip, env):
+def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents(tmp_path, demo_zip, env, caplog):
     archive = Path(shutil.copy(demo_zip, tmp_path / "cells.zip"))
     root = project(tmp_path / "p", env, archive)
     assert ran(flow(root)) == ALL
@@ -105,6 +105,11 @@ def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents
     # The same bytes at the source with a new mtime: fetched again; only the page showing the source follows.
     os.utime(archive, ns=(archive.stat().st_mtime_ns, archive.stat().st_mtime_ns + 10**9))
     assert ran(flow(root)) == ["download", "report"]
+    # The source gone (offline, the host down, the file moved): what dvc.lock holds still stands.
+    archive.rename(tmp_path / "elsewhere.zip")
+    with caplog.at_level("WARNING"):
+        assert ran(flow(root)) == []
+    assert "cannot ask the source whether it changed" in caplog.text and "no such file" in caplog.text
     # Up to evaluate only: the run shows no gate nor page of the model before it.
     state = pipeline(overrides={"train.epochs": 2}, root=str(root), stages=["evaluate"], return_state=True)
     assert ran(state.result()) == ["train", "evaluate"]
