@@ -4,6 +4,7 @@ reference set; in S3 (moto's server on loopback) and in a local champion folder 
 from __future__ import annotations
 
 import contextlib
+import html
 import json
 import tempfile
 import threading
@@ -237,10 +238,15 @@ def test_a_reference_set_without_positives_says_the_sensitivity_is_undefined(loc
 
 
 def test_the_published_report_keeps_class_names_as_text(local, tmp_path):
-    record = published(local, make_run(tmp_path / "odd", classes=("<img src=x onerror=alert(1)>", "a|b")))
-    report = open_store(*local, tmp_path).read(f"runs/{record['run_id']}/report.md")[0].decode()
-    assert "| &lt;img src=x onerror=alert(1)&gt; | 0 | 0 | 12 |" in report and "| a\\|b | 0 | 0 | 12 |" in report
-    assert "<img" not in report
+    from markdown_it import MarkdownIt  # a CommonMark renderer with tables, as Prefect's UI and GitHub are
+
+    for pair in (("<img src=x onerror=alert(1)>", "a|b"), ("[x](javascript:alert(1))", "![](http:evil.example)")):
+        record = published(local, make_run(tmp_path / str(len(pair[0])), classes=pair))
+        report = open_store(*local, tmp_path).read(f"runs/{record['run_id']}/report.md")[0].decode()
+        page = MarkdownIt("commonmark").enable("table").render(report)
+        for name in pair:
+            assert f"<td>{html.escape(name, quote=False)}</td>" in page, name  # each name a cell of plain text
+        assert "<img" not in page and "<a " not in page
 
 
 def test_a_publish_record_of_an_earlier_model_is_not_this_models(local, tmp_path):
