@@ -236,13 +236,14 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
     try:
         defender = load_contender(champion.model_path)
     except StageError as exc:
-        return Decision(False, f"the champion ({run_id}) cannot be read: {exc}", run_id)
+        return Decision(False, f"not promoted: the champion ({run_id}) cannot be read: {exc}", run_id)
     if defender.classes != classes:
-        return Decision(False, f"classes differ: the champion ({run_id}) has {defender.classes}, "
+        return Decision(False, f"not promoted: classes differ: the champion ({run_id}) has {defender.classes}, "
                                f"this run {classes}", run_id)  # fmt: skip
     unknown = sorted(set(champion.reference.labels) - set(classes))
     if unknown:
-        return Decision(False, f"the champion's reference set has classes this run lacks: {unknown}", run_id)
+        return Decision(False, f"not promoted: the champion's ({run_id}) reference set has classes this run lacks: "
+                               f"{unknown}", run_id)  # fmt: skip
     positive = challenger.calibration.positive_index
     if gate.metric == "sensitivity" and positive is None:
         raise GateError(f"gate.metric sensitivity: {challenger_model.parent / CALIBRATION_JSON} names no "
@@ -257,7 +258,7 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
         theirs = {"reference": predicted_classes(defender, sets["reference"], prepared["reference"], max_pixels)}
         ours["reference"] = predicted_classes(challenger, sets["reference"], prepared["reference"], max_pixels)
     except (GateError, OSError) as exc:
-        return Decision(False, f"the champion ({run_id}) cannot be read: its reference set: {exc}", run_id)
+        return Decision(False, f"not promoted: the champion ({run_id}) cannot be read: its reference set: {exc}", run_id)
     truth["reference"] = _class_indices(sets["reference"], classes)
     theirs["test"] = predicted_classes(defender, test, prepared["test"], max_pixels)
     comparisons = {name: compare(truth[name], ours[name], theirs[name], len(classes), gate, positive) for name in sets}

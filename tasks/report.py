@@ -81,8 +81,9 @@ def gate_markdown(gate: dict) -> str:
 
 def _markdown_text(text: str) -> str:
     # Class and file names are the archive's: `<img onerror=...>`, `[x](javascript:...)` and `![](http:...)`
-    # must stay text, and `|` must not split a cell. Markdown takes a backslash before any of them as the character.
-    return re.sub(r"([\\`*\[\]()!<>|&])", r"\\\1", text)
+    # must stay text (no tag, link or image starts without `<` or `[`), and `|` must not split a cell.
+    # Markdown takes a backslash before any of them as the character itself.
+    return re.sub(r"([\\`\[\]<>|])", r"\\\1", text)
 
 
 def _score(value: float | None, sign: str = "") -> str:

@@ -114,8 +114,12 @@ def test_a_run_on_shuffled_labels_is_caught_by_the_reference_set_and_latest_stay
     store = open_store(*where, tmp_path)
     assert store.read(f"runs/{record['run_id']}/models/model.keras") is not None
     report = store.read(f"runs/{record['run_id']}/report.md")[0].decode()
-    # The verdict once, then why.
-    assert f"**Not promoted**\n\n{reason[len('not promoted: '):]}\n" in report and "not promoted:" not in report
+    # The verdict once, then why (Markdown, as rendered: the reason's brackets are escaped in the file).
+    from markdown_it import MarkdownIt
+
+    page = MarkdownIt("commonmark").enable("table").render(report)
+    assert f"<p><strong>Not promoted</strong></p>\n<p>{reason[len('not promoted: '):]}</p>" in page
+    assert "not promoted:" not in report
     assert "| reference | 24 | 0.0000 | 1.0000 | -1.0000 |" in report
 
 
@@ -162,7 +166,7 @@ def test_a_champion_with_other_classes_is_not_replaced_and_one_line_says_why(loc
     record = published(local, make_run(tmp_path / "other", classes=("light", "shadow")))
     reason = record["gate"]["reason"]
     assert not record["promoted"] and "\n" not in reason
-    assert reason.startswith("classes differ: the champion") and "['bright', 'dark']" in reason and "['light', 'shadow']" in reason
+    assert reason.startswith("not promoted: classes differ: the champion") and "['bright', 'dark']" in reason and "['light', 'shadow']" in reason
     assert latest_bytes(local, tmp_path) == before
 
 
@@ -173,7 +177,7 @@ def test_an_unreadable_champion_is_not_replaced_and_one_line_says_why(local, tmp
     record = published(local, make_run(tmp_path / "next"))
     reason = record["gate"]["reason"]
     assert not record["promoted"] and "\n" not in reason
-    assert reason.startswith(f"the champion ({champion['run_id']}) cannot be read:") and "not a readable Keras model" in reason
+    assert reason.startswith(f"not promoted: the champion ({champion['run_id']}) cannot be read:") and "not a readable Keras model" in reason
     assert latest_bytes(local, tmp_path) == before
 
 
@@ -210,7 +214,7 @@ def test_a_damaged_reference_set_is_a_champion_that_cannot_be_read(local, tmp_pa
     record = published(local, make_run(tmp_path / "next"))
     reason = record["gate"]["reason"]
     assert not record["promoted"] and "\n" not in reason
-    assert reason.startswith("the champion") and "cannot be read" in reason
+    assert reason.startswith("not promoted: the champion") and "cannot be read" in reason
     assert ("cell_001.png" if damage == "truncated_image" else "labels.csv: no rows of path,label") in reason
     assert latest_bytes(local, tmp_path) == before
     assert open_store(*local, tmp_path).read(f"runs/{record['run_id']}/models/model.keras") is not None
