@@ -81,7 +81,7 @@ def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:
     """Returns the exception to raise for a boto3/botocore failure: S3Error (one line) or S3Transient."""
     from botocore.exceptions import ClientError, EndpointConnectionError, HTTPClientError, IncompleteReadError
     from botocore.exceptions import ConnectionError as BotocoreConnectionError
-    from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import NoCredentialsError, PartialCredentialsError, ProxyConnectionError, SSLError
 
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
@@ -93,6 +93,8 @@ def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:
         return S3Error(f"{uri}: no AWS credentials found (environment, shared profile or instance/task role)")
     if isinstance(exc, EndpointConnectionError):
         return S3Transient(f"{uri}: cannot reach the S3 endpoint")
+    if isinstance(exc, (SSLError, ProxyConnectionError)):  # a certificate or proxy set up wrong: no retry mends it
+        return S3Error(f"{uri}: {type(exc).__name__}: {exc}")
     # botocore's own ConnectionError (a connect timeout), HTTPClientError (closed, read timeout, a body
     # cut mid-stream), a body shorter than its length: all may pass.
     broken = (BotocoreConnectionError, HTTPClientError, IncompleteReadError, ConnectionError, TimeoutError)

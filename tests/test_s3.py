@@ -361,6 +361,14 @@ def test_a_connection_broken_mid_transfer_is_transient_whichever_botocore_error_
         assert isinstance(explain_error("s3://b/k.zip", error), S3Transient), type(error).__name__
 
 
+def test_a_tls_failure_is_said_at_once_not_retried_as_a_broken_connection(moto, tmp_path):
+    https = moto.replace("http://", "https://")  # moto speaks plain HTTP: the TLS handshake fails
+    with pytest.raises(DownloadError) as caught:
+        download(quick("s3://imgclf-any/x.zip"), tmp_path, tmp_path / "source.json", S3Params(endpoint_url=https))
+    assert str(caught.value).startswith("s3://imgclf-any/x.zip: SSLError: SSL validation failed")
+    assert "gave up" not in str(caught.value)
+
+
 def test_an_s3_key_keeps_its_hash_and_question_marks():
     from tasks.s3 import S3Uri, parse_uri
 
