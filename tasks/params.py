@@ -278,7 +278,7 @@ class EvaluateParams(_Section):
     # it. Empty: the class with the higher probability wins (threshold 0.5 for two classes).
     positive_class: OptionalText = None
     target_recall: float | None = Field(default=None, gt=0, le=1)
-    bootstrap: int = Field(default=1000, ge=100)  # resamples for the 95% intervals
+    bootstrap: int = Field(default=1000, ge=100, le=10_000)  # resamples for the 95% intervals
     seed: Seed = 42
 
     @model_validator(mode="after")
@@ -308,7 +308,7 @@ class GateParams(_Section):
     metric: Literal["macro_f1", "sensitivity"] = "macro_f1"  # sensitivity: at the threshold, needs positive_class
     tolerance: float = Field(default=0.0, ge=0, le=1)  # promote when challenger - champion >= -tolerance on both sets
     force: bool = False  # promote whatever the scores say; recorded as forced
-    bootstrap: int = Field(default=1000, ge=100)  # paired resamples for the differences' 95% intervals
+    bootstrap: int = Field(default=1000, ge=100, le=10_000)  # paired resamples for the differences' 95% intervals
     seed: Seed = 42
 
 
@@ -348,8 +348,9 @@ class OrchestrationParams(_Section):
     @classmethod
     def _scheduler_address(cls, address: str | None) -> str | None:
         # Checked here: Dask says what is wrong with it only once a stage hands out its first shards.
-        if address is not None and not re.fullmatch(r"((tcp|tls|ucx|ws|wss)://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):\d+", address):
-            raise ValueError("must be a Dask scheduler's address, [tcp://]HOST:PORT")
+        shape = r"((tcp|tls|ucx|ws|wss)://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d+)"
+        if address is not None and not ((found := re.fullmatch(shape, address)) and 0 < int(found[4]) <= 65535):
+            raise ValueError("must be a Dask scheduler's address, [tcp://]HOST:PORT (PORT 1-65535)")
         return address
 
     @field_validator("schedule")

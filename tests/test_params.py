@@ -77,6 +77,9 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"train": {"cnn": {"filters": [True, 2]}}}, "train.cnn.filters: a number, not true or false"),
         ({"orchestration": {"task_runner": "spark"}}, "orchestration.task_runner"),
         ({"orchestration": {"dask_address": "not a url"}}, "orchestration.dask_address: must be a Dask scheduler's"),
+        ({"orchestration": {"dask_address": "tcp://host:99999"}}, "orchestration.dask_address: must be a Dask scheduler's"),
+        ({"gate": {"bootstrap": 10**8}}, "gate.bootstrap: Input should be less than or equal to 10000"),
+        ({"evaluate": {"bootstrap": 10**8}}, "evaluate.bootstrap: Input should be less than or equal to 10000"),
         ({"orchestration": {"dask_address": "http://x:y:z"}}, "orchestration.dask_address: must be a Dask scheduler's"),
     ],
 )
