@@ -147,10 +147,15 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
     with atomic_file(oof_csv, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "fold", "predicted"] + [f"p_{name}" for name in classes])
-        for row, fold, guess, scores in zip(rows, folds, predicted, probabilities):
-            writer.writerow([row["path"], row["label"], int(fold), classes[guess]] + [f"{p:.6f}" for p in scores])
+        for row, fold, guess, scores in zip(rows, folds, predicted, probabilities):  # folds counted from 1, as logged
+            writer.writerow([row["path"], row["label"], int(fold) + 1, classes[guess]] + [f"{p:.6f}" for p in scores])
 
+    # A fold model that answers one class doubts every label of the others: the issues it raises are
+    # noise, left out; the other folds' stand.
+    one_class = [k for k in range(params.folds) if len(np.unique(predicted[folds == k])) == 1]
     issues = find_label_issues(truth, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1)
+    noise = np.isin(folds[issues], one_class)
+    issues = issues[~noise]
     quality = get_label_quality_scores(truth, probabilities, method="self_confidence")
     with atomic_file(label_issues_csv, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -162,12 +167,10 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
     accuracy = [float(accuracy_score(truth[folds == k], predicted[folds == k])) for k in range(params.folds)]
     macro_f1 = [float(f1_score(truth[folds == k], predicted[folds == k], labels=range(len(classes)), average="macro",
                                zero_division=0)) for k in range(params.folds)]  # fmt: skip
-    # A fold model that answers one class doubts every label of the others: its "issues" are noise.
-    one_class = [k + 1 for k in range(params.folds) if len(np.unique(predicted[folds == k])) == 1]
     if one_class:
         log.warning("audit: the model of fold(s) %s answered one class for every image it held out: it learned "
-                    "nothing, and data/label_issues.csv is not worth reviewing (train longer: train.epochs)",
-                    ", ".join(map(str, one_class)))  # fmt: skip
+                    "nothing, and the %d label issues among those images are left out of data/label_issues.csv "
+                    "(train longer: train.epochs)", ", ".join(str(k + 1) for k in one_class), noise.sum())  # fmt: skip
     report = {
         "enabled": True,
         "folds": params.folds,
@@ -176,7 +179,8 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
         "accuracy": interval(accuracy),
         "macro_f1": interval(macro_f1),
         "label_issues": len(issues),
-        "folds_answering_one_class": one_class,
+        "folds_answering_one_class": [k + 1 for k in one_class],
+        "label_issues_left_out": int(noise.sum()),  # raised by those folds' models
         "classes": classes,
     }
     with atomic_file(audit_json) as handle:

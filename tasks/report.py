@@ -283,13 +283,13 @@ def _data_audit_section(layout: Layout, max_pixels: int) -> Section:
                         for row in rows[:THUMBS_PER_REASON]])
     issues = read_rows(layout.label_issues_csv)
     audit = read_json(layout.metrics_dir / "audit.json")
-    if not audit or not audit.get("folds"):
-        body += _p("The audit is off (audit.folds below 2): no out-of-fold probabilities, no label-issue ranking.")
-    elif audit.get("folds_answering_one_class"):
+    if audit.get("folds") and audit.get("folds_answering_one_class"):
         folds = ", ".join(map(str, audit["folds_answering_one_class"]))
         body += _p(f"The models of fold(s) {folds} answered one class for every image they held out: they learned "
-                   f"nothing, so the {len(issues)} label issues they rank are noise, not worth reviewing (train longer: "
-                   "train.epochs).")  # fmt: skip
+                   f"nothing, so the {audit.get('label_issues_left_out', 0)} label issues among those images are "
+                   "left out as noise (train longer: train.epochs).")  # fmt: skip
+    if not audit or not audit.get("folds"):
+        body += _p("The audit is off (audit.folds below 2): no out-of-fold probabilities, no label-issue ranking.")
     elif not issues:
         body += _p("The audit's out-of-fold probabilities flag no label as doubtful.")
     else:

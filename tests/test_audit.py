@@ -167,10 +167,15 @@ def test_fold_models_that_answer_one_class_are_named_in_a_warning_and_the_json(t
 
     rows = [{"path": f"{label}/{i}.png", "label": label} for i in range(6) for label in ("a", "b")]
     folds = np.repeat([0, 1], 6)  # each fold holds both labels
-    probabilities = np.tile([0.7, 0.3], (12, 1))  # fold 1's model: always a
+    probabilities = np.tile([0.95, 0.05], (12, 1))  # fold 1's model: always a, sure of it
     probabilities[6:] = [[0.9, 0.1] if row["label"] == "a" else [0.2, 0.8] for row in rows[6:]]
     with caplog.at_level("WARNING", logger="imgclf"):
         _write_outputs(AuditParams(folds=2), rows, folds, ["a", "b"], probabilities, tmp_path / "oof.csv",
                        tmp_path / "issues.csv", tmp_path / "audit.json")  # fmt: skip
-    assert json.loads((tmp_path / "audit.json").read_text())["folds_answering_one_class"] == [1]
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["folds_answering_one_class"] == [1]
     assert "the model of fold(s) 1 answered one class for every image it held out" in caplog.text
+    # Its doubts (every b it held out) are left out; fold 2's model, which answered right, doubts nothing.
+    assert audit["label_issues_left_out"] == 3 and audit["label_issues"] == 0
+    assert read_rows(tmp_path / "issues.csv") == []
+    assert sorted({row["fold"] for row in read_rows(tmp_path / "oof.csv")}) == ["1", "2"]  # as the warning counts

@@ -293,8 +293,10 @@ def test_clusters_spanning_classes_and_label_issues_show_with_their_images(demo_
         assert audit_section.count(f'<span class="path">{html.escape(row["path"])}</span>') == 2
     assert audit_section.count("<img") == 4
     assert "looks Uninfected" in audit_section and "looks Parasitized" in audit_section
-    # Fold models that learned nothing: their ranking is named noise, not offered for review.
-    (run.metrics_dir / "audit.json").write_text(json.dumps({"folds": 3, "folds_answering_one_class": [1, 3]}))
+    # Fold models that learned nothing: the issues they raised were left out, the other folds' stand.
+    (run.metrics_dir / "audit.json").write_text(json.dumps({"folds": 3, "folds_answering_one_class": [1, 3],
+                                                            "label_issues_left_out": 7}))  # fmt: skip
     page = report(params, run, archive, run.root / REPORT_HTML).read_text()
     audit_section = page.split('<section id="audit">')[1].split("</section>")[0]
-    assert "fold(s) 1, 3 answered one class" in audit_section and "review them" not in audit_section
+    assert "fold(s) 1, 3 answered one class" in audit_section and "the 7 label issues among those" in audit_section
+    assert "2 images whose label" in audit_section and "review them" in audit_section
