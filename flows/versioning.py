@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from flows.dvc_project import is_dvc_project
@@ -23,9 +24,9 @@ class VersioningError(StageError):
     """A DVC or git command failed after the pipeline itself succeeded."""
 
 
-def _run(command: list[str], layout: Layout) -> str:
+def _run(command: list[str], layout: Layout, allowed: tuple[int, ...] = ()) -> str:
     result = subprocess.run(command, cwd=layout.root, capture_output=True, text=True)
-    if result.returncode:
+    if result.returncode and result.returncode not in allowed:
         lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
         # DVC ends with a support footer; its "ERROR: ..." line says what went wrong.
         errors = [line for line in lines if line.startswith("ERROR")]
@@ -99,13 +100,32 @@ def _git_commit_lock(layout: Layout) -> str:
     # DVC writes beside the cached ones: a clone needs them with the lock.
     with Repo(str(layout.root)) as repo:
         in_git = {out.def_path for out in repo.index.outs if not out.use_cache}
-        in_git |= {str(Path(out.def_path).parent / ".gitignore") for out in repo.index.outs if out.use_cache}
+        entries = defaultdict(set)  # .gitignore -> the lines DVC writes there, one per cached output
+        for out in repo.index.outs:
+            if out.use_cache:
+                entries[str(Path(out.def_path).parent / ".gitignore")].add("/" + Path(out.def_path).name)
     paths = ["dvc.lock", *(path for path in sorted(in_git) if (layout.root / path).exists())]
+    ignored = set(_run(["git", "check-ignore", "--", *paths], layout, allowed=(1,)).splitlines())  # untracked ones
+    # A .gitignore goes in only while every line it adds is DVC's: edits of the user's stay theirs to commit.
+    theirs = sorted(path for path, lines in entries.items() if _added_lines(layout, path) - lines)
+    paths = [path for path in paths if path not in ignored] + sorted(
+        path for path in entries if (layout.root / path).exists() and path not in theirs)  # fmt: skip
     _run(["git", "add", "--", *paths], layout)
     if not _run(["git", "diff", "--cached", "--name-only", "--", *paths], layout).split():
         return "dvc.lock unchanged: no git commit"
     _run(["git", "commit", "--quiet", "-m", "imgclf: record pipeline run in dvc.lock", "--", *paths], layout)
-    return "dvc.lock and the outputs git carries committed"
+    left = [f"{', '.join(sorted(ignored))} ignored by git"] if ignored else []
+    left += [f"{', '.join(theirs)} holding edits of yours"] if theirs else []
+    return "dvc.lock and the outputs git carries committed" + (f" (not: {'; '.join(left)})" if left else "")
+
+
+def _added_lines(layout: Layout, path: str) -> set[str]:
+    """Returns the lines of `path` that its committed version (if any) lacks."""
+    if not (layout.root / path).exists():
+        return set()
+    committed = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=layout.root, capture_output=True, text=True).stdout
+    return {line.strip() for line in (layout.root / path).read_text().splitlines() if line.strip()} - {
+        line.strip() for line in committed.splitlines()}  # fmt: skip
 
 
 def _say(lines: list[str]) -> list[str]:

@@ -347,6 +347,19 @@ def test_git_commit_after_a_run_records_dvc_lock(tmp_path, demo_zip, env):
     assert sh(["git", "status", "--porcelain", "--", "metrics", "plots", "dvc.lock"], root, env) == ""
 
 
+def test_git_commit_leaves_out_what_git_ignores_and_a_gitignore_holding_the_users_edits(tmp_path, env):
+    root = dvc_project(tmp_path / "project", env, {})
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (root / "metrics").mkdir()
+    for name in ("train.json", "eval.json"):
+        (root / "metrics" / name).write_text("{}\n")
+    (root / ".gitignore").write_text((root / ".gitignore").read_text() + "metrics/\nmy-notes/\n")  # the user's, uncommitted
+    said = version_outputs(Layout(root), OrchestrationParams(git_commit=True, dvc_push=False))
+    assert said == ["dvc.lock and the outputs git carries committed (not: metrics/eval.json, metrics/train.json ignored "
+                    "by git; .gitignore holding edits of yours)"]  # fmt: skip
+    assert sh(["git", "show", "--name-only", "--format=", "HEAD"], root, env).split() == ["dvc.lock"]
+
+
 def test_a_remote_that_is_not_the_default_is_said_not_pushed_to(tmp_path, env):
     root = dvc_project(tmp_path / "project", env, {})
     dvc(root, env, "remote", "add", "storage", str(tmp_path / "store"))
