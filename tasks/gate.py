@@ -66,7 +66,11 @@ def reference_set(labels_csv: Path, images_dir: Path) -> LabelledFiles:
 def trained_on(manifest_csv: Path, split_csv: Path) -> set[str]:
     """Returns the sha256 of every image in this run's train and val splits."""
     digest = {row["path"]: row["sha256"] for row in read_valid_rows(manifest_csv)}
-    return {digest[row["path"]] for row in read_csv(split_csv) if row["split"] in ("train", "val")}
+    used = [row["path"] for row in read_csv(split_csv) if row["split"] in ("train", "val")]
+    if stale := [path for path in used if path not in digest]:
+        raise GateError(f"{split_csv}: {len(stale)} train/val image(s) are not valid rows of {manifest_csv} "
+                        f"(first: {stale[0]}): the split is older than the manifest; run the split stage again")  # fmt: skip
+    return {digest[path] for path in used}
 
 
 def _unseen(files: LabelledFiles, seen: set[str]) -> LabelledFiles:

@@ -358,3 +358,13 @@ def test_a_champion_folder_dvc_would_delete_or_the_project_root_is_refused_befor
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cells.zip", "dvc.yaml"]
     check_store_folder(PublishParams(), tmp_path)  # the default, models/champion, beside the model's outputs
     check_store_folder(PublishParams(local_dir=str(tmp_path.parent / "champion")), tmp_path)  # outside the project
+
+
+def test_a_split_older_than_the_manifest_is_one_line_saying_to_run_split_again(tmp_path):
+    from tasks.gate import trained_on
+
+    (tmp_path / "manifest.csv").write_text("path,label,status,reason,sha256\na/1.png,a,valid,,ab\n")
+    (tmp_path / "split.csv").write_text("path,label,split\na/1.png,a,train\na/gone.png,a,val\n")
+    with pytest.raises(GateError, match=r"split.csv: 1 train/val image\(s\) are not valid rows of .*manifest.csv "
+                                        r"\(first: a/gone.png\): the split is older than the manifest; run the split"):
+        trained_on(tmp_path / "manifest.csv", tmp_path / "split.csv")
