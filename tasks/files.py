@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import csv
+import errno
 import functools
 import hashlib
 import itertools
@@ -104,6 +105,10 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# What writing a file may fail with: disk full, quota, too large, the device, a read-only mount.
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS}
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yields a temporary sibling path (same suffix) to write, a file or a new folder; renames it to
@@ -115,8 +120,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield temp
         os.replace(temp, path)
     except OSError as exc:
-        if exc.filename is not None or exc.errno is None:
-            raise
+        if exc.filename is not None or exc.errno not in _STORAGE_ERRORS:
+            raise  # a network error raised in the block is its own, not the output's
         # A write's own error names no file: "No space left on device" alone says not where.
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     finally:

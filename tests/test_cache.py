@@ -271,3 +271,7 @@ def test_a_full_disk_names_the_output_it_was_writing(tmp_path):
             full.flush()
     assert str(raised.value) == f"[Errno 28] No space left on device: '{target}'"
     assert list(target.parent.iterdir()) == []  # nor a half file, under any name
+    with pytest.raises(ConnectionResetError) as raised:  # a network error inside the block stays its own
+        with atomic_file(target):
+            raise ConnectionResetError(104, "Connection reset by peer")
+    assert str(raised.value) == "[Errno 104] Connection reset by peer"
