@@ -27,6 +27,22 @@ from tasks.stages import STAGES, Layout, run_stage
 EXPECTED_ERRORS = (StageError, FileNotFoundError)
 
 
+def _zip_to_write(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name the zip to write in it, e.g. {path / 'demo.zip'}")
+    if path.suffix.lower() != ".zip":
+        raise argparse.ArgumentTypeError(f"{text}: the demo archive is a zip: name it *.zip")
+    return path
+
+
+def _per_class(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 4:
+        raise argparse.ArgumentTypeError(f"{text}: a whole number, 4 or more (the split needs train, val and test "
+                                         "images of each class)")  # fmt: skip
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="imgclf",
@@ -71,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--url", help="the archive: sets data.url in params.yaml and empties data.sha256")
 
     demo = commands.add_parser("demo-data", help="write the offline, malaria-like demo archive")
-    demo.add_argument("out", type=Path, help="the zip to write, e.g. data/demo/cell_images_demo.zip")
-    demo.add_argument("--per-class", type=int, default=200, help="valid images per class (default 200)")
+    demo.add_argument("out", type=_zip_to_write, help="the zip to write, e.g. data/demo/cell_images_demo.zip")
+    demo.add_argument("--per-class", type=_per_class, default=200, help="valid images per class, 4 or more (default 200)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
 

@@ -389,7 +389,8 @@ def _mistakes_section(layout: Layout) -> Section:
             caption = (f"<b>true</b> {_e(data.classes[truth[i]])}<br><b>predicted</b> {_e(data.classes[predicted[i]])} "
                        f"({confidence[i]:.3f})<br><span class='path'>{_e(name)}</span>")  # fmt: skip
             if not maps[i].any():
-                caption += "<br>Grad-CAM: no region argues for this class (the evidence was against the other)"
+                against = "the other" if len(data.classes) == 2 else "the other classes"
+                caption += f"<br>Grad-CAM: no region argues for this class (the evidence was against {against})"
             tiles.append(f'<figure class="explained"><div>{pictures}</div><figcaption>{caption}</figcaption></figure>')
         return _strip(tiles)
 

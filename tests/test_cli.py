@@ -112,6 +112,16 @@ FAILURES = {
 }
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (["{tmp}"], "is a folder: name the zip to write in it"), (["{tmp}/d.tar.gz"], "the demo archive is a zip"),
+    (["{tmp}/d.zip", "--per-class", "0"], "--per-class: 0: a whole number, 4 or more"),
+])  # fmt: skip
+def test_demo_data_arguments_are_checked_as_arguments(tmp_path, cli_env, args, said):
+    shown = imgclf(["demo-data", *(arg.format(tmp=tmp_path) for arg in args)], tmp_path, cli_env)
+    assert shown.returncode == 2 and said in shown.stderr and "Traceback" not in shown.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_version_is_the_installed_packages(tmp_path, cli_env):
     from importlib.metadata import version
 
