@@ -151,6 +151,9 @@ def _local_file(data: DataParams) -> tuple[Path, os.stat_result]:
     """Returns the local source file and its stat; DownloadError when there is none."""
     url = data.url
     source = Path(url2pathname(urlparse(url).path)) if url_scheme(url) == "file" else Path(url)
+    if source.is_dir():
+        raise DownloadError(f"{redact(url)}: a folder, not an archive: data.url names a zip or tar of the class folders "
+                            f"(e.g. `cd {source} && zip -r ../{source.name}.zip .`)")  # fmt: skip
     if not source.is_file():
         raise DownloadError(f"{redact(url)}: no such file ({source})")
     return source, source.stat()

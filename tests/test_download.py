@@ -503,6 +503,12 @@ def test_plain_local_path_copies_the_file(tmp_path):
     assert source.read_bytes() == PAYLOAD  # copied, not moved
 
 
+def test_a_local_folder_is_refused_as_not_an_archive_saying_how_to_make_one(tmp_path):
+    (tmp_path / "set" / "cats").mkdir(parents=True)
+    with pytest.raises(DownloadError, match=r"set: a folder, not an archive: .* zip -r ../set.zip"):
+        download(params(str(tmp_path / "set")), tmp_path / "raw", tmp_path / "source.json")
+
+
 def test_missing_local_file_raises_naming_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "cells.zip"
     with pytest.raises(DownloadError, match=re.escape(str(missing))):
