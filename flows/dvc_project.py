@@ -132,7 +132,7 @@ class DvcProject:
             except DvcException as exc:  # a damaged dvc.yaml or dvc.lock, a lock held by `dvc repro`
                 # DVC names the file itself, and says who holds a busy output on the lines after the first.
                 said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-                raise ProjectError(f"{self.root}: DVC: {said}") from None
+                raise ProjectError(f"{self.root.resolve()}: DVC: {said}") from None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:

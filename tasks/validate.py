@@ -274,7 +274,7 @@ def _check_class_names(extracted_dir: Path, labels: set[str]) -> None:
         by_key[unicodedata.normalize("NFC", label).strip().casefold()].append(label)
     clashes = [", ".join(map(_shown, names)) for names in by_key.values() if len(names) > 1]
     if clashes:
-        raise ValidateError(f"{extracted_dir}: class folders differ only by case or spaces: {'; '.join(clashes)}; "
+        raise ValidateError(f"{extracted_dir}: class folders differ only by case, spaces or Unicode form: {'; '.join(clashes)}; "
                             "rename or merge them")  # fmt: skip
 
 

@@ -77,6 +77,16 @@ def test_class_too_small_for_the_split_names_the_class(tmp_path):
     assert not (tmp_path / "s.csv").exists()
 
 
+def test_a_class_swallowed_by_one_near_duplicate_cluster_is_warned_of_naming_the_clusters(tmp_path, caplog):
+    manifest = write_manifest(tmp_path / "m.csv", {"flat": 10, "noisy": 40})
+    clusters = write_clusters(tmp_path / "nd.csv", manifest, [[f"flat/img_{i}.png" for i in range(10)]])
+    with caplog.at_level("WARNING", logger="imgclf"):
+        rows = read_split(split(SplitParams(val=0.15, test=0.15), manifest, tmp_path / "s.csv", clusters))
+    assert len({row["split"] for row in rows if row["label"] == "flat"}) == 1  # the cluster whole on one side
+    assert re.search(r"class\(es\) flat have no (val|test) images \(their images' blocks, each kept whole on one side, "
+                     r"went elsewhere: a large near-duplicate cluster \(data/near_duplicates.csv", caplog.text)
+
+
 def test_group_pattern_keeps_every_group_in_one_split(tmp_path):
     # 40 patients, each with 5-15 cells of both labels, named like the NIH files.
     def name(label, i):

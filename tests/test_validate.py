@@ -278,7 +278,7 @@ def test_top_folders_not_all_named_like_splits_are_the_labels(root, tmp_path):
 def test_class_folders_differing_by_case_stop_validate(root, tmp_path, first, second, named):
     write(root, first, png_bytes(seed=1))
     write(root, second, png_bytes(seed=2))
-    message = f"{root}: class folders differ only by case or spaces: {named}; rename or merge them"
+    message = f"{root}: class folders differ only by case, spaces or Unicode form: {named}; rename or merge them"
     with pytest.raises(ValidateError, match=f"^{re.escape(message)}$"):
         validate(ValidateParams(), root, tmp_path / "manifest.csv", in_process)
     assert not (tmp_path / "manifest.csv").exists()
