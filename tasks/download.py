@@ -135,6 +135,9 @@ def _compare(data: DataParams, target: Path, record: Path, s3: S3Params) -> tupl
             return f"{_VALIDATORS[key]} changed", ""
     if not given and now["bytes"] is None:
         return "the source gives no ETag, Last-Modified or size: cannot tell; fetched again", ""
+    if not given:
+        log.warning("download: %s gives no ETag or Last-Modified, only a size: new data of the same size would go "
+                    "unseen; set data.sha256 to pin the archive", redact(data.url))  # fmt: skip
     shown = _VALIDATORS | {"bytes": "size"}
     return None, ", ".join(f"{name} {now[key]}" for key, name in shown.items() if now.get(key) is not None)
 

@@ -424,11 +424,14 @@ def test_server_refusing_head_is_asked_with_a_one_byte_ranged_get(server, tmp_pa
     assert seen(server) == [("HEAD", None, refusal), ("GET", "bytes=0-0", 206), ("GET", None, 200)]
 
 
-def test_without_validators_a_new_size_is_fetched_again_and_said(server, tmp_path):
+def test_without_validators_a_new_size_is_fetched_again_and_said(server, tmp_path, caplog):
     server.files["/cells.zip"] = PAYLOAD
     server.validators["/cells.zip"] = "none"
     data = params(server.url("/cells.zip"))
     download(data, tmp_path, tmp_path / "source.json")
+    with caplog.at_level(logging.WARNING, logger="imgclf"):
+        assert source_change(data, tmp_path, tmp_path / "source.json") is None  # the same size: taken as the same
+    assert "gives no ETag or Last-Modified, only a size: new data of the same size would go unseen" in caplog.text
     server.files["/cells.zip"] = PAYLOAD + b"more"
     assert source_change(data, tmp_path, tmp_path / "source.json") == "size changed: 300000 -> 300004 bytes"
     assert download(data, tmp_path, tmp_path / "source.json").read_bytes() == PAYLOAD + b"more"
