@@ -265,9 +265,13 @@ def test_a_publish_record_of_an_earlier_model_is_not_this_models(local, tmp_path
 
 
 def test_the_gate_prepares_images_by_the_projects_validate_max_pixels(local, tmp_path):
-    run, (params, s3) = make_run(tmp_path / "run"), local
+    from tasks.params import Params, ValidateParams
+    from tasks.stages import run_stage
+
+    run, (publish_params, _) = make_run(tmp_path / "run"), local
+    params = Params(publish=publish_params, gate=GateParams(bootstrap=200), validate=ValidateParams(max_pixels=300))
     with pytest.raises(GateError, match="too_large"):  # the cells are 18-40 pixels a side
-        publish(params, GateParams(bootstrap=200), s3, run, run.metrics_dir / "publish.json", max_pixels=300)
+        run_stage("publish", params, run)  # as both entry points run it: validate.max_pixels handed to the gate
 
 
 def test_a_difference_of_exactly_the_tolerance_holds_whatever_floats_make_of_it():
