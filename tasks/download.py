@@ -195,6 +195,10 @@ def _discard(part: Path) -> None:
 def _fetch_local(data: DataParams, part: Path, s3: S3Params) -> dict:
     # Stat taken before the copy: a file rewritten while we copy it is copied again next run.
     source, stat = _local_file(data)
+    if source.resolve() == part.with_name(part.name.removesuffix(".part")).resolve():
+        # Copied onto itself, each run would see a new mtime and fetch it again.
+        raise DownloadError(f"{redact(data.url)}: is where download puts the archive it fetches: keep the "
+                            f"source elsewhere (e.g. data/{source.name}) and point data.url there")  # fmt: skip
     size = stat.st_size
     _restart(part, redact(data.url), None, None, size)  # no validator: a broken copy is never resumed
     progress = Progress(size, f"copy {source.name}", "B", unit_scale=True)

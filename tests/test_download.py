@@ -512,6 +512,14 @@ def test_a_local_folder_is_refused_as_not_an_archive_saying_how_to_make_one(tmp_
         download(params(str(tmp_path / "set")), tmp_path / "raw", tmp_path / "source.json")
 
 
+def test_a_local_source_that_is_the_downloaded_archive_itself_is_refused(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "cells.zip").write_bytes(PAYLOAD)
+    with pytest.raises(DownloadError, match="is where download puts the archive it fetches: keep the source elsewhere"):
+        download(params(str(tmp_path / "raw" / "cells.zip")), tmp_path / "raw", tmp_path / "source.json")
+    assert (tmp_path / "raw" / "cells.zip").read_bytes() == PAYLOAD
+
+
 def test_missing_local_file_raises_naming_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "cells.zip"
     with pytest.raises(DownloadError, match=re.escape(str(missing))):
