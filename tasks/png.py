@@ -33,7 +33,7 @@ _DECLINED_CHUNKS = {b"tRNS", b"eXIf"}
 # So may a text chunk under the two keywords Pillow reads an orientation from: EXIF as hex
 # (ImageMagick's "Raw profile type exif") and XMP's tiff:Orientation. Other text is only text.
 _TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt"}
-_ORIENTATION_KEYWORDS = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0")
+_ORIENTATION_KEYWORDS = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0", b"exif\0")  # Pillow reads all three
 _CHANNELS = {0: 1, 2: 3}  # colour type: gray, RGB
 _NONE, _SUB, _UP = 0, 1, 2
 _IEND = b"\0\0\0\0IEND\xaeB`\x82"

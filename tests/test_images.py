@@ -181,6 +181,8 @@ def orientation_text_png(chunk: str) -> bytes:
     info = PngImagePlugin.PngInfo()
     if chunk == "tEXt":
         info.add_text("Raw profile type exif", raw_profile_exif(6))
+    elif chunk == "tEXt exif":
+        info.add_text("exif", b"Exif\x00\x00" + orientation_exif(6))  # Pillow takes its bytes as the EXIF block
     elif chunk == "zTXt":
         info.add_text("Raw profile type exif", raw_profile_exif(6), zip=True)
     elif chunk == "iTXt":
@@ -192,7 +194,7 @@ def orientation_text_png(chunk: str) -> bytes:
     return data
 
 
-ORIENTATION_TEXT_CHUNKS = ["tEXt", "zTXt", "iTXt", "iTXt XMP"]
+ORIENTATION_TEXT_CHUNKS = ["tEXt", "tEXt exif", "zTXt", "iTXt", "iTXt XMP"]
 
 
 @pytest.mark.parametrize("chunk", ORIENTATION_TEXT_CHUNKS)
