@@ -118,7 +118,7 @@ def _grouped(params: SplitParams, rows: list[dict], groups: list[str], fractions
 def group_of(pattern: re.Pattern[str], path: str) -> str:
     """Returns the pattern's first group in the file name, or the whole path when it does not match."""
     match = pattern.search(path.rsplit("/", 1)[-1])
-    return match.group(1) if match else path
+    return match.group(1) if match and match.group(1) else path  # an optional group that took nothing: no group
 
 
 def blocks_of(*partitions: list[str]) -> list[int]:
@@ -184,9 +184,9 @@ def _assign(params: SplitParams, rows: list[dict], groups: list[str], fractions:
     # Grouped or not: one near-duplicate pair makes the split grouped, and must not let a class of two images through.
     for label, count in sorted(Counter(row["label"] for row in rows).items()):
         if not _fits(count, fractions):
-            needed = next(n for n in range(1, 10_000) if _fits(n, fractions))
+            needed = next((f"at least {n}" for n in range(1, 10_000) if _fits(n, fractions)), "over 10,000")
             raise SplitError(f"split: class {label!r} has {count} image(s); split.val={params.val} and "
-                             f"split.test={params.test} need at least {needed} per class")  # fmt: skip
+                             f"split.test={params.test} need {needed} per class")  # fmt: skip
     return _grouped(params, rows, groups, fractions) if groups else _stratified(params, rows, fractions)
 
 

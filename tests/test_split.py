@@ -106,6 +106,22 @@ def test_group_pattern_keeps_every_group_in_one_split(tmp_path):
     assert abs(sizes["val"] / len(rows) - 0.15) < 0.05
 
 
+def test_a_group_pattern_whose_optional_group_takes_nothing_leaves_those_files_ungrouped(tmp_path, caplog):
+    # `_y1.png` matches `^(C\d+)?_` with the group empty: no group, not one group "" (nor a crash on None).
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 20, "b": 20}, lambda label, i: f"C{i % 10}_{i}.png" if i % 2
+                              else f"_{label}{i}.png")  # fmt: skip
+    with caplog.at_level("WARNING", logger="imgclf"):
+        rows = read_split(split(SplitParams(group_pattern=r"^(C\d+)?_"), manifest, tmp_path / "s.csv"))
+    assert {row["group"] for row in rows if "/_" in row["path"]} == {row["path"] for row in rows if "/_" in row["path"]}
+    assert "20 file name(s) do not match split.group_pattern; each is its own group" in caplog.text
+
+
+def test_a_fraction_too_small_for_any_class_says_so_in_one_line(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", {"a": 50, "b": 50})
+    with pytest.raises(SplitError, match=r"split.test=1e-05 need over 10,000 per class"):
+        split(SplitParams(test=0.00001), manifest, tmp_path / "s.csv")
+
+
 def test_too_few_groups_is_a_clear_error(tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", {"a": 10, "b": 10}, lambda label, i: f"P1_{i}.png")
     with pytest.raises(SplitError, match="only 1 group"):
