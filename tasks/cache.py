@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -58,11 +59,17 @@ class DecodedShard:
     decoder: str  # decoder_fingerprint() where the shard was decoded
 
 
-def _decode_shard(root: str, params: PrepareParams, paths: Sequence[str]) -> DecodedShard:
-    """Returns the shard's images decoded and resized, one row each, with each row's sha256."""
-    pixels = np.empty((len(paths), *row_shape(params)), dtype=np.uint8)
-    for index, path in enumerate(paths):
-        verdict, row = read_row((Path(root) / path).read_bytes(), params)
+def _decode_shard(root: str, params: PrepareParams, files: Sequence[tuple[str, str]]) -> DecodedShard:
+    """Returns the shard's images, (path, the manifest's sha256) each, decoded and resized, one row
+    each, with each row's sha256."""
+    pixels = np.empty((len(files), *row_shape(params)), dtype=np.uint8)
+    for index, (path, sha256) in enumerate(files):
+        data = (Path(root) / path).read_bytes()
+        # A row is filed and reused under the manifest's sha256: it must hold those bytes' pixels.
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise CacheError(f"{Path(root) / path}: its bytes are not the ones validate judged (sha256 in "
+                             "data/manifest.csv): the file changed since; run validate again")  # fmt: skip
+        verdict, row = read_row(data, params)
         if row is None:
             raise CacheError(f"{Path(root) / path}: {verdict.reason} ({verdict.detail}), though the manifest says "
                              "valid: the file changed since validate ran; run validate again")  # fmt: skip
@@ -129,8 +136,8 @@ def _assemble(temp: Path, params: PrepareParams, rows: list[dict], made_with: di
         decode_shard = functools.partial(_decode_shard, str(extracted_dir.resolve()), params)
         progress.update(len(rows) - len(todo))
         shards = shards_of(todo, SHARD_IMAGES, largest=shard_largest(params))
-        paths = [[rows[index]["path"] for index in shard] for shard in shards]
-        for shard, decoded in zip(shards, map_shards(decode_shard, paths), strict=True):
+        files = [[(rows[index]["path"], rows[index]["sha256"]) for index in shard] for shard in shards]
+        for shard, decoded in zip(shards, map_shards(decode_shard, files), strict=True):
             if decoded.decoder != made_with["decoder"]:
                 raise CacheError(f"{cache_dir}: a worker decodes with other code or library versions than this "
                                  f"run (decoder {decoded.decoder[:12]}, here {made_with['decoder'][:12]}); "

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 import tasks.cache
 import tasks.rows
@@ -21,7 +22,7 @@ from tasks.files import process_pool_map
 from tasks.params import PrepareParams, ValidateParams
 from tasks.rows import Staging, staging_dir
 from tasks.validate import validate
-from tests.conftest import PER_CLASS, in_process
+from tests.conftest import PER_CLASS, encode, in_process, noise
 
 
 def read_bytes(cache_dir: Path) -> dict[str, bytes]:
@@ -252,12 +253,17 @@ def test_stale_staged_rows_are_not_used(validated_demo, stale):
     assert read_bytes(result.path) == read_bytes(cold.path)
 
 
-def test_a_valid_file_that_no_longer_decodes_stops_the_stage_naming_it(validated_demo):
+@pytest.mark.parametrize("change", ["cut short", "another valid image"])
+def test_a_file_changed_since_validate_stops_the_stage_naming_it(validated_demo, change):
     manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
     path = sorted((extracted / "Uninfected").glob("*.png"))[0]
-    path.write_bytes(path.read_bytes()[:200])  # cut after validate judged it whole
-    with pytest.raises(CacheError, match=f"^{re.escape(str(path.resolve()))}: truncated .*run validate again$"):
+    # Cut after validate judged it whole; or replaced by an image that decodes, whose pixels would
+    # be cached, and later reused, under the sha256 of the bytes validate judged.
+    path.write_bytes(path.read_bytes()[:200] if change == "cut short" else encode(Image.fromarray(noise(20, 20)), "PNG"))
+    with pytest.raises(CacheError, match=f"^{re.escape(str(path.resolve()))}: its bytes are not the ones validate "
+                                         "judged .*run validate again$"):  # fmt: skip
         cache(PrepareParams(image_size=16), manifest, extracted, validated_demo / "cache", in_process)
+    assert not (validated_demo / "cache").exists()
 
 
 def test_a_full_disk_names_the_output_it_was_writing(tmp_path):
