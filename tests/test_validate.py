@@ -115,6 +115,17 @@ def test_floating_point_tiff_is_rejected_not_cached_black(root, tmp_path):
     assert_valid(rows["cat/int16.tif"], "TIFF", 8, 8)
 
 
+def test_a_class_whose_every_file_is_rejected_is_warned_of_by_name(root, tmp_path, caplog):
+    write(root, "cat/a.png", png_bytes(8, 8))
+    write(root, "dog/b.png", png_bytes(9, 9))
+    for i in range(3):
+        write(root, f"heic/{i}.heic", b"\x00\x00\x00\x18ftypheic" + bytes(40))
+    with caplog.at_level("WARNING", logger="imgclf"):
+        run_validate(root, tmp_path)
+    assert "class 'heic' has no valid image (unsupported_format 3): it is left out" in caplog.text
+    assert "'cat'" not in caplog.text and "'dog'" not in caplog.text
+
+
 def test_too_large_image_is_rejected_from_its_header_without_decoding(root, tmp_path):
     # The IHDR claims 30000x30000 but the pixel data is garbage: decoding would say
     # truncated/corrupt, so `too_large` proves the verdict came from the header alone.
