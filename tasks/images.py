@@ -48,7 +48,9 @@ _OTHER_IMAGE_SIGNATURES = (
 # between header markers) leave the pixels whole, as Pillow decodes them.
 _JPEG_DAMAGE = (
     ("truncated", ("premature end", "found marker 0xd9")),  # the data ran out before the last block
-    ("corrupt", ("bad huffman", "instead of rst", "before marker 0xd9")),  # the scan data does not parse
+    # Not "extraneous bytes before marker 0xd9": padding between whole scan data and the end marker,
+    # which some cameras and uploaders leave (Kaggle's cats and dogs); Pillow's decode judges those.
+    ("corrupt", ("bad huffman", "instead of rst")),  # the scan data does not parse
 )
 
 

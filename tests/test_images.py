@@ -419,9 +419,15 @@ WHOLE_JPEGS = {
     "restart markers": lambda: photo_jpeg(restart_marker_blocks=4),
     "MPO": lambda: encode(Image.fromarray(photo()), "MPO", save_all=True, append_images=[Image.fromarray(photo(1))]),
     "junk after the end marker": lambda: photo_jpeg() + b"appended by some uploader\x00" * 8,
+    "padding before the end marker": lambda: photo_jpeg()[:-2] + bytes(7) + END,  # libjpeg: 7 extraneous bytes
     "padding between header markers": lambda: _padded_between_header_markers(photo_jpeg()),
     "unknown JFIF revision": lambda: _unknown_jfif_revision(photo_jpeg()),
 }
+
+
+def test_padding_before_the_end_marker_leaves_the_pixels_whole():
+    data = photo_jpeg()
+    assert np.array_equal(decode(data[:-2] + bytes(7) + END, 3), decode(data, 3))
 
 
 @pytest.mark.parametrize("kind", WHOLE_JPEGS)
