@@ -142,6 +142,8 @@ def _read_with_pillow(data: bytes, max_pixels: int | None, draft_size: int | Non
         return Verdict(*damage, **header), None
     try:
         return Verdict("", **header), _decode_with_pillow(image, draft_size)
+    except _NoEightBitMapping as exc:
+        return Verdict("unsupported_format", str(exc), **header), None
     except OSError as exc:
         reason = "truncated" if "truncated" in str(exc) else "corrupt"
         return Verdict(reason, str(exc), **header), None
@@ -163,6 +165,10 @@ def _jpeg_damage(data: bytes, mode: str) -> tuple[str, str] | None:
     return None
 
 
+class _NoEightBitMapping(ValueError):
+    """Whole pixels, but no one way to make them 8-bit: a guess would cache some sets black or white."""
+
+
 def _decode_with_pillow(image: Image.Image, draft_size: int | None) -> np.ndarray:
     """Returns the opened image decoded (raising as Pillow does on damage), upright, as uint8 RGB."""
     if draft_size and image.format in ("JPEG", "MPO"):
@@ -171,7 +177,10 @@ def _decode_with_pillow(image: Image.Image, draft_size: int | None) -> np.ndarra
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit gray: keep the high byte, as Pillow's 8-bit modes and OpenCV do.
-        gray = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        values = np.asarray(image, dtype=np.int64)
+        if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+            raise _NoEightBitMapping("32-bit integer pixels beyond 0..65535: no range to map to 8 bits")
+        gray = (values >> 8).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     return np.asarray(image.convert("RGB"))
 

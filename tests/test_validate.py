@@ -105,14 +105,19 @@ def test_format_pillow_opens_but_not_supported_is_rejected_as_unsupported_format
     assert rows["cat/b.ico"]["format"] == "ICO"
 
 
-def test_floating_point_tiff_is_rejected_not_cached_black(root, tmp_path):
+def test_floating_point_and_wide_integer_tiffs_are_rejected_not_cached_black_or_white(root, tmp_path):
     # Float pixels come in 0..1 as often as in 0..255: no mapping to 8 bits is right for both.
     write(root, "cat/float.tif", encode(Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)), "TIFF"))
     write(root, "cat/int16.tif", encode(Image.fromarray(noise(8, 8)[..., 0].astype(np.uint16) << 8), "TIFF"))
+    write(root, "cat/int32.tif", encode(Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) << 14), "TIFF"))
+    write(root, "cat/int32-16bit.tif", encode(Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) << 10), "TIFF"))
     rows = run_validate(root, tmp_path)
     assert_rejected(rows["cat/float.tif"], "unsupported_format")
     assert "floating-point" in rows["cat/float.tif"]["detail"]
+    assert_rejected(rows["cat/int32.tif"], "unsupported_format")  # up to 2^20: clipped, most would be white
+    assert "beyond 0..65535" in rows["cat/int32.tif"]["detail"]
     assert_valid(rows["cat/int16.tif"], "TIFF", 8, 8)
+    assert_valid(rows["cat/int32-16bit.tif"], "TIFF", 8, 8)  # 32-bit, with 16-bit values: as a 16-bit image
 
 
 def test_a_class_whose_every_file_is_rejected_is_warned_of_by_name(root, tmp_path, caplog):
