@@ -73,6 +73,14 @@ def close_pairs(thumbs: np.ndarray, distance: float) -> np.ndarray:
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
 
 
+def _linking_pairs(thumbs: np.ndarray, distance: float) -> np.ndarray:
+    """Returns pairs that link the rows as close_pairs would, for clustering: among k images with one
+    thumbnail (blank tiles, black frames) k - 1 links, where every pair would be k^2 / 2 in memory."""
+    distinct, first, same = np.unique(thumbs, axis=0, return_index=True, return_inverse=True)
+    to_first = np.column_stack([first[same.ravel()], np.arange(len(thumbs))])
+    return np.vstack([first[close_pairs(distinct, distance)], to_first[to_first[:, 0] != to_first[:, 1]]])
+
+
 def clusters(n: int, pairs: np.ndarray) -> np.ndarray:
     """Returns each of n items' cluster: the connected components of `pairs`, numbered in order of first member."""
     from scipy.sparse import coo_matrix
@@ -89,7 +97,7 @@ def near_duplicates(params: ValidateParams, cache_dir: Path, out_csv: Path, metr
     distance = params.near_duplicate_distance
     pairs = np.empty((0, 2), dtype=np.int64)
     if distance > 0:
-        pairs = close_pairs(thumbnails(np.load(cache_dir / "images.npy", mmap_mode="r")), distance)
+        pairs = _linking_pairs(thumbnails(np.load(cache_dir / "images.npy", mmap_mode="r")), distance)
     cluster = clusters(len(index), pairs)
     sizes = np.bincount(cluster, minlength=len(index))
     labels_of: dict[int, set[str]] = defaultdict(set)

@@ -144,3 +144,17 @@ def test_the_pair_search_finds_exactly_the_pairs_comparing_every_pair_finds():
     expected = np.argwhere(np.triu(rms <= 4.0, k=1))
     assert 10 < len(expected) < 100
     np.testing.assert_array_equal(close_pairs(thumbs, 4.0), expected)
+
+
+def test_many_images_with_one_thumbnail_cluster_as_every_pair_would_with_links_in_proportion():
+    from tasks.near_duplicates import _linking_pairs, clusters
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (700, 16, 16, 3), dtype=np.uint8)
+    images[100:600] = 0  # 500 blank tiles: 124,750 pairs, where 499 links say the same
+    images[600:650] = np.clip(images[:50] + rng.normal(0, 10, (50, 16, 16, 3)), 0, 255)  # near, not equal
+    images[650] = 1  # one gray level from blank
+    thumbs = thumbnails(images)
+    every_pair, links = close_pairs(thumbs, 4.0), _linking_pairs(thumbs, 4.0)
+    assert len(every_pair) > 124_750 and len(links) < 600
+    np.testing.assert_array_equal(clusters(len(thumbs), links), clusters(len(thumbs), every_pair))
