@@ -41,7 +41,7 @@ INDEX_COLUMNS = ["row", "path", "label", "sha256", "pixels_sha256"]
 
 # What turns a file into a row: rows made by other code or library versions are not reused.
 DECODER_SOURCES = (Path(tasks.images.__file__), Path(tasks.png.__file__), Path(__file__))
-DECODER_LIBRARIES = ("numpy", "cv2", "PIL", "pyspng", "imagecodecs")
+DECODER_LIBRARIES = ("numpy", "cv2", "PIL", "pyspng", "imagecodecs", "simplejpeg")  # simplejpeg: JPEG verdicts
 
 
 @dataclass(frozen=True)

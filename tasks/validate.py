@@ -225,7 +225,7 @@ class _StagedRows(contextlib.ExitStack):
         self.made_with = settings(staging.params, decoder_fingerprint())
         self.entries: list[tuple[int, str, str, str, str]] = []
         self.held: set[str] = set()
-        self.rows_crc32, self.foreign = 0, 0
+        self.rows_crc32 = 0
 
     def __enter__(self) -> _StagedRows:
         super().__enter__()
@@ -235,8 +235,10 @@ class _StagedRows(contextlib.ExitStack):
 
     def add(self, judged: JudgedShard) -> None:
         if judged.decoder != self.made_with["decoder"]:
-            self.foreign += len(judged.rows)  # the cache stage decodes these itself
-            return
+            # Its verdicts too may differ: which shard went where would change the manifest.
+            raise ValidateError(f"{self.staging.folder}: a worker judges with other code or library versions than "
+                                f"this run (decoder {judged.decoder[:12]}, here {self.made_with['decoder'][:12]}); "
+                                "install the same versions on every worker")  # fmt: skip
         taken = []
         for offset, (row, digest) in enumerate(zip(judged.rows, judged.digests, strict=True)):
             if digest and row["sha256"] not in self.held:  # a later copy is a duplicate, or a conflict
@@ -254,9 +256,6 @@ class _StagedRows(contextlib.ExitStack):
         shape = (len(self.entries), *self.shape[1:])
         write_meta(self.folder, self.made_with, shape, Counter(entry[2] for entry in self.entries),
                    rows_crc32=self.rows_crc32, index_crc32=crc32(self.folder / "index.csv"))  # fmt: skip
-        if self.foreign:
-            log.warning("validate: %d files were judged by workers with other decoding code or library versions; "
-                        "their rows are not staged", self.foreign)  # fmt: skip
         cache_dir = self.staging.cache_dir
         self.cached_already = cache_dir is not None and same_rows(self.folder, cache_dir, self.made_with)
 

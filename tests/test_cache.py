@@ -87,6 +87,20 @@ def test_a_worker_with_other_decoder_versions_fails_the_stage_and_keeps_the_prev
     assert read_bytes(cache_dir) == before
 
 
+def test_a_validate_worker_with_other_decoder_versions_fails_the_stage_and_keeps_the_manifest(validated_demo, tmp_path):
+    root_demo = validated_demo / "extracted"
+    validate(ValidateParams(), root_demo, tmp_path / "manifest.csv", in_process)
+    before = (tmp_path / "manifest.csv").read_bytes()
+
+    def elsewhere(fn, shards):  # a worker whose Pillow (say) is another version: its verdicts may differ too
+        return (dataclasses.replace(fn(shard), decoder="0" * 64) for shard in shards)
+
+    staging = Staging(PrepareParams(image_size=16), tmp_path / "staging")
+    with pytest.raises(tasks.validate.ValidateError, match="a worker judges with other code or library versions"):
+        validate(ValidateParams(), root_demo, tmp_path / "manifest.csv", elsewhere, staging)
+    assert (tmp_path / "manifest.csv").read_bytes() == before and not staging.folder.exists()
+
+
 def test_adding_ten_images_decodes_ten_and_matches_a_fresh_run(validated_demo):
     params = PrepareParams(image_size=16)
     manifest, extracted = validated_demo / "manifest.csv", validated_demo / "extracted"
