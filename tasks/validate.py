@@ -202,6 +202,14 @@ def validate(
         reasons = _counts(row["reason"] for row in rows) or "none"
         raise ValidateError(f"{extracted_dir}: no valid images among {len(rows)} files ({reasons}); see {manifest_csv}")
     _warn_of_classes_left_empty(rows)
+    labels = {row["label"] for row in rows if row["status"] == "valid"}
+    if len(labels) < 2:
+        (label,) = labels
+        below = sorted({path.split("/")[-2] for path in (row["path"] for row in rows if row["label"] == label)
+                        if path.count("/") >= (3 if split_layout else 2)})  # fmt: skip
+        hint = f"; its subfolders ({', '.join(below)}) may be the classes, one level down" if len(below) > 1 else ""
+        raise ValidateError(f"{extracted_dir}: every valid image is of one class, {label!r}: a classifier needs two "
+                            f"or more class folders{hint}; see {manifest_csv}")  # fmt: skip
     return manifest_csv
 
 

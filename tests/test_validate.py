@@ -120,6 +120,16 @@ def test_floating_point_and_wide_integer_tiffs_are_rejected_not_cached_black_or_
     assert_valid(rows["cat/int32-16bit.tif"], "TIFF", 8, 8)  # 32-bit, with 16-bit values: as a 16-bit image
 
 
+def test_one_class_is_refused_here_not_at_train_with_its_subfolders_named(root, tmp_path):
+    for split_folder in ("train", "test"):  # an extra level: train/images/{cat,dog}/
+        for label in ("cat", "dog"):
+            write(root, f"{split_folder}/images/{label}/{split_folder}-{label}.png", png_bytes(8 + len(label), 8))
+    with pytest.raises(ValidateError, match=r"every valid image is of one class, 'images': a classifier needs two or "
+                                            r"more class folders; its subfolders \(cat, dog\) may be the classes"):
+        validate(ValidateParams(), root, tmp_path / "manifest.csv", in_process)
+    assert (tmp_path / "manifest.csv").exists()  # written first, so every row can be read
+
+
 def test_a_class_whose_every_file_is_rejected_is_warned_of_by_name(root, tmp_path, caplog):
     write(root, "cat/a.png", png_bytes(8, 8))
     write(root, "dog/b.png", png_bytes(9, 9))
