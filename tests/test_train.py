@@ -296,7 +296,16 @@ def test_transfer_base_loads_weights_from_a_local_file(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_efficientnet_from_a_local_weights_file_computes_what_keras_imagenet_build_does(tmp_path, monkeypatch):
+@pytest.fixture
+def in_float32():
+    """Keras in float32 for the test, whatever an earlier training in this process left (bf16 rounds at 1e-2)."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+def test_efficientnet_from_a_local_weights_file_computes_what_keras_imagenet_build_does(tmp_path, monkeypatch, in_float32):
     from keras.src.applications import efficientnet
 
     path = tmp_path / "efficientnetb0_notop.weights.h5"
