@@ -36,10 +36,15 @@ def load_cached_set(cache_dir: Path, split_csv: Path) -> CachedSet:
     """Returns the cache joined with the split: which rows are train, val and test."""
     images = np.load(cache_dir / "images.npy", mmap_mode="r")
     meta = json.loads((cache_dir / "meta.json").read_text())
-    index = read_csv(cache_dir / "index.csv")
+    # Placed by their row, not by their line: labels[i] and paths[i] are images.npy's row i.
+    index = sorted(read_csv(cache_dir / "index.csv"), key=lambda entry: int(entry["row"]))
+    if [int(entry["row"]) for entry in index] != list(range(len(images))):
+        raise DatasetError(f"{cache_dir}: index.csv does not list images.npy's {len(images)} rows once each "
+                           "(re-run the cache stage)")  # fmt: skip
     row_of = {entry["path"]: int(entry["row"]) for entry in index}
     classes = sorted({entry["label"] for entry in index})
-    labels = np.array([classes.index(entry["label"]) for entry in index], dtype=np.int32)
+    number = {name: i for i, name in enumerate(classes)}
+    labels = np.array([number[entry["label"]] for entry in index], dtype=np.int32)
     rows: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for entry in read_csv(split_csv):
         if entry["path"] not in row_of:

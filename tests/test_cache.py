@@ -295,3 +295,21 @@ def test_a_full_disk_names_the_output_it_was_writing(tmp_path):
         with atomic_file(target):
             raise ConnectionResetError(104, "Connection reset by peer")
     assert str(raised.value) == "[Errno 104] Connection reset by peer"
+
+
+def test_the_training_set_reads_each_row_by_its_number_not_its_line(validated_demo):
+    from tasks.dataset import DatasetError, load_cached_set
+
+    cache_dir = cache(PrepareParams(image_size=16), validated_demo / "manifest.csv", validated_demo / "extracted",
+                      validated_demo / "cache", in_process).path  # fmt: skip
+    split_csv = validated_demo / "split.csv"
+    entries = list(csv.DictReader(open(cache_dir / "index.csv", newline="")))
+    split_csv.write_text("path,label,split\n" + "".join(f"{e['path']},{e['label']},train\n" for e in entries))
+    lines = (cache_dir / "index.csv").read_text().splitlines()
+    (cache_dir / "index.csv").write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")  # the same rows, other order
+    data = load_cached_set(cache_dir, split_csv)
+    assert [data.paths[int(e["row"])] for e in entries] == [e["path"] for e in entries]
+    assert [data.classes[data.labels[int(e["row"])]] for e in entries] == [e["label"] for e in entries]
+    (cache_dir / "index.csv").write_text("\n".join(lines[:-1]) + "\n")  # a row missing
+    with pytest.raises(DatasetError, match="index.csv does not list images.npy's .* rows once each"):
+        load_cached_set(cache_dir, split_csv)
