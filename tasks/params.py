@@ -98,7 +98,17 @@ class DataParams(_Section):
             supported = ", ".join(f"{s}://" for s in URL_SCHEMES if s)
             raise ValueError(f"unsupported scheme {scheme}:// (supported: {supported}, or a local path)")
         if scheme == "s3":
+            if "@" in urlparse(url).netloc:  # and say so without echoing it: it may hold a password
+                raise ValueError("an s3:// URL holds no credentials (user@ or user:password@): they come from "
+                                 "boto3's chain (AWS_* variables, a profile, a role)")  # fmt: skip
             _check_bucket(url)
+            if not urlparse(url).path.strip("/"):
+                raise ValueError("an s3:// URL names an object: s3://bucket/key")
+        elif scheme in ("http", "https"):
+            try:
+                urlparse(url).port  # noqa: B018 (raises on a port beyond 65535 or not a number)
+            except ValueError:
+                raise ValueError("the URL's port is not a number from 1 to 65535") from None
         return url
 
     @field_validator("sha256", mode="before")
@@ -317,6 +327,14 @@ class S3Params(_Section):
 
     endpoint_url: OptionalText = None  # an S3-compatible store; empty: AWS (or AWS_ENDPOINT_URL)
     region: OptionalText = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_endpoint(cls, url: str | None) -> str | None:
+        # Checked here: botocore says only "ValueError" once a stage first reaches for S3.
+        if url is not None and (url_scheme(url) not in ("http", "https") or not urlparse(url).hostname):
+            raise ValueError("must be http(s)://HOST[:PORT], e.g. http://127.0.0.1:9000")
+        return url
 
 
 class PublishParams(_Section):

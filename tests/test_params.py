@@ -71,6 +71,10 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"publish": {"s3_uri": "bucket/prefix"}}, "publish.s3_uri"),
         ({"publish": {"s3_uri": "s3://Bad_Bucket!/runs"}}, "publish.s3_uri: invalid bucket name 'Bad_Bucket!'"),
         ({"data": {"url": "s3://Bad_Bucket!/cells.zip"}}, "data.url: invalid bucket name 'Bad_Bucket!'"),
+        ({"data": {"url": "s3://u:Pw5ecret@data/cells.zip"}}, "data.url: an s3:// URL holds no credentials"),
+        ({"data": {"url": "s3://bucket/"}}, "data.url: an s3:// URL names an object: s3://bucket/key"),
+        ({"data": {"url": "http://u:pw@127.0.0.1:99999/x.zip"}}, "data.url: the URL's port is not a number from 1"),
+        ({"s3": {"endpoint_url": "127.0.0.1:5055"}}, "s3.endpoint_url: must be http(s)://HOST[:PORT]"),
         ({"prepare": {"channels": True}}, "prepare.channels: a number, not true or false"),
         ({"train": {"epochs": True}}, "train.epochs: a number, not true or false"),
         ({"train": {"learning_rate": True}}, "train.learning_rate: a number, not true or false"),
@@ -88,7 +92,7 @@ def test_bad_params_fail_with_one_line_naming_the_key(tmp_path, tree, dotted):
         load_params(write(tmp_path, tree))
     message = str(caught.value)
     assert dotted in message
-    assert "\n" not in message
+    assert "\n" not in message and "Pw5ecret" not in message and "u:pw@" not in message  # no password echoed
     assert message.startswith(str(tmp_path / "params.yaml"))
 
 
