@@ -27,7 +27,8 @@ class VersioningError(StageError):
 def _run(command: list[str], layout: Layout, allowed: tuple[int, ...] = ()) -> str:
     result = subprocess.run(command, cwd=layout.root, capture_output=True, text=True)
     if result.returncode and result.returncode not in allowed:
-        lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        lines = [line.strip() for line in (result.stderr or result.stdout).splitlines()
+                 if line.strip() and not line.startswith("hint:")]  # git's advice, not what went wrong
         # DVC ends with a support footer; its "ERROR: ..." line says what went wrong.
         errors = [line for line in lines if line.startswith("ERROR")]
         reason = (errors or lines or ["no output"])[-1]
@@ -104,18 +105,25 @@ def _git_commit_lock(layout: Layout) -> str:
         for out in repo.index.outs:
             if out.use_cache:
                 entries[str(Path(out.def_path).parent / ".gitignore")].add("/" + Path(out.def_path).name)
-    paths = ["dvc.lock", *(path for path in sorted(in_git) if (layout.root / path).exists())]
+        outs = {out.def_path for out in repo.index.outs}
+        deps = {dep.def_path for stage in repo.index.stages for dep in stage.deps} - outs
+    # The params and pipeline dvc.lock was recorded from go with it: a clone must read what the run read.
+    paths = ["dvc.lock", "dvc.yaml", "params.yaml", *(path for path in sorted(in_git) if (layout.root / path).exists())]
     ignored = set(_run(["git", "check-ignore", "--", *paths], layout, allowed=(1,)).splitlines())  # untracked ones
     # A .gitignore goes in only while every line it adds is DVC's: edits of the user's stay theirs to commit.
     theirs = sorted(path for path, lines in entries.items() if _added_lines(layout, path) - lines)
-    paths = [path for path in paths if path not in ignored] + sorted(
+    paths = [path for path in paths if path not in ignored and (layout.root / path).exists()] + sorted(
         path for path in entries if (layout.root / path).exists() and path not in theirs)  # fmt: skip
-    _run(["git", "add", "--", *paths], layout)
+    # Code dvc.lock records but the commit does not carry: a clone of it would run those stages again.
+    rest = sorted(deps - set(paths))
+    edited = [line[3:] for line in _run(["git", "status", "--porcelain", "--", *rest], layout).splitlines()] if rest else []
+    _run(["git", "add", "--force", "--", *paths], layout)  # forced: a tracked file a .gitignore names still updates
     if not _run(["git", "diff", "--cached", "--name-only", "--", *paths], layout).split():
         return "dvc.lock unchanged: no git commit"
     _run(["git", "commit", "--quiet", "-m", "imgclf: record pipeline run in dvc.lock", "--", *paths], layout)
     left = [f"{', '.join(sorted(ignored))} ignored by git"] if ignored else []
     left += [f"{', '.join(theirs)} holding edits of yours"] if theirs else []
+    left += [f"{', '.join(edited)}, uncommitted edits dvc.lock records: a clone re-runs their stages"] if edited else []
     return "dvc.lock and the outputs git carries committed" + (f" (not: {'; '.join(left)})" if left else "")
 
 

@@ -354,10 +354,20 @@ def test_git_commit_leaves_out_what_git_ignores_and_a_gitignore_holding_the_user
     for name in ("train.json", "eval.json"):
         (root / "metrics" / name).write_text("{}\n")
     (root / ".gitignore").write_text((root / ".gitignore").read_text() + "metrics/\nmy-notes/\n")  # the user's, uncommitted
+    (root / "params.yaml").write_text((root / "params.yaml").read_text().replace("epochs: 40", "epochs: 41"))  # the run's
+    (root / "tasks" / "train.py").write_text((root / "tasks" / "train.py").read_text() + "# tried something\n")
     said = version_outputs(Layout(root), OrchestrationParams(git_commit=True, dvc_push=False))
     assert said == ["dvc.lock and the outputs git carries committed (not: metrics/eval.json, metrics/train.json ignored "
-                    "by git; .gitignore holding edits of yours)"]  # fmt: skip
-    assert sh(["git", "show", "--name-only", "--format=", "HEAD"], root, env).split() == ["dvc.lock"]
+                    "by git; .gitignore holding edits of yours; tasks/train.py, uncommitted edits dvc.lock records: a "
+                    "clone re-runs their stages)"]  # fmt: skip
+    assert sh(["git", "show", "--name-only", "--format=", "HEAD"], root, env).split() == ["dvc.lock", "params.yaml"]
+    # Once tracked, outputs a .gitignore names still get their updates committed.
+    sh(["git", "add", "--force", "metrics"], root, env)
+    sh(["git", "commit", "-qm", "metrics"], root, env)
+    (root / "metrics" / "train.json").write_text('{"epochs": 41}\n')
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {train: {cmd: imgclf stage train}}\n")
+    version_outputs(Layout(root), OrchestrationParams(git_commit=True, dvc_push=False))
+    assert sh(["git", "show", "--name-only", "--format=", "HEAD"], root, env).split() == ["dvc.lock", "metrics/train.json"]
 
 
 def test_a_remote_that_is_not_the_default_is_said_not_pushed_to(tmp_path, env):
