@@ -35,7 +35,7 @@ from prefect.states import Completed  # noqa: E402
 from flows.dvc_project import DvcProject, ProjectError, one_run_at_a_time  # noqa: E402
 from flows.report import publish_artifacts  # noqa: E402
 from flows.versioning import version_outputs  # noqa: E402
-from tasks.download import DownloadError, source_change  # noqa: E402
+from tasks.download import SourceGone, source_change  # noqa: E402
 from tasks.errors import Interrupted, StageError, stop_requested  # noqa: E402
 from tasks.files import (  # noqa: E402
     ShardMap,
@@ -168,7 +168,7 @@ def stage_task(name: str, params: Params, layout: Layout, project: DvcProject, m
         # pinned data.sha256 already says which content the archive must be).
         try:
             reason = source_change(params.data, layout.raw_dir, layout.source_json, params.s3)
-        except DownloadError as exc:  # offline, the host down, the file moved: what dvc.lock holds still stands
+        except SourceGone as exc:  # offline, the host down, the file moved: what dvc.lock holds still stands
             logger.warning("download: cannot ask the source whether it changed (%s); the archive downloaded "
                            "before is used", redact(str(exc)))  # fmt: skip
     if reason is None:

@@ -46,6 +46,10 @@ class DownloadError(StageError, RuntimeError):
     """The archive could not be fetched or verified; the message names the URL."""
 
 
+class SourceGone(DownloadError):
+    """The source cannot be reached, or no longer holds the file (not: it refuses our credentials)."""
+
+
 class _Transient(Exception):
     pass
 
@@ -158,7 +162,7 @@ def _local_file(data: DataParams) -> tuple[Path, os.stat_result]:
         raise DownloadError(f"{redact(url)}: a folder, not an archive: data.url names a zip or tar of the class folders "
                             f"(e.g. `cd {source} && zip -r ../{source.name}.zip .`)")  # fmt: skip
     if not source.is_file():
-        raise DownloadError(f"{redact(url)}: no such file ({source})")
+        raise SourceGone(f"{redact(url)}: no such file ({source})")
     return source, source.stat()
 
 
@@ -220,7 +224,7 @@ def _retrying(data: DataParams, transfer: Callable[[], dict]) -> dict:
     try:
         return retrying(transfer, attempts, data.retry_backoff, _Transient, f"download: {redact(data.url)}")
     except _Transient as exc:
-        raise DownloadError(f"{redact(data.url)}: gave up after {attempts} attempts: {exc}") from None
+        raise SourceGone(f"{redact(data.url)}: gave up after {attempts} attempts: {exc}") from None
 
 
 def _fetch_http(data: DataParams, part: Path, s3: S3Params) -> dict:
@@ -248,7 +252,10 @@ def _probe_s3(data: DataParams, s3: S3Params) -> dict:
 def _s3_failure(uri: S3Uri, exc: Exception) -> Exception:
     """Returns what to raise for a boto3 failure: _Transient (worth another try) or DownloadError."""
     explained = explain_error(uri, exc)
-    return _Transient(str(explained)) if isinstance(explained, S3Transient) else DownloadError(str(explained))
+    if isinstance(explained, S3Transient):
+        return _Transient(str(explained))
+    gone = getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchBucket", "NoSuchKey", "404", "NotFound")
+    return (SourceGone if gone else DownloadError)(str(explained))
 
 
 def _s3_transfer(uri: S3Uri, part: Path, s3: S3Params) -> dict:
@@ -334,7 +341,8 @@ def _open(url: str, headers: dict, timeout: float, method: str = "GET", passed: 
             raise
         if exc.code in TRANSIENT_HTTP:
             raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
-        raise DownloadError(f"{redact(url)}: HTTP {exc.code} {exc.reason}") from None
+        failure = SourceGone if exc.code in (404, 410) else DownloadError  # 401, 403: what we sent is refused
+        raise failure(f"{redact(url)}: HTTP {exc.code} {exc.reason}") from None
     except (URLError, OSError) as exc:
         raise _Transient(str(getattr(exc, "reason", exc))) from None
 

@@ -18,8 +18,9 @@ import pytest
 
 import tasks.download
 from tasks.errors import Interrupted, stop_requested
-from tasks.download import DownloadError, archive_path, download, source_change
+from tasks.download import DownloadError, SourceGone, archive_path, download, source_change
 from tasks.params import DataParams
+from tests.conftest import free_port
 
 PAYLOAD = random.Random(0).randbytes(300_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -456,6 +457,25 @@ def test_source_gone_raises_one_line_naming_the_url_and_keeps_the_archive(server
         download(data, tmp_path, tmp_path / "source.json")
     assert str(raised.value) == f"{server.url('/cells.zip')}?***: HTTP 404 Not Found"
     assert (tmp_path / "cells.zip").read_bytes() == PAYLOAD
+
+
+def test_a_source_gone_is_told_apart_from_one_refusing_the_credentials(server, tmp_path):
+    # The flow carries on without the first (offline, moved), and stops on the second (keys revoked).
+    server.files["/cells.zip"] = PAYLOAD
+    data = params(server.url("/cells.zip"), retries=1)
+    download(data, tmp_path, tmp_path / "source.json")
+    server.head_plans["/cells.zip"] = [401]
+    with pytest.raises(DownloadError, match="HTTP 401") as refused:
+        source_change(data, tmp_path, tmp_path / "source.json")
+    assert not isinstance(refused.value, SourceGone)
+    del server.files["/cells.zip"]
+    del server.head_plans["/cells.zip"]
+    with pytest.raises(SourceGone, match="HTTP 404"):
+        source_change(data, tmp_path, tmp_path / "source.json")
+    closed = params(f"http://127.0.0.1:{free_port()}/cells.zip", retries=1)
+    (tmp_path / "source.json").write_text(json.dumps({"url": closed.url, "archive": "cells.zip", "bytes": len(PAYLOAD)}))
+    with pytest.raises(SourceGone, match="gave up after 2 attempts"):
+        source_change(closed, tmp_path, tmp_path / "source.json")
 
 
 def test_first_download_reports_no_archive_yet(server, tmp_path):
