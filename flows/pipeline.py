@@ -46,7 +46,7 @@ from tasks.files import (  # noqa: E402
     thread_pool_map,
 )
 from tasks.params import OrchestrationParams, Params, load_params, params_tree  # noqa: E402
-from tasks.redact import redact, redact_texts, reveal  # noqa: E402
+from tasks.redact import plain_secrets, redact, redact_texts, reveal  # noqa: E402
 from tasks.report import REPORT_HTML, gate_line  # noqa: E402
 from tasks.stages import Layout, run_stage  # noqa: E402
 
@@ -210,6 +210,11 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     depend on, as `dvc repro STAGE` (empty: all).
     """
     layout = Layout(Path(root))
+    if exposed := plain_secrets(overrides or {}):
+        get_run_logger().warning(
+            "this run's overrides hold a password or token in the clear (%s): Prefect stores a deployment run's "
+            "parameters as they were sent; give credentials through ~/.netrc (HTTP) or boto3's chain (S3) instead",
+            ", ".join(map(redact, exposed)))  # fmt: skip
     overrides = reveal(overrides or {})
     params_file = layout.root / params_path
     params = load_params(params_file, overrides)

@@ -59,6 +59,14 @@ def hide_secrets(overrides: dict[str, Any]) -> dict[str, Any]:
     return _each_value(overrides, lambda value: SecretStr(value) if isinstance(value, str) and has_secret(value) else value)
 
 
+def plain_secrets(overrides: dict[str, Any]) -> list[str]:
+    """Returns the texts of `overrides` that hold a secret in the clear: not wrapped by hide_secrets,
+    as a deployment run's parameters arrive, which Prefect stored as they were sent."""
+    found: list[str] = []
+    _each_value(overrides, lambda value: found.append(value) if isinstance(value, str) and has_secret(value) else None)
+    return found
+
+
 def reveal(overrides: dict[str, Any]) -> dict[str, Any]:
     """Returns the overrides with every SecretStr unwrapped: what the stages use."""
     return _each_value(overrides, lambda value: value.get_secret_value() if isinstance(value, SecretStr) else value)

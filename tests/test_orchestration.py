@@ -193,6 +193,16 @@ def test_overrides_apply_to_their_run_alone_even_when_a_stage_fails(tmp_path, de
     assert not (root / ".imgclf" / "run-params.yaml").exists()
 
 
+def test_a_password_sent_in_the_clear_as_a_flow_parameter_is_warned_of_redacted(tmp_path, env, caplog):
+    # What a deployment run gets from `prefect deployment run -p overrides=...`: Prefect stored it as sent.
+    root = project(tmp_path / "p", env, tmp_path / "none.zip")
+    url = "http://reader:Hunter2Secret@127.0.0.1:9/cells.zip"
+    with caplog.at_level("WARNING"), pytest.raises(DownloadError):
+        flow(root, **{"data.url": url, "data.retries": 0})
+    assert "overrides hold a password or token in the clear (http://***@127.0.0.1:9/cells.zip)" in caplog.text
+    assert "Hunter2Secret" not in caplog.text
+
+
 def test_failed_train_leaves_earlier_stages_locked_and_dvc_repro_starts_at_train(tmp_path, demo_zip, env):
     missing = tmp_path / "missing.weights.h5"
     root = project(tmp_path / "p", env, demo_zip, prepare={"image_size": 32},
