@@ -253,7 +253,7 @@ def _s3_failure(uri: S3Uri, exc: Exception) -> Exception:
     """Returns what to raise for a boto3 failure: _Transient (worth another try) or DownloadError."""
     explained = explain_error(uri, exc)
     if isinstance(explained, S3Transient):
-        return _Transient(str(explained))
+        return _Transient(str(explained).removeprefix(f"{uri}: "))  # the log line and the final error name it
     gone = getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchBucket", "NoSuchKey", "404", "NotFound")
     return (SourceGone if gone else DownloadError)(str(explained))
 

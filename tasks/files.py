@@ -207,8 +207,8 @@ def retrying(call: Callable[[], R], attempts: int, backoff: float, transient: ty
         raise ValueError("attempts must be at least 1")
 
     def warn(state: tenacity.RetryCallState) -> None:
-        log.warning("%s: %s; retry %d/%d in %.1fs", what, state.outcome.exception(), state.attempt_number,
-                    attempts - 1, state.next_action.sleep)  # fmt: skip
+        log.warning("%s: %s; attempt %d of %d failed, the next in %.1fs", what, state.outcome.exception(),
+                    state.attempt_number, attempts, state.next_action.sleep)  # fmt: skip
 
     return tenacity.Retrying(stop=tenacity.stop_after_attempt(attempts),
                              wait=tenacity.wait_exponential(multiplier=backoff, exp_base=2),

@@ -97,7 +97,7 @@ def test_unreachable_endpoint_is_retried_then_one_line(tmp_path):
     closed = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(DownloadError) as caught:
         download(quick("s3://imgclf-any/x.zip"), tmp_path, tmp_path / "source.json", S3Params(endpoint_url=closed))
-    assert str(caught.value) == "s3://imgclf-any/x.zip: gave up after 3 attempts: s3://imgclf-any/x.zip: cannot reach the S3 endpoint"
+    assert str(caught.value) == "s3://imgclf-any/x.zip: gave up after 3 attempts: cannot reach the S3 endpoint"
 
 
 def test_denied_access_and_bad_credentials_are_one_line_without_the_secret(tmp_path):
