@@ -458,8 +458,9 @@ def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = (
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
+        named = dotted or message.partition(":")[0]  # a check across sections names its key first
         origin = next((f"--set {key}" for key in overridden
-                       if dotted and (key == dotted or key.startswith(f"{dotted}.") or dotted.startswith(f"{key}."))),
+                       if named and (key == named or key.startswith(f"{named}.") or named.startswith(f"{key}."))),
                       source)  # fmt: skip
         problems.append(f"{origin}: {dotted}: {message}" if dotted else f"{origin}: {message}")
     return "; ".join(problems)

@@ -105,6 +105,13 @@ def test_overrides_apply_by_dotted_key_and_are_validated(tmp_path):
         load_params(path, {"split.tset": 0.2})
 
 
+def test_a_check_across_sections_blames_the_set_that_gave_its_key(tmp_path):
+    with pytest.raises(ParamsError) as caught:
+        load_params(write(tmp_path, {}), {"gate.metric": "sensitivity"})
+    assert str(caught.value) == ("--set gate.metric: gate.metric: sensitivity needs evaluate.positive_class and "
+                                 "evaluate.target_recall")  # fmt: skip
+
+
 def test_a_section_given_whole_sets_the_keys_it_names_and_keeps_the_rest(tmp_path):
     path = write(tmp_path, {"split": {"test": 0.3, "seed": 1}})
     params = load_params(path, dict([parse_override("split={seed: 7}")]))
