@@ -285,15 +285,22 @@ def serve(params_path: str = "params.yaml", name: str = "weekly-retrain") -> Non
     from prefect.settings import get_current_settings
 
     params = load_params(params_path)
-    if not get_current_settings().api.url:
+    api = get_current_settings().api.url
+    if not api:
         # Prefect's ephemeral API has no scheduler: the schedule would never fire.
         raise ProjectError("imgclf serve: no Prefect server to schedule runs on; start one (`prefect server start`) and "
                            "set PREFECT_API_URL (e.g. `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`)")
-    pipeline.serve(
-        name=name,
-        cron=params.orchestration.schedule,
-        parameters={"params_path": params_path, "root": str(Path.cwd())},
-        description="imgclf: download -> extract -> validate -> cache -> split -> train -> evaluate",
-        # One run at a time, as prefect.yaml's deployments: a run due meanwhile waits its turn (queued).
-        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-    )
+    import httpx
+
+    try:
+        pipeline.serve(
+            name=name,
+            cron=params.orchestration.schedule,
+            parameters={"params_path": params_path, "root": str(Path.cwd())},
+            description="imgclf: download -> extract -> validate -> cache -> split -> train -> evaluate",
+            # One run at a time, as prefect.yaml's deployments: a run due meanwhile waits its turn (queued).
+            global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        )
+    except httpx.ConnectError as exc:
+        raise ProjectError(f"imgclf serve: cannot reach the Prefect server at {redact(api)} ({exc}); start it "
+                           "(`prefect server start`) or fix PREFECT_API_URL") from None

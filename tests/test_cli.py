@@ -122,6 +122,15 @@ def test_demo_data_arguments_are_checked_as_arguments(tmp_path, cli_env, args, s
     assert list(tmp_path.iterdir()) == []
 
 
+def test_serve_with_the_prefect_server_down_names_its_address(tmp_path, cli_env):
+    root = dvc_project(tmp_path / "project", cli_env, {})
+    api = f"http://127.0.0.1:{free_port()}/api"
+    shown = imgclf(["serve"], root, cli_env | {"PREFECT_API_URL": api}, timeout=120)
+    assert shown.returncode == 1 and "Traceback" not in shown.stderr
+    assert shown.stderr.strip().splitlines()[-1].startswith(f"imgclf: error: imgclf serve: cannot reach the Prefect "
+                                                            f"server at {api}")  # fmt: skip
+
+
 def test_version_is_the_installed_packages(tmp_path, cli_env):
     from importlib.metadata import version
 
