@@ -201,8 +201,8 @@ def validate(
     if not any(row["status"] == "valid" for row in rows):
         reasons = _counts(row["reason"] for row in rows) or "none"
         raise ValidateError(f"{extracted_dir}: no valid images among {len(rows)} files ({reasons}); see {manifest_csv}")
-    _warn_of_classes_left_empty(rows)
     labels = {row["label"] for row in rows if row["status"] == "valid"}
+    _warn_of_classes_left_empty(rows, labels)
     if len(labels) < 2:
         (label,) = labels
         below = sorted({path.split("/")[-2] for path in (row["path"] for row in rows if row["label"] == label)
@@ -213,9 +213,8 @@ def validate(
     return manifest_csv
 
 
-def _warn_of_classes_left_empty(rows: list[dict]) -> None:
+def _warn_of_classes_left_empty(rows: list[dict], valid: set[str]) -> None:
     # A folder of HEIC photos, say: every file rejected, and the model would never learn the class exists.
-    valid = {row["label"] for row in rows if row["status"] == "valid"}
     for label in sorted({row["label"] for row in rows if row["label"]} - valid):
         reasons = _counts(row["reason"] or row["status"] for row in rows if row["label"] == label)
         log.warning("validate: class %r has no valid image (%s): it is left out, and the model will not know it",
