@@ -107,7 +107,13 @@ def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
     with open(archive, "rb") as handle:
         magic = handle.read(4)
     if magic in ZIP_MAGIC:
-        with zipfile.ZipFile(archive) as zf:
+        try:
+            zf = zipfile.ZipFile(archive)
+        except zipfile.BadZipFile:
+            # It starts as a zip but has no end: the central directory a zip keeps last is gone.
+            raise ExtractError(f"{archive}: truncated archive: a zip without its end (central directory), "
+                               "cut short?; nothing was kept") from None  # fmt: skip
+        with zf:
             yield [_zip_entry(info) for info in zf.infolist()], lambda e: zf.open(e.member)
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tf:

@@ -528,3 +528,11 @@ def test_re_extraction_replaces_old_content(tmp_path, work):
     run(make_zip(tmp_path / "in" / "new.zip", [("Parasitized/new.png", PNG + b"n"), ("Uninfected/b.png", PNG)]), work)
     assert tree(work) == {"Parasitized/new.png": PNG + b"n", "Uninfected/b.png": PNG}
     assert temp_dirs_beside(work) == []
+
+
+def test_a_zip_cut_short_is_named_truncated_not_corrupt(tmp_path, work):
+    archive = make_zip(tmp_path / "in" / "a.zip", [("Parasitized/good.png", PNG), ("Uninfected/good.png", PNG + b"2")])
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(ExtractError, match=r"a.zip: truncated archive: a zip without its end .* nothing was kept"):
+        run(archive, work)
+    assert not work.exists()
