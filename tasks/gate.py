@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -208,6 +209,11 @@ class Decision:
     forced: bool = False
     comparisons: dict[str, Comparison] = field(default_factory=dict)
 
+    @classmethod
+    def refused(cls, why: str, champion: str | None = None, **more: Any) -> Decision:
+        """Returns a verdict against promotion, its reason saying so first, as every refusal's does."""
+        return cls(False, f"not promoted: {why}", champion, **more)
+
     def forced_through(self) -> Decision:
         """Returns this decision promoted by gate.force, its own reason kept."""
         if self.promoted:
@@ -235,18 +241,18 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
     ours = {"test": predicted_classes(challenger, test, prepared["test"], max_pixels)}
     chance = _no_better_than_one_class(truth["test"], ours["test"], classes)
     if champion is None:
-        return Decision(False, chance) if chance else Decision(True, FIRST_RUN)
+        return Decision.refused(chance) if chance else Decision(True, FIRST_RUN)
     run_id = champion.run_id
     try:
         defender = load_contender(champion.model_path)
     except StageError as exc:
-        return Decision(False, f"not promoted: the champion ({run_id}) cannot be read: {exc}", run_id)
+        return Decision.refused(f"the champion ({run_id}) cannot be read: {exc}", run_id)
     if defender.classes != classes:
-        return Decision(False, f"not promoted: classes differ: the champion ({run_id}) has {defender.classes}, "
+        return Decision.refused(f"classes differ: the champion ({run_id}) has {defender.classes}, "
                                f"this run {classes}", run_id)  # fmt: skip
     unknown = sorted(set(champion.reference.labels) - set(classes))
     if unknown:
-        return Decision(False, f"not promoted: the champion's ({run_id}) reference set has classes this run lacks: "
+        return Decision.refused(f"the champion's ({run_id}) reference set has classes this run lacks: "
                                f"{unknown}", run_id)  # fmt: skip
     positive = challenger.calibration.positive_index
     if gate.metric == "sensitivity" and positive is None:
@@ -256,13 +262,13 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
         # A split drawn anew (other near-duplicate clusters, another seed) may train on the champion's test images.
         sets["reference"] = _unseen(champion.reference, seen)
         if not sets["reference"].paths:
-            return Decision(False, f"not promoted: every image of the champion's ({run_id}) reference set is in this "
+            return Decision.refused(f"every image of the champion's ({run_id}) reference set is in this "
                                    "run's train or val split: none unseen to compare on (gate.force=true promotes)",
                             run_id)  # fmt: skip
         theirs = {"reference": predicted_classes(defender, sets["reference"], prepared["reference"], max_pixels)}
         ours["reference"] = predicted_classes(challenger, sets["reference"], prepared["reference"], max_pixels)
     except (GateError, OSError) as exc:
-        return Decision(False, f"not promoted: the champion ({run_id}) cannot be read: its reference set: {exc}", run_id)
+        return Decision.refused(f"the champion ({run_id}) cannot be read: its reference set: {exc}", run_id)
     truth["reference"] = _class_indices(sets["reference"], classes)
     theirs["test"] = predicted_classes(defender, test, prepared["test"], max_pixels)
     comparisons = {name: compare(truth[name], ours[name], theirs[name], len(classes), gate, positive) for name in sets}
@@ -273,12 +279,12 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
     failed = [name for name, comparison in comparisons.items() if not comparison.holds(gate.tolerance)]
     if failed:
         said = "; ".join(f"on {SET_NAMES[name]} {comparisons[name].describe(metric)}" for name in failed)
-        reason = f"not promoted: worse than the champion ({run_id}) by more than the tolerance {gate.tolerance}: {said}"
+        reason = f"worse than the champion ({run_id}) by more than the tolerance {gate.tolerance}: {said}"
         if any(np.isnan(comparisons[name].difference) for name in failed):
-            reason = f"not promoted: the champion ({run_id}) cannot be compared: {said}"
-        return Decision(False, reason + seen_note, run_id, comparisons=comparisons)
+            reason = f"the champion ({run_id}) cannot be compared: {said}"
+        return Decision.refused(reason + seen_note, run_id, comparisons=comparisons)
     if chance:
-        return Decision(False, chance, run_id, comparisons=comparisons)
+        return Decision.refused(chance, run_id, comparisons=comparisons)
     said = ", ".join(f"{name} {comparison.difference:+.4f}" for name, comparison in comparisons.items())
     reason = (f"promoted: {metric} at least the champion's ({run_id}), within the tolerance {gate.tolerance}, "
               f"on both sets ({said}){seen_note}")  # fmt: skip
@@ -300,5 +306,5 @@ def _no_better_than_one_class(truth: np.ndarray, predicted: np.ndarray, classes:
     best = max(range(len(classes)), key=lambda index: (constant[index], np.sum(predicted == index)))
     if ours > constant[best]:
         return None
-    return (f"not promoted: macro F1 {ours:.4f} on this run's test split is no better than always answering "
+    return (f"macro F1 {ours:.4f} on this run's test split is no better than always answering "
             f"{classes[best]} ({constant[best]:.4f}): the model learned nothing to serve")  # fmt: skip

@@ -114,7 +114,7 @@ def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, mod
     try:
         champion = _fetch_champion(store, pointer[0], scratch)
     except (StageError, ValueError, KeyError, TypeError) as exc:
-        return Decision(False, f"not promoted: the champion cannot be read ({store.where(LATEST)}): {exc}")
+        return Decision.refused(f"the champion cannot be read ({store.where(LATEST)}): {exc}")
     return judge(gate, model_path, test, champion, seen, max_pixels)
 
 
