@@ -165,8 +165,9 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
             writer.writerow([rank, row["path"], row["label"], classes[predicted[index]], f"{quality[index]:.6f}"])
 
     accuracy = [float(accuracy_score(truth[folds == k], predicted[folds == k])) for k in range(params.folds)]
-    macro_f1 = [float(f1_score(truth[folds == k], predicted[folds == k], labels=range(len(classes)), average="macro",
-                               zero_division=0)) for k in range(params.folds)]  # fmt: skip
+    # Over the classes a fold held out or answered, as evaluate counts macro F1.
+    macro_f1 = [float(f1_score(truth[folds == k], predicted[folds == k], average="macro", zero_division=0))
+                for k in range(params.folds)]  # fmt: skip
     if one_class:
         log.warning("audit: the model of fold(s) %s answered one class for every image it held out: it learned "
                     "nothing, and the %d label issues among those images are left out of data/label_issues.csv "

@@ -72,13 +72,18 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     truth, predicted = data.labels[rows], predicted_indices(probabilities, calibration)
     labels = list(range(len(data.classes)))
     precision, recall, f1, support = skm.precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
+    absent = [name for name, count in zip(data.classes, support) if not count]
+    if absent:
+        log.warning("evaluate: no test images of %s (too few to split; see split.csv): recall not measured, and "
+                    "macro F1 counts such a class only where the model answered it", ", ".join(map(repr, absent)))
     confusion = skm.confusion_matrix(truth, predicted, labels=labels)
     intervals = _bootstrap(truth, predicted, calibration.positive_index, params.bootstrap, params.seed)
     report = {
         "accuracy": float(skm.accuracy_score(truth, predicted)),
         "accuracy_ci95": intervals["accuracy"]["ci95"],
         "n_test": int(len(rows)),
-        "macro_f1": float(f1.mean()),
+        # Over the classes seen or answered (sklearn's own default): one with neither has no F1.
+        "macro_f1": float(skm.f1_score(truth, predicted, average="macro", zero_division=0)),
         "per_class": {
             name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(data.classes)

@@ -132,9 +132,9 @@ def _resample_weights(n: int, resamples: int, seed: int) -> np.ndarray:
 
 def scores(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray, n_classes: int, metric: str,
            positive: int | None) -> np.ndarray:  # fmt: skip
-    """Returns the metric once per row of `weights` (how often each image counts): macro F1 over all classes
-    (0 for a class never seen nor predicted, as evaluate counts it), or the positive class's recall (NaN
-    without positives)."""
+    """Returns the metric once per row of `weights` (how often each image counts): macro F1 over the classes
+    seen or predicted (as evaluate counts it: a class with neither has no F1), or the positive class's
+    recall (NaN without positives)."""
     cells = np.zeros((len(truth), n_classes * n_classes))
     cells[np.arange(len(truth)), truth * n_classes + predicted] = 1
     confusion = (weights @ cells).reshape(-1, n_classes, n_classes)  # [resample, true, predicted]
@@ -144,7 +144,7 @@ def scores(truth: np.ndarray, predicted: np.ndarray, weights: np.ndarray, n_clas
         if metric == "sensitivity":
             return np.where(actual[:, positive] > 0, hits[:, positive] / actual[:, positive], np.nan)
         denominator = actual + called
-        return np.where(denominator > 0, 2 * hits / denominator, 0.0).mean(axis=1)
+        return np.nanmean(np.where(denominator > 0, 2 * hits / denominator, np.nan), axis=1)
 
 
 @dataclass(frozen=True)

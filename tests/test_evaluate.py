@@ -7,6 +7,7 @@ the package, no download), written as one folder per digit and cached at 32x32 g
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -162,6 +163,28 @@ def test_val_images_train_exclude_left_out_are_not_calibrated_on_either(cells):
     out = evaluate(cells / "models" / "model.keras", cells / "cache", cells / "split.csv", cells / "metrics" / "train.json",
                    cells / "metrics", cells / "plots", EvaluateParams(bootstrap=200), excluded)  # fmt: skip
     assert json.loads(out.read_text())["calibration"]["n_val"] == len(data.rows["val"]) - 5
+
+
+def test_a_class_with_no_test_image_is_named_and_not_counted_as_f1_zero(digits, tmp_path, caplog):
+    # The 9s' test images move to train, as a class too small to split would have none.
+    rows = list(csv.DictReader((digits / "split.csv").open()))
+    for row in rows:
+        if row["label"] == "9" and row["split"] == "test":
+            row["split"] = "train"
+    split_csv = tmp_path / "split.csv"
+    with split_csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = evaluate(digits / "models" / "model.keras", digits / "cache", split_csv, digits / "metrics" / "train.json",
+                   tmp_path, tmp_path / "plots", EvaluateParams(bootstrap=100))  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["per_class"]["9"]["support"] == 0
+    assert "no test images of '9'" in caplog.text
+    f1 = [report["per_class"][name]["f1"] for name in report["classes"]]
+    answered_nine = np.array(report["confusion_matrix"])[:, 9].sum() > 0
+    # Nine classes' mean, or ten when the model answered 9 somewhere (each such answer is wrong).
+    assert report["macro_f1"] == pytest.approx(sum(f1) / (10 if answered_nine else 9))
 
 
 def test_temperature_fit_recovers_the_temperature_that_made_the_labels():

@@ -321,13 +321,23 @@ def test_bootstrap_scores_count_as_sklearn_does():
     predicted[truth == 2] = 2 * (rng.random((truth == 2).sum()) < 0.8)
     every_image_once = np.ones((1, 300))
     assert scores(truth, predicted, every_image_once, 3, "macro_f1", None)[0] == pytest.approx(
-        f1_score(truth, predicted, average="macro", labels=[0, 1, 2], zero_division=0))  # fmt: skip
+        f1_score(truth, predicted, average="macro", zero_division=0))  # fmt: skip
     assert scores(truth, predicted, every_image_once, 3, "sensitivity", 2)[0] == pytest.approx(recall_score(truth == 2, predicted == 2))
     # A resample's weights count each image as often as it was drawn: sklearn on the drawn rows agrees.
     for weights in _resample_weights(300, 4, seed=1):
         drawn = np.repeat(np.arange(300), weights)
         assert scores(truth, predicted, weights[None], 3, "macro_f1", None)[0] == pytest.approx(
-            f1_score(truth[drawn], predicted[drawn], average="macro", labels=[0, 1, 2], zero_division=0))  # fmt: skip
+            f1_score(truth[drawn], predicted[drawn], average="macro", zero_division=0))  # fmt: skip
+
+
+def test_macro_f1_leaves_out_a_class_neither_in_the_test_set_nor_answered():
+    # Class 3 has no test image (too few to split) and the model never answers it: no F1 to count, not 0.
+    truth, predicted = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 1, 1, 2, 2])
+    assert scores(truth, predicted, np.ones((1, 6)), 4, "macro_f1", None)[0] == pytest.approx(1.0)
+    # Answering it is a wrong answer: then it counts, with F1 0.
+    predicted[0] = 3
+    assert scores(truth, predicted, np.ones((1, 6)), 4, "macro_f1", None)[0] == pytest.approx(
+        (2 / 3 + 1 + 1 + 0) / 4)  # fmt: skip
 
 
 def test_every_deployment_runs_one_at_a_time_and_queues_the_next():
