@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,8 @@ from tasks.files import atomic_file, chunked, model_json
 from tasks.images import decode, judge, resize
 from tasks.model import class_probabilities
 from tasks.params import ValidateParams
+
+log = logging.getLogger("imgclf")
 
 COLUMNS = ["path", "label", "probability", "error"]
 BATCH = 64
@@ -109,6 +112,8 @@ def load_model_calibration(model_path: Path, classes: list[str]) -> Calibration:
     class wins) for a model evaluate has not seen."""
     path = model_path.parent / CALIBRATION_JSON
     if not path.exists():
+        log.warning("%s: no calibration beside the model (evaluate writes it): its own probabilities, the likelier "
+                    "class wins, no operating threshold", path)  # fmt: skip
         return uncalibrated(classes)
     calibration = load_calibration(path)
     if calibration.classes != list(classes):

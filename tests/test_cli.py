@@ -353,6 +353,8 @@ def test_predict_gives_a_fifo_an_error_row_instead_of_hanging_and_so_to_all_in_a
     (tmp_path / "in" / "linked").symlink_to(tmp_path / "models", target_is_directory=True)
     result = imgclf(["predict", "--model", str(model), "pipe.png", "in"], tmp_path, cli_env, timeout=120)
     assert result.returncode == 0, result.stderr
+    # A model evaluate has not seen predicts uncalibrated, and says so.
+    assert f"{tmp_path / 'models' / 'calibration.json'}: no calibration beside the model" in result.stderr
     assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file", "in/broken.png,,,no such file",
                                               "in/linked,,,not a regular file", "in/pipe.png,,,not a regular file"]  # fmt: skip
 
