@@ -149,10 +149,11 @@ def _put_reference(store: Store, run: str, test: LabelledFiles, scratch: Path) -
 def _lost_race(store: Store, decision: Decision) -> Decision:
     current = store.read(LATEST)
     holder = json.loads(current[0]).get("run_id") if current else None
-    reason = (f"lost the race: latest.json moved to {holder} while this run was gated against "
-              f"{decision.champion or 'no champion'}; left on {holder}")  # fmt: skip
-    log.warning("publish: %s", reason)
-    return Decision(False, reason, decision.champion, decision.forced, decision.comparisons)
+    lost = Decision.refused(f"lost the race: latest.json moved to {holder} while this run was gated against "
+                            f"{decision.champion or 'no champion'}; left on {holder}", decision.champion,
+                            forced=decision.forced, comparisons=decision.comparisons)  # fmt: skip
+    log.warning("publish: %s", lost.reason)
+    return lost
 
 
 def _write_report(path: Path, layout: Layout, gate: dict) -> None:

@@ -310,7 +310,7 @@ def test_two_publishes_racing_against_one_champion_move_latest_once(where, tmp_p
     winners = [record for record in records if record["promoted"]]
     losers = [record for record in records if not record["promoted"]]
     assert len(winners) == 1 and len(losers) == 1
-    assert losers[0]["gate"]["reason"] == (f"lost the race: latest.json moved to {winners[0]['run_id']} while this run "
+    assert losers[0]["gate"]["reason"] == (f"not promoted: lost the race: latest.json moved to {winners[0]['run_id']} while this run "
                                            f"was gated against {losers[0]['gate']['champion']}; left on {winners[0]['run_id']}")  # fmt: skip
     assert json.loads(latest_bytes(where, tmp_path))["run_id"] == winners[0]["run_id"]
 
