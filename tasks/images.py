@@ -127,7 +127,7 @@ def _read_with_pillow(data: bytes, max_pixels: int | None, draft_size: int | Non
             return Verdict("unsupported_format", "not readable by Pillow"), None
         return Verdict("not_an_image"), None
     except Exception as exc:  # Pillow raises many types on a broken header
-        return Verdict("corrupt", f"header: {exc}"), None
+        return Verdict(_damage(exc), f"header: {exc}"), None
     header = dict(format=image.format or "", mode=image.mode, width=image.width, height=image.height)
     if image.format not in SUPPORTED_FORMATS:
         return Verdict("unsupported_format", image.format or "", **header), None
@@ -145,10 +145,14 @@ def _read_with_pillow(data: bytes, max_pixels: int | None, draft_size: int | Non
     except _NoEightBitMapping as exc:
         return Verdict("unsupported_format", str(exc), **header), None
     except OSError as exc:
-        reason = "truncated" if "truncated" in str(exc) else "corrupt"
-        return Verdict(reason, str(exc), **header), None
+        return Verdict(_damage(exc), str(exc), **header), None
     except Exception as exc:
         return Verdict("corrupt", str(exc), **header), None
+
+
+def _damage(exc: Exception) -> str:
+    # Pillow says "Truncated File Read" for a file cut in its header, "image file is truncated" in its data.
+    return "truncated" if "truncated" in str(exc).lower() else "corrupt"
 
 
 def _jpeg_damage(data: bytes, mode: str) -> tuple[str, str] | None:

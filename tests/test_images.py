@@ -324,6 +324,13 @@ def test_judge_rejects_png_with_flipped_byte_in_idat():
     assert verdict.reason in ("truncated", "corrupt"), verdict
 
 
+@pytest.mark.parametrize(("form", "cut"), [("JPEG", 12), ("PNG", 22), ("BMP", 22)])
+def test_a_file_cut_inside_its_header_is_truncated_not_corrupt(form, cut):
+    data = encode(Image.fromarray(noise(40, 50, seed=3)), form)
+    verdict = judge(data[:cut], MAX_PIXELS)  # past the signature, inside the header
+    assert (verdict.reason, verdict.detail) == ("truncated", "header: Truncated File Read")
+
+
 def test_judge_max_pixels_is_inclusive():
     data = encode(Image.fromarray(noise(10, 10)), "PNG")
     assert judge(data, 100).reason == ""
