@@ -41,7 +41,8 @@ from tasks.errors import StageError
 from tasks.files import atomic_file, atomic_path
 from tasks.model import class_probabilities
 from tasks.params import EvaluateParams
-from tasks.predict import load_inference_model
+from tasks.predict import load_described_model
+from tasks.train import Exclusion
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -56,12 +57,19 @@ class EvaluateError(StageError, ValueError):
 
 
 def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Path, metrics_dir: Path, plots_dir: Path,
-             params: EvaluateParams = EvaluateParams(), excluded: frozenset[str] = frozenset()) -> Path:  # fmt: skip
+             params: EvaluateParams = EvaluateParams(), exclusion: Exclusion = Exclusion()) -> Path:  # fmt: skip
     """Returns the path of `eval.json`, written with the test-split metrics; plots go to `plots_dir`,
-    the calibration fitted on val (less the `excluded` images, train.exclude's, as training had it) to
+    the calibration fitted on val (less the images of `exclusion`, train.exclude's, as training had it) to
     `calibration.json` beside the model."""
-    model = load_inference_model(model_path)
-    data = without(load_cached_set(cache_dir, split_csv), excluded, ("val",))
+    described, model = load_described_model(model_path)
+    # DVC sees train.exclude's name, not its content: a list edited under the same name since training
+    # would calibrate on other val images than the model was early-stopped on.
+    trained_without = (described.get("exclude") or {}).get("sha256", "")
+    if trained_without != exclusion.sha256:
+        raise EvaluateError(f"train.exclude: {exclusion.file or 'unset'} is not the list {model_path} was trained "
+                            f"without (sha256 {trained_without[:12] or 'none'}, now {exclusion.sha256[:12] or 'none'}); "
+                            "re-run train (an edited list needs a new name for DVC to see it)")  # fmt: skip
+    data = without(load_cached_set(cache_dir, split_csv), exclusion.paths, ("val",))
     _check_positive_class(params, data.classes)
     rows = data.rows["test"]
     if not len(rows):

@@ -71,7 +71,7 @@ def _evaluate(p: Params, at: Layout, map_shards: ShardMap) -> Path:
     from tasks.train import read_exclusion
 
     return evaluate(at.model_dir / "model.keras", at.cache_dir, at.split_csv, at.metrics_dir / "train.json",
-                    at.metrics_dir, at.plots_dir, p.evaluate, read_exclusion(p.train.exclude).paths)  # fmt: skip
+                    at.metrics_dir, at.plots_dir, p.evaluate, read_exclusion(p.train.exclude))  # fmt: skip
 
 
 def _export(p: Params, at: Layout, map_shards: ShardMap) -> Path:

@@ -40,7 +40,7 @@ from tasks.dataset import load_cached_set, make_dataset  # noqa: E402
 from tasks.evaluate import EvaluateError, _calibrate, evaluate  # noqa: E402
 from tasks.model import class_probabilities  # noqa: E402
 from tasks.predict import load_inference_model  # noqa: E402
-from tasks.train import train  # noqa: E402
+from tasks.train import Exclusion, read_exclusion, train  # noqa: E402
 
 NO_AUGMENT = AugmentParams(flip="none", rotation=0, zoom=0, translation=0)
 TINY_CNN = {"filters": [8, 16], "dense_units": 16}
@@ -157,12 +157,25 @@ def test_threshold_chosen_on_val_reaches_the_target_recall_there(cells):
         assert 0 <= low <= test[name]["value"] <= high <= 1, name
 
 
-def test_val_images_train_exclude_left_out_are_not_calibrated_on_either(cells):
+def test_val_images_train_exclude_left_out_are_not_calibrated_on_either(cells, tmp_path):
     data = load_cached_set(cells / "cache", cells / "split.csv")
-    excluded = frozenset(data.paths[row] for row in data.rows["val"][:5])
-    out = evaluate(cells / "models" / "model.keras", cells / "cache", cells / "split.csv", cells / "metrics" / "train.json",
-                   cells / "metrics", cells / "plots", EvaluateParams(bootstrap=200), excluded)  # fmt: skip
-    assert json.loads(out.read_text())["calibration"]["n_val"] == len(data.rows["val"]) - 5
+    listed = tmp_path / "issues.csv"
+    listed.write_text("path\n" + "".join(f"{data.paths[row]}\n" for row in data.rows["val"][:5]))
+    params = TrainParams(model="cnn", cnn=TINY_CNN, epochs=1, batch_size=32, patience=0, seed=0, exclude=str(listed))
+    model = train(params, NO_AUGMENT, cells / "cache", cells / "split.csv", tmp_path / "models", tmp_path / "metrics")
+
+    def scored(exclusion: Exclusion) -> dict:
+        out = evaluate(model, cells / "cache", cells / "split.csv", tmp_path / "metrics" / "train.json", tmp_path / "metrics",
+                       tmp_path / "plots", EvaluateParams(bootstrap=200), exclusion)  # fmt: skip
+        return json.loads(out.read_text())
+
+    assert scored(read_exclusion(str(listed)))["calibration"]["n_val"] == len(data.rows["val"]) - 5
+    # Unset since, or edited under the same name (DVC sees only the name): not the list the model was trained without.
+    with pytest.raises(EvaluateError, match=r"train.exclude: unset is not the list .* re-run train"):
+        scored(Exclusion())
+    listed.write_text("path\n" + "".join(f"{data.paths[row]}\n" for row in data.rows["val"][:4]))
+    with pytest.raises(EvaluateError, match=f"train.exclude: {listed} is not the list"):
+        scored(read_exclusion(str(listed)))
 
 
 def test_a_class_with_no_test_image_is_named_and_not_counted_as_f1_zero(digits, tmp_path, caplog):
