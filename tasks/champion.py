@@ -27,7 +27,7 @@ import yaml
 from tasks.errors import StageError
 from tasks.files import atomic_file, atomic_path, retrying
 from tasks.params import PublishParams, S3Params
-from tasks.s3 import S3Error, S3Transient, S3Uri, client, explain_error, parse_uri
+from tasks.s3 import MISSING_KEY, S3Error, S3Transient, S3Uri, client, error_code, explain_error, parse_uri
 
 LATEST = "latest.json"
 ATTEMPTS = 4
@@ -112,7 +112,7 @@ class S3Store:
             try:
                 answer = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                if error_code(exc) in MISSING_KEY:
                     return None
                 raise
             return answer["Body"].read(), answer["ETag"]

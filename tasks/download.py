@@ -32,7 +32,7 @@ from tasks.errors import StageError
 from tasks.files import CHUNK, Progress, atomic_file, retrying, sha256_file
 from tasks.redact import redact
 from tasks.params import DataParams, S3Params, url_scheme
-from tasks.s3 import S3Transient, S3Uri, client, explain_error, parse_uri
+from tasks.s3 import MISSING, S3Transient, S3Uri, client, error_code, explain_error, parse_uri
 
 log = logging.getLogger("imgclf")
 
@@ -254,8 +254,7 @@ def _s3_failure(uri: S3Uri, exc: Exception) -> Exception:
     explained = explain_error(uri, exc)
     if isinstance(explained, S3Transient):
         return _Transient(str(explained).removeprefix(f"{uri}: "))  # the log line and the final error name it
-    gone = getattr(exc, "response", {}).get("Error", {}).get("Code") in ("NoSuchBucket", "NoSuchKey", "404", "NotFound")
-    return (SourceGone if gone else DownloadError)(str(explained))
+    return (SourceGone if error_code(exc) in MISSING else DownloadError)(str(explained))
 
 
 def _s3_transfer(uri: S3Uri, part: Path, s3: S3Params) -> dict:

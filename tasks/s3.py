@@ -57,6 +57,16 @@ def client(params: S3Params):
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=params.region, config=config)
 
 
+# The codes S3 (and MinIO, Ceph...) answer for a key, or a bucket, that is not there.
+MISSING_KEY = frozenset({"NoSuchKey", "404", "NotFound"})
+MISSING = MISSING_KEY | {"NoSuchBucket"}
+
+
+def error_code(exc: BaseException) -> str:
+    """Returns the S3 error code of a botocore ClientError ('' for any other failure)."""
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
 # AWS error code -> what it means for the user.
 _PERMANENT = {
     "NoSuchBucket": "no such bucket",
@@ -84,7 +94,7 @@ def explain_error(uri: S3Uri | str, exc: BaseException) -> Exception:
     from botocore.exceptions import NoCredentialsError, PartialCredentialsError, ProxyConnectionError, SSLError
 
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = error_code(exc)
         if code in _TRANSIENT:
             return S3Transient(f"{uri}: {code}")
         meaning = _PERMANENT.get(code) or f"S3 error {code or 'unknown'}"
