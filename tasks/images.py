@@ -12,6 +12,7 @@ alpha dropped.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -48,10 +49,12 @@ _OTHER_IMAGE_SIGNATURES = (
 # between header markers) leave the pixels whole, as Pillow decodes them.
 _JPEG_DAMAGE = (
     ("truncated", ("premature end", "found marker 0xd9")),  # the data ran out before the last block
-    # Not "extraneous bytes before marker 0xd9": padding between whole scan data and the end marker,
-    # which some cameras and uploaders leave (Kaggle's cats and dogs); Pillow's decode judges those.
     ("corrupt", ("bad huffman", "instead of rst")),  # the scan data does not parse
 )
+# "N extraneous bytes before marker 0xd9": the blocks were all decoded N bytes before the end marker.
+# Zero or 0xFF padding there, which some cameras and uploaders leave (Kaggle's cats and dogs), leaves
+# the pixels whole; anything else is scan data a damaged byte threw out of step (garbage pixels).
+_EXTRANEOUS = re.compile(r"(\d+) extraneous bytes before marker 0xd9", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,43 @@ def _jpeg_damage(data: bytes, mode: str) -> tuple[str, str] | None:
         for reason, signs in _JPEG_DAMAGE:
             if any(sign in message.lower() for sign in signs):
                 return reason, message
+        if (extraneous := _EXTRANEOUS.search(message)) and not _padding_before_end(data, int(extraneous.group(1))):
+            return "corrupt", message
         # Any other warning or error: Pillow's own decode, next, gives the verdict.
+    return None
+
+
+def _padding_before_end(data: bytes, count: int) -> bool:
+    """Whether the `count` bytes before the end marker of the first picture's scans are all 0x00 or all 0xFF."""
+    end = _end_marker(data)
+    if end is None or count > end:
+        return False
+    return set(data[end - count : end]) in ({0x00}, {0xFF})
+
+
+def _end_marker(data: bytes) -> int | None:
+    """Returns where the end marker (its fill bytes first) after the first picture's scan data starts; None
+    when the markers do not lead there. Segments are skipped by their length, so an EXIF thumbnail's
+    own end marker is not taken for it."""
+    at = 2  # past the start marker
+    while at < len(data) and data[at] == 0xFF:
+        start = at
+        while at < len(data) and data[at] == 0xFF:  # fill bytes before a marker
+            at += 1
+        if at + 1 > len(data):
+            return None
+        marker, at = data[at], at + 1
+        if marker == 0xD9:
+            return start
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            continue
+        at += int.from_bytes(data[at : at + 2], "big")
+        if marker == 0xDA:  # scan data, up to the next marker: 0xFF then neither a stuffed 0 nor a restart
+            at = data.find(b"\xff", at)
+            while 0 <= at < len(data) - 1 and (data[at + 1] == 0 or 0xD0 <= data[at + 1] <= 0xD7):
+                at = data.find(b"\xff", at + 2)
+            if at < 0:
+                return None
     return None
 
 

@@ -8,6 +8,7 @@ import struct
 import cv2
 import numpy as np
 import pytest
+import simplejpeg
 from PIL import Image, ImageOps, PngImagePlugin
 
 from tasks.images import decode, judge, read_image, resize
@@ -427,6 +428,9 @@ WHOLE_JPEGS = {
     "MPO": lambda: encode(Image.fromarray(photo()), "MPO", save_all=True, append_images=[Image.fromarray(photo(1))]),
     "junk after the end marker": lambda: photo_jpeg() + b"appended by some uploader\x00" * 8,
     "padding before the end marker": lambda: photo_jpeg()[:-2] + bytes(7) + END,  # libjpeg: 7 extraneous bytes
+    "0xFF padding before the end marker": lambda: photo_jpeg()[:-2] + b"\xff" * 7 + END,
+    # The walk to the end marker skips segments by their length: an end marker inside one is not it.
+    "padding, an end marker in a comment": lambda: photo_jpeg(comment=b"thumb\xff\xd9")[:-2] + bytes(7) + END,
     "padding between header markers": lambda: _padded_between_header_markers(photo_jpeg()),
     "unknown JFIF revision": lambda: _unknown_jfif_revision(photo_jpeg()),
 }
@@ -435,6 +439,27 @@ WHOLE_JPEGS = {
 def test_padding_before_the_end_marker_leaves_the_pixels_whole():
     data = photo_jpeg()
     assert np.array_equal(decode(data[:-2] + bytes(7) + END, 3), decode(data, 3))
+
+
+def _flipped_out_of_step() -> bytes:
+    """Returns the photo with one scan byte flipped so that libjpeg's only complaint is extraneous bytes
+    before the end marker: it decoded every block too soon, from scan data out of step."""
+    data = photo_jpeg()
+    for at in range(scan_start(data) + 16, len(data) - 2):
+        flipped = data[:at] + bytes([data[at] ^ 0x5A]) + data[at + 1 :]
+        try:
+            simplejpeg.decode_jpeg(flipped, colorspace="GRAY", strict=True)
+        except ValueError as exc:
+            if "extraneous bytes before marker 0xd9" in str(exc):
+                return flipped
+    raise AssertionError("no byte of the photo throws the scan out of step")
+
+
+@pytest.mark.parametrize("junk", ["a damaged byte", "non-zero junk"])
+def test_extraneous_bytes_before_the_end_marker_that_are_not_padding_are_corrupt(junk):
+    data = _flipped_out_of_step() if junk == "a damaged byte" else photo_jpeg()[:-2] + b"uploader" + END
+    verdict = judge(data, MAX_PIXELS)
+    assert verdict.reason == "corrupt" and "extraneous bytes before marker 0xd9" in verdict.detail, verdict
 
 
 @pytest.mark.parametrize("kind", WHOLE_JPEGS)
