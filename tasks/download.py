@@ -71,6 +71,7 @@ def download(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Par
         if sha256_file(target) == data.sha256:
             # The content is pinned: whatever the source serves now, this is the archive asked for.
             log.info("download: %s matches data.sha256, nothing fetched", target)
+            _record_pinned(data, target, record)
             return target
         change = "the archive does not match data.sha256"
     else:
@@ -91,19 +92,47 @@ def download(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Par
         )
     # The old record must not vouch for the new archive if we stop before ours is written.
     record.unlink(missing_ok=True)
-    # Where records lay before they left data/raw: a stale one there would vouch for nothing.
-    target.with_name(target.name + ".source.json").unlink(missing_ok=True)
+    _legacy_record(target).unlink(missing_ok=True)  # a stale one there would vouch for nothing
     os.replace(part, target)
     size = target.stat().st_size
-    with atomic_file(record) as handle:
-        json.dump({"url": redact(data.url), "archive": target.name, "sha256": digest, "bytes": size,
-                   "etag": source.get("etag"), "last_modified": source.get("last_modified"),
-                   "mtime_ns": source.get("mtime_ns")}, handle, indent=2)  # fmt: skip
+    _write_record(record, data, target, digest, source)
     _part_record(part).unlink(missing_ok=True)
     # Without data.sha256 nothing pins the archive's content: say how to pin it.
     pin = "" if data.sha256 else "; to pin it, set data.sha256 to this digest in params.yaml"
     log.info("download: %s (%d bytes, sha256 %s)%s", target, size, digest, pin)
     return target
+
+
+def _write_record(record: Path, data: DataParams, target: Path, digest: str, source: dict) -> None:
+    with atomic_file(record) as handle:
+        json.dump({"url": redact(data.url), "archive": target.name, "sha256": digest, "bytes": target.stat().st_size,
+                   "etag": source.get("etag"), "last_modified": source.get("last_modified"),
+                   "mtime_ns": source.get("mtime_ns")}, handle, indent=2)  # fmt: skip
+
+
+def _legacy_record(target: Path) -> Path:
+    # Where records lay before they left data/raw for data/source.json.
+    return target.with_name(target.name + ".source.json")
+
+
+def _record_pinned(data: DataParams, target: Path, record: Path) -> None:
+    """Leaves `record` describing the pinned archive at hand, as DVC expects the stage's output: the record
+    an earlier version left in data/raw moves over; without one, a record with what is known here."""
+    try:
+        kept = json.loads(record.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    if kept.get("sha256") == data.sha256 and kept.get("archive") == target.name and kept.get("url") == redact(data.url):
+        return
+    legacy = _legacy_record(target)
+    try:
+        said = json.loads(legacy.read_text())
+    except (OSError, ValueError):
+        said = {}
+    if said.get("url") != redact(data.url) or said.get("bytes") != target.stat().st_size:
+        said = {}
+    _write_record(record, data, target, data.sha256, said)
+    legacy.unlink(missing_ok=True)
 
 
 def source_change(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Params()) -> str | None:

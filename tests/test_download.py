@@ -363,6 +363,23 @@ def test_an_archive_matching_data_sha256_is_kept_without_asking_the_source(serve
     assert path.read_bytes() == PAYLOAD
 
 
+def test_a_pinned_archive_without_its_record_gets_one_the_legacy_record_moved_over(server, tmp_path):
+    # DVC refuses to record download without data/source.json: a project from before the record left
+    # data/raw, or a run killed between the archive and its record, must not fail every run after.
+    server.files["/cells.zip"] = PAYLOAD
+    data, raw, record = params(server.url("/cells.zip"), sha256=PAYLOAD_SHA), tmp_path / "raw", tmp_path / "source.json"
+    download(data, raw, record)
+    written = json.loads(record.read_text())
+    record.rename(raw / "cells.zip.source.json")  # where earlier versions kept it
+    server.requests.clear()
+    download(data, raw, record)
+    assert server.requests == [] and json.loads(record.read_text()) == written
+    assert not (raw / "cells.zip.source.json").exists()
+    record.unlink()
+    download(data, raw, record)
+    assert json.loads(record.read_text()) == written | {"etag": None, "last_modified": None, "mtime_ns": None}
+
+
 def seen(server) -> list[tuple]:
     """Returns (method, Range, status) of each request the server saw, and forgets them."""
     requests = [(r["method"], r["range"], r["status"]) for r in server.requests]
