@@ -73,8 +73,11 @@ S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 
 
 def _check_bucket(uri: str) -> None:
-    """Raises ValueError when an s3:// URI's bucket is a name botocore would refuse."""
+    """Raises ValueError when an s3:// URI's bucket is a name botocore would refuse, or credentials in it."""
     bucket = uri.removeprefix("s3://").partition("/")[0]
+    if "@" in bucket:  # and say so without echoing it: it may hold a password
+        raise ValueError("an s3:// URL holds no credentials (user@ or user:password@): they come from "
+                         "boto3's chain (AWS_* variables, a profile, a role)")  # fmt: skip
     if not S3_BUCKET.fullmatch(bucket):
         raise ValueError(f"invalid bucket name {bucket!r} (letters, digits, '.', '-', '_')")
 
@@ -98,9 +101,6 @@ class DataParams(_Section):
             supported = ", ".join(f"{s}://" for s in URL_SCHEMES if s)
             raise ValueError(f"unsupported scheme {scheme}:// (supported: {supported}, or a local path)")
         if scheme == "s3":
-            if "@" in urlparse(url).netloc:  # and say so without echoing it: it may hold a password
-                raise ValueError("an s3:// URL holds no credentials (user@ or user:password@): they come from "
-                                 "boto3's chain (AWS_* variables, a profile, a role)")  # fmt: skip
             _check_bucket(url)
             if not urlparse(url).path.strip("/"):
                 raise ValueError("an s3:// URL names an object: s3://bucket/key")
