@@ -20,6 +20,14 @@ ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty zip'
 BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 
+def zip_end_missing(path: Path) -> bool:
+    """Whether a zip has no end-of-central-directory record where one must be (its last 64 KiB + 22 bytes):
+    cut short, rather than damaged."""
+    with open(path, "rb") as handle:
+        handle.seek(max(0, path.stat().st_size - (65_535 + 22)))
+        return b"PK\x05\x06" not in handle.read()
+
+
 def tar_end_problem(tf: tarfile.TarFile) -> str | None:
     """Returns why an opened tar whose members were all read is cut short, or None if its end block is there."""
     tf.fileobj.seek(tf.offset)  # type: ignore[union-attr]

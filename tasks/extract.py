@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tasks.archives import BROKEN_ARCHIVE, ZIP_MAGIC, tar_end_problem
+from tasks.archives import BROKEN_ARCHIVE, ZIP_MAGIC, tar_end_problem, zip_end_missing
 from tasks.errors import StageError
 from tasks.files import CHUNK, atomic_dir, atomic_file
 from tasks.params import DataParams
@@ -110,9 +110,14 @@ def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
         try:
             zf = zipfile.ZipFile(archive)
         except zipfile.BadZipFile:
+            if not zip_end_missing(archive):
+                raise  # damaged, not cut short: a corrupt archive, with zipfile's reason
             # It starts as a zip but has no end: the central directory a zip keeps last is gone.
             raise ExtractError(f"{archive}: truncated archive: a zip without its end (central directory), "
                                "cut short?; nothing was kept") from None  # fmt: skip
+        except UnicodeDecodeError as exc:  # zipfile reads every name at once: one bad name stops them all
+            raise ExtractError(f"{archive}: corrupt archive: an entry name marked UTF-8 is not UTF-8 "
+                               f"({exc.object[:60]!r}); nothing was kept") from None  # fmt: skip
         with zf:
             yield [_zip_entry(info) for info in zf.infolist()], lambda e: zf.open(e.member)
     elif tarfile.is_tarfile(archive):

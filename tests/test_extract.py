@@ -536,3 +536,27 @@ def test_a_zip_cut_short_is_named_truncated_not_corrupt(tmp_path, work):
     with pytest.raises(ExtractError, match=r"a.zip: truncated archive: a zip without its end .* nothing was kept"):
         run(archive, work)
     assert not work.exists()
+
+
+def test_a_whole_zip_with_a_damaged_central_directory_is_corrupt_not_truncated(tmp_path, work):
+    archive = make_zip(tmp_path / "in" / "a.zip", [("Parasitized/good.png", PNG), ("Uninfected/good.png", PNG + b"2")])
+    data = bytearray(archive.read_bytes())
+    data[data.index(b"PK\x01\x02") + 1] ^= 0xFF  # one central directory signature, the length unchanged
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ExtractError, match=r"a.zip: corrupt archive \(BadZipFile: Bad magic number for central "
+                                           r"directory\); nothing was kept"):  # fmt: skip
+        run(archive, work)
+    assert not work.exists()
+
+
+def test_a_zip_entry_name_marked_utf8_that_is_not_is_one_line(tmp_path, work):
+    archive = make_zip(tmp_path / "in" / "a.zip", [("Parasitized/aaaa.png", PNG), ("Uninfected/good.png", PNG + b"2")])
+    data = bytearray(archive.read_bytes().replace(b"Parasitized/aaaa.png", b"Parasitized/\xff\xfeaa.png"))
+    for signature, flags in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # set the UTF-8 flag in both headers
+        at = data.index(signature)
+        data[at + flags + 1] |= 0x08
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ExtractError, match=r"a.zip: corrupt archive: an entry name marked UTF-8 is not UTF-8 "
+                                           r"\(b'Parasitized/\\xff\\xfeaa.png'\); nothing was kept"):  # fmt: skip
+        run(archive, work)
+    assert not work.exists()
