@@ -60,8 +60,9 @@ def configure_remote(layout: Layout, uri: str, s3: S3Params) -> list[str]:
     return _say(done)
 
 
-def version_outputs(layout: Layout, orchestration: OrchestrationParams) -> list[str]:
-    """Returns what was done after the stages (each already in dvc.lock): `dvc push`, `git commit`, or why not."""
+def version_outputs(layout: Layout, orchestration: OrchestrationParams, run_params: Path | None = None) -> list[str]:
+    """Returns what was done after the stages (each already in dvc.lock): `dvc push`, `git commit`, or why not.
+    `run_params`: the params DVC recorded, when not params.yaml's (overrides, `--params FILE`)."""
     if not is_dvc_project(layout.root):
         return _say([f"{layout.root.resolve()} is not a DVC project: skipped versioning"])
     done = []
@@ -73,7 +74,7 @@ def version_outputs(layout: Layout, orchestration: OrchestrationParams) -> list[
         else:
             done.append(unpushed)
     if orchestration.git_commit:
-        done.append(_git_commit_lock(layout))
+        done.append(_git_commit_lock(layout, run_params))
     return _say(done)
 
 
@@ -90,7 +91,7 @@ def _why_no_push(layout: Layout) -> str | None:
     return None
 
 
-def _git_commit_lock(layout: Layout) -> str:
+def _git_commit_lock(layout: Layout, run_params: Path | None) -> str:
     from dvc.repo import Repo
 
     if not (layout.root / ".git").exists():
@@ -124,6 +125,9 @@ def _git_commit_lock(layout: Layout) -> str:
     left = [f"{', '.join(sorted(ignored))} ignored by git"] if ignored else []
     left += [f"{', '.join(theirs)} holding edits of yours"] if theirs else []
     left += [f"{', '.join(edited)}, uncommitted edits dvc.lock records: a clone re-runs their stages"] if edited else []
+    # The lock names params.yaml but holds the values this run used: committed beside it, they disagree.
+    left += ["the params this run used (overrides or --params): dvc.lock records them, params.yaml does not hold them, "
+             "and a clone re-runs the stages they changed"] if run_params else []  # fmt: skip
     return "dvc.lock and the outputs git carries committed" + (f" (not: {'; '.join(left)})" if left else "")
 
 

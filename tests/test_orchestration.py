@@ -378,6 +378,11 @@ def test_git_commit_leaves_out_what_git_ignores_and_a_gitignore_holding_the_user
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {train: {cmd: imgclf stage train}}\n")
     version_outputs(Layout(root), OrchestrationParams(git_commit=True, dvc_push=False))
     assert sh(["git", "show", "--name-only", "--format=", "HEAD"], root, env).split() == ["dvc.lock", "metrics/train.json"]
+    # A run with its own params: dvc.lock holds values params.yaml does not, and the summary says so.
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {train: {cmd: imgclf stage train --now}}\n")
+    said = version_outputs(Layout(root), OrchestrationParams(git_commit=True, dvc_push=False), root / "other.yaml")
+    assert said[0].endswith("the params this run used (overrides or --params): dvc.lock records them, params.yaml does "
+                            "not hold them, and a clone re-runs the stages they changed)")  # fmt: skip
 
 
 def test_a_remote_that_is_not_the_default_is_said_not_pushed_to(tmp_path, env):
