@@ -217,7 +217,8 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
             ", ".join(map(redact, exposed)))  # fmt: skip
     overrides = reveal(overrides or {})
     params_file = layout.root / params_path
-    params = load_params(params_file, overrides)
+    # `imgclf run` checked its --set already: what fails here came as the flow's parameter (a deployment run).
+    params = load_params(params_file, overrides, given_as="overrides")
     DvcProject(layout.root)  # outside a project: one line saying how to make one, before anything is written
     # Named as Prefect names the run: `imgclf run` took the lock already, under its own name.
     holder = f"flow run {flow_run.name!r}"

@@ -450,8 +450,8 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = ()) -> str:
-    """Returns every problem on one line, each under where its key came from: the file, or the --set that gave it."""
+def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = (), given_as: str = "--set") -> str:
+    """Returns every problem on one line, each under where its key came from: the file, or the override that gave it."""
     problems = []
     for item in error.errors():
         dotted = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
@@ -459,7 +459,7 @@ def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = (
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         named = dotted or message.partition(":")[0]  # a check across sections names its key first
-        origin = next((f"--set {key}" for key in overridden
+        origin = next((f"{given_as} {key}" for key in overridden
                        if named and (key == named or key.startswith(f"{named}.") or named.startswith(f"{key}."))),
                       source)  # fmt: skip
         problems.append(f"{origin}: {dotted}: {message}" if dotted else f"{origin}: {message}")
@@ -508,10 +508,12 @@ def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     return tree
 
 
-def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
-    """Returns the typed params from `path` with dotted overrides applied; keys it leaves out take their defaults."""
+def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None,
+                given_as: str = "--set") -> Params:  # fmt: skip
+    """Returns the typed params from `path` with dotted overrides applied; keys it leaves out take their defaults.
+    `given_as`: how an error names where an override came from (`--set KEY`, or a flow's `overrides KEY`)."""
     tree = params_tree(path, overrides)
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise ParamsError(_one_line(str(path), exc, overrides or ())) from None
+        raise ParamsError(_one_line(str(path), exc, overrides or (), given_as)) from None

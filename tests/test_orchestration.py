@@ -21,7 +21,7 @@ prefect_testing = pytest.importorskip("prefect.testing.utilities")
 from flows.dvc_project import DvcProject, ProjectError, one_run_at_a_time  # noqa: E402
 from flows.pipeline import pipeline  # noqa: E402
 from flows.versioning import VersioningError, version_outputs  # noqa: E402
-from tasks.params import OrchestrationParams  # noqa: E402
+from tasks.params import OrchestrationParams, ParamsError  # noqa: E402
 from tasks.stages import STAGES, Layout  # noqa: E402
 
 ALL = list(STAGES)
@@ -191,6 +191,12 @@ def test_overrides_apply_to_their_run_alone_even_when_a_stage_fails(tmp_path, de
                       "prepare.image_size": 32})  # fmt: skip
     assert (root / "params.yaml").read_bytes() == before
     assert not (root / ".imgclf" / "run-params.yaml").exists()
+
+
+def test_a_bad_flow_parameter_is_named_as_the_overrides_it_came_in(tmp_path, env):
+    root = project(tmp_path / "p", env, tmp_path / "none.zip")
+    with pytest.raises(ParamsError, match=r"^overrides train.epochs: train.epochs: Input should be greater than 0$"):
+        flow(root, **{"train.epochs": 0})
 
 
 def test_a_password_sent_in_the_clear_as_a_flow_parameter_is_warned_of_redacted(tmp_path, env, caplog):
