@@ -157,7 +157,7 @@ class RowWriter:
         header = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
         self._offset, self._shape, self._size = header.offset, shape, int(np.prod(shape[1:]))
         del header
-        self._fd = os.open(folder / "images.npy", os.O_WRONLY)
+        self._fd = os.open(folder / "images.npy", os.O_RDWR)
 
     def __enter__(self) -> RowWriter:
         return self
@@ -168,6 +168,11 @@ class RowWriter:
     def put(self, row: int, pixels: np.ndarray) -> None:
         """Writes one row's pixels, or (rows, ...) pixels from `row` on."""
         os.pwrite(self._fd, np.ascontiguousarray(pixels, dtype=np.uint8).data, self._offset + row * self._size)
+
+    def get(self, row: int) -> np.ndarray:
+        """Returns one row's pixels, as written."""
+        data = os.pread(self._fd, self._size, self._offset + row * self._size)
+        return np.frombuffer(data, dtype=np.uint8).reshape(self._shape[1:])
 
     def shrink_to(self, rows: int) -> None:
         """Makes the array its first `rows` rows: the header says so, and the file ends there."""

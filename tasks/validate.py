@@ -187,12 +187,12 @@ def validate(
                 staged.add(judged)
             rows.extend(judged.rows)
             progress.update(len(judged.rows))
+        _mark_duplicates(rows)
         if staged:
-            staged.finish()
+            staged.finish({row["sha256"] for row in rows if row["reason"] == "conflicting_labels"})
     if staged and staged.cached_already:
         shutil.rmtree(staging.folder)
     progress.close()
-    _mark_duplicates(rows)
     with atomic_file(manifest_csv, newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(MANIFEST_COLUMNS)
@@ -257,7 +257,16 @@ class _StagedRows(contextlib.ExitStack):
             self.images.put(len(self.entries) - len(taken), pixels)
             self.rows_crc32 = imagecodecs.deflate_crc32(pixels, self.rows_crc32)
 
-    def finish(self) -> None:
+    def finish(self, conflicting: set[str]) -> None:
+        """Writes the index and meta.json, the rows of `conflicting` contents (no class: not in the cache) left out."""
+        kept = [entry for entry in self.entries if entry[3] not in conflicting]
+        if len(kept) < len(self.entries):  # rare: moved up in place, so that the staging is the cache's rows
+            self.rows_crc32 = 0
+            for row, entry in enumerate(kept):
+                pixels = self.images.get(entry[0])
+                self.images.put(row, pixels)
+                self.rows_crc32 = imagecodecs.deflate_crc32(pixels, self.rows_crc32)
+            self.entries = [(row, *entry[1:]) for row, entry in enumerate(kept)]
         self.images.shrink_to(len(self.entries))
         write_index(self.folder, self.entries)
         shape = (len(self.entries), *self.shape[1:])

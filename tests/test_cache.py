@@ -226,6 +226,25 @@ def test_rows_staged_by_validate_give_the_bytes_of_a_cold_decode_and_are_then_re
     assert read_bytes(result.path) == read_bytes(cold.path)
 
 
+def test_a_content_under_two_classes_leaves_a_staging_that_is_exactly_the_cache(validated_demo):
+    # Rejected as conflicting_labels, its row goes from the staging too: else the staging matched no cache,
+    # and one DVC skips (the manifest unchanged) stayed on disk beside it.
+    extracted = validated_demo / "extracted"
+    shutil.copy(sorted((extracted / "Parasitized").glob("*.png"))[3], extracted / "Uninfected" / "also.png")
+    params = PrepareParams(image_size=16)
+    staged = staged_run(validated_demo, params)
+    manifest = validated_demo / "manifest.csv"
+    assert sum(row["reason"] == "conflicting_labels" for row in csv.DictReader(open(manifest, newline=""))) == 2
+    result = cache(params, manifest, extracted, validated_demo / "cache", in_process, staged)
+    assert (result.decoded, result.reused, result.staged) == (0, 0, 2 * PER_CLASS - 1)
+    cold = cache(params, manifest, extracted, validated_demo / "cold", in_process)
+    assert read_bytes(result.path) == read_bytes(cold.path)
+    # Validated again, nothing changed: the cache holds its rows already, and no staging is left.
+    staging = Staging(params, staging_dir(result.path), result.path)
+    validate(ValidateParams(), extracted, manifest, in_process, staging)
+    assert not staging.folder.exists()
+
+
 def test_tampered_staged_rows_are_decoded_again(validated_demo, caplog):
     params = PrepareParams(image_size=16)
     staged = staged_run(validated_demo, params)
