@@ -67,10 +67,10 @@ def uncalibrated(classes: list[str]) -> Calibration:
     return Calibration(temperature=1.0, classes=list(classes))
 
 
-def save_calibration(calibration: Calibration, path: Path) -> Path:
-    """Writes the calibration as JSON (atomically) and returns the path."""
+def save_calibration(calibration: Calibration, path: Path, model_sha256: str | None = None) -> Path:
+    """Writes the calibration as JSON (atomically), with the sha256 of the model it was fitted for; returns the path."""
     with atomic_file(path) as handle:
-        json.dump(asdict(calibration), handle, indent=2)
+        json.dump(asdict(calibration) | ({"model_sha256": model_sha256} if model_sha256 else {}), handle, indent=2)
     return path
 
 

@@ -38,7 +38,7 @@ from tasks.calibration import (
 )
 from tasks.dataset import CachedSet, DatasetError, load_cached_set, make_dataset, without
 from tasks.errors import StageError
-from tasks.files import atomic_file, atomic_path
+from tasks.files import atomic_file, atomic_path, sha256_file
 from tasks.model import class_probabilities
 from tasks.params import EvaluateParams
 from tasks.predict import load_described_model
@@ -87,6 +87,7 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     confusion = skm.confusion_matrix(truth, predicted, labels=labels)
     intervals = _bootstrap(truth, predicted, calibration.positive_index, params.bootstrap, params.seed)
     report = {
+        "model_sha256": sha256_file(model_path),  # what publish checks the bundle against
         "accuracy": float(skm.accuracy_score(truth, predicted)),
         "accuracy_ci95": intervals["accuracy"]["ci95"],
         "n_test": int(len(rows)),
@@ -127,7 +128,7 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     if train_json.exists():
         _training_curves(json.loads(train_json.read_text()).get("history", {}), plots_dir / "training_curves.png")
     _model_diagram(model, plots_dir / "model.png")
-    save_calibration(calibration, model_path.parent / CALIBRATION_JSON)
+    save_calibration(calibration, model_path.parent / CALIBRATION_JSON, report["model_sha256"])
     out = metrics_dir / "eval.json"
     with atomic_file(out) as handle:
         json.dump(report, handle, indent=2)

@@ -38,7 +38,7 @@ import tensorflow as tf
 from tasks.calibration import Calibration, calibrated_probabilities, load_calibration, predicted_indices
 from tasks.dataset import load_cached_set
 from tasks.errors import StageError
-from tasks.files import atomic_dir, atomic_file, chunked
+from tasks.files import atomic_dir, atomic_file, chunked, made_for_another_model, sha256_file
 from tasks.model import class_probabilities
 from tasks.predict import load_described_model
 
@@ -86,6 +86,9 @@ def export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv:
 def _export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv: Path, serving_dir: Path,
             tflite_path: Path, record: Path) -> Path:  # fmt: skip
     described, model = load_described_model(model_path)
+    model_sha256 = sha256_file(model_path)
+    if made_for_another_model(calibration_json, model_sha256):
+        raise ExportError(f"{calibration_json}: fitted for another model than {model_path} (trained since?); re-run evaluate")
     calibration = load_calibration(calibration_json)
     if calibration.classes != described["classes"]:
         raise ExportError(f"{calibration_json}: calibrated for classes {calibration.classes}, but the model has "
@@ -117,7 +120,8 @@ def _export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv
         with atomic_file(tflite_path, "wb") as handle:
             handle.write(tflite)
     with atomic_file(record) as handle:
-        json.dump({"version": version, "n_test": int(len(rows)), "tolerance": PARITY_TOLERANCE, **found}, handle, indent=2)
+        json.dump({"version": version, "model_sha256": model_sha256, "n_test": int(len(rows)), "tolerance": PARITY_TOLERANCE,
+                   **found}, handle, indent=2)  # fmt: skip
     log.info("export: version %d -> %s and %s; on %d test images the SavedModel is within %.1e of Keras, TFLite %.1e",
              version, serving_dir / str(version), tflite_path, len(rows),
              found["saved_model"]["max_abs_difference"], found["tflite"]["max_abs_difference"])  # fmt: skip

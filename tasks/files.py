@@ -9,6 +9,7 @@ import errno
 import functools
 import hashlib
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -47,6 +48,17 @@ def sha256_file(path: Path) -> str:
     """Returns the hex sha256 of a file's bytes."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def made_for_another_model(path: Path, model_sha256: str) -> bool:
+    """Whether a JSON file evaluate or export wrote (calibration.json, eval.json, export.json) names, as its
+    `model_sha256`, another model than this one: a later train left it behind. A file without one is older
+    than the stamp, and is taken as it is."""
+    try:
+        stamped = json.loads(path.read_text()).get("model_sha256")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stamped is not None and stamped != model_sha256
 
 
 def model_json(model_dir: Path) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 
 from tasks.calibration import CALIBRATION_JSON, Calibration, calibrated_probabilities, load_calibration, predicted_indices, uncalibrated
 from tasks.errors import StageError
-from tasks.files import atomic_file, chunked, model_json
+from tasks.files import atomic_file, chunked, made_for_another_model, model_json, sha256_file
 from tasks.images import decode, judge, resize
 from tasks.model import class_probabilities
 from tasks.params import ValidateParams
@@ -111,9 +111,10 @@ def load_model_calibration(model_path: Path, classes: list[str]) -> Calibration:
     """Returns the calibration evaluate saved beside the model; none (temperature 1, the likelier
     class wins) for a model evaluate has not seen."""
     path = model_path.parent / CALIBRATION_JSON
-    if not path.exists():
-        log.warning("%s: no calibration beside the model (evaluate writes it): its own probabilities, the likelier "
-                    "class wins, no operating threshold", path)  # fmt: skip
+    if not path.exists() or made_for_another_model(path, sha256_file(model_path)):
+        why = "no calibration beside the model" if not path.exists() else "fitted for another model (trained since?)"
+        log.warning("%s: %s; evaluate writes it: its own probabilities, the likelier class wins, no operating "
+                    "threshold", path, why)  # fmt: skip
         return uncalibrated(classes)
     calibration = load_calibration(path)
     if calibration.classes != list(classes):

@@ -25,7 +25,7 @@ from pathlib import Path
 from tasks.calibration import CALIBRATION_JSON
 from tasks.champion import LATEST, Store, StoreError, open_store
 from tasks.errors import StageError
-from tasks.files import atomic_file, model_json, sha256_file
+from tasks.files import atomic_file, made_for_another_model, model_json, sha256_file
 from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set, trained_on
 from tasks.layout import Layout
 from tasks.params import GateParams, PublishParams, S3Params, ValidateParams
@@ -45,9 +45,9 @@ def run_files(layout: Layout) -> list[Path]:
     """Returns the files a run publishes: model, its description, calibration, summary and exports (when
     the run made them), metrics and plots."""
     model_dir = layout.model_dir
-    fixed = [model_dir / "model.keras", model_json(model_dir), model_dir / "summary.txt"]
+    fixed = [model_dir / "model.keras", model_json(model_dir), model_dir / "summary.txt", model_dir / CALIBRATION_JSON]
     fixed += [layout.metrics_dir / name for name in ("train.json", "eval.json")]
-    made = [model_dir / CALIBRATION_JSON, model_dir / "model.tflite", layout.metrics_dir / "export.json"]
+    made = [model_dir / "model.tflite", layout.metrics_dir / "export.json"]
     exports = sorted(p for p in (model_dir / "serving").rglob("*") if p.is_file())
     plots = sorted(p for p in layout.plots_dir.glob("*") if p.suffix in (".png", ".csv"))
     return [*fixed, *(p for p in made if p.is_file()), *exports, *plots]
@@ -61,8 +61,13 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
         raise PublishError(f"publish: missing run files (run train and evaluate first): {', '.join(missing)}")
-    store = open_store(params, s3, layout.root)
     model_hash = sha256_file(layout.model_dir / "model.keras")
+    # `imgclf stage publish` after a train alone: evaluate's and export's files would be the last model's.
+    stale = [str(path) for path in files if path.suffix == ".json" and made_for_another_model(path, model_hash)]
+    if stale:
+        raise PublishError(f"publish: {', '.join(stale)} made for another model than {layout.model_dir / 'model.keras'} "
+                           "(trained since): run evaluate and export first, or the whole pipeline")  # fmt: skip
+    store = open_store(params, s3, layout.root)
     # The random part keeps two publishes of one model in the same second apart.
     run = f"runs/{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{model_hash[:8]}-{secrets.token_hex(2)}"
     run_id = run.removeprefix("runs/")

@@ -56,7 +56,7 @@ def make_run(root: Path, *, image_size: int = 16, channels: int = 3, inverted: b
              classes: tuple[str, str] = CLASSES, calibration: dict | None = None, padding_units: int = 0,
              train_copies: int = 0) -> Layout:  # fmt: skip
     """Returns the layout of a finished run at `root`: data/extracted/<label>/, data/split.csv (test rows), the manifest,
-    models/ (model.keras, model.json, summary.txt, optional calibration.json), metrics/ and a plot.
+    models/ (model.keras, model.json, summary.txt, calibration.json), metrics/ and a plot.
 
     `shuffled`: the archive's folders are wrong for half of each class, as after a broken relabelling.
     `train_copies`: the first n test images are in the train split too, under other names.
@@ -86,8 +86,9 @@ def make_run(root: Path, *, image_size: int = 16, channels: int = 3, inverted: b
     fixed_model(image_size, channels, inverted, padding_units).save(layout.model_dir / "model.keras")
     described = {"classes": list(classes), "image_size": [image_size, image_size], "channels": channels, "resize": "stretch"}
     (layout.model_dir / "model.json").write_text(json.dumps(described))
-    if calibration is not None:
-        (layout.model_dir / "calibration.json").write_text(json.dumps({"classes": list(classes), **calibration}))
+    # As evaluate leaves it: temperature 1 unless the test asks for another calibration.
+    (layout.model_dir / "calibration.json").write_text(json.dumps({"classes": list(classes), "temperature": 1.0,
+                                                                   **(calibration or {})}))  # fmt: skip
     (layout.model_dir / "summary.txt").write_text("fixed weights\n")
     layout.metrics_dir.mkdir()
     (layout.metrics_dir / "train.json").write_text("{}")

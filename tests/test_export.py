@@ -170,3 +170,24 @@ def test_an_export_that_does_not_match_fails_in_one_line_and_writes_nothing(cell
         run_export(root)
     assert not (root / "models" / "serving").exists() and not (root / "models" / "model.tflite").exists()
     assert not (root / "metrics" / "export.json").exists()
+
+
+def test_a_calibration_fitted_for_another_model_is_refused_by_export_and_not_applied_by_predict(cells, tmp_path, caplog):
+    # `imgclf run train` after a whole run: calibration.json is the last model's until evaluate runs again.
+    root = tmp_path / "project"
+    shutil.copytree(cells, root, ignore=shutil.ignore_patterns("extracted", "serving", "*.tflite", "export.json"))
+    calibration = load_calibration(root / "models" / "calibration.json")
+    save_calibration(Calibration(0.05, calibration.classes, "Parasitized", 0.99), root / "models" / "calibration.json",
+                     model_sha256="0" * 64)  # fmt: skip
+    with pytest.raises(ExportError, match=r"calibration.json: fitted for another model than .*model.keras \(trained "
+                                          r"since\?\); re-run evaluate$"):  # fmt: skip
+        run_export(root)
+    assert not (root / "models" / "serving").exists()
+    data = load_cached_set(root / "cache", root / "split.csv")
+    files = [cells / "extracted" / data.paths[row] for row in data.rows["test"][:20]]
+    raw = class_probabilities(load_inference_model(root / "models" / "model.keras"),
+                              np.asarray(data.images[data.rows["test"][:20]]))  # fmt: skip
+    with caplog.at_level("WARNING", logger="imgclf"):
+        predicted = predict(root / "models" / "model.keras", files)
+    assert "calibration.json: fitted for another model (trained since?)" in caplog.text
+    assert [row["label"] for row in predicted] == [calibration.classes[i] for i in raw.argmax(axis=1)]

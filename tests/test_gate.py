@@ -264,6 +264,30 @@ def test_a_publish_record_of_an_earlier_model_is_not_this_models(local, tmp_path
     assert this_models_publish(run) == {} and published_report(this_models_publish(run)) is None
 
 
+@pytest.mark.parametrize("part", ["eval.json", "calibration.json", "export.json", "no calibration"])
+def test_publish_refuses_parts_made_for_another_model_or_missing(local, tmp_path, part):
+    # `imgclf stage publish` after `imgclf run train`: evaluate's and export's files are the last model's.
+    from tasks.files import sha256_file
+
+    run = make_run(tmp_path / "run")
+    other = {"model_sha256": "0" * 64, "version": 1}
+    where = {"eval.json": run.metrics_dir, "export.json": run.metrics_dir, "calibration.json": run.model_dir}
+    if part == "no calibration":
+        (run.model_dir / "calibration.json").unlink()
+        expected = r"missing run files \(run train and evaluate first\): .*calibration.json"
+    else:
+        path = where[part] / part
+        found = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps(found | other))
+        expected = rf"publish: .*{part} made for another model than .*model.keras \(trained since\)"
+    with pytest.raises(tasks.publish.PublishError, match=expected):
+        published(local, run)
+    assert not (tmp_path / "champion").exists()
+    if part != "no calibration":  # stamped for this model, it goes
+        path.write_text(json.dumps(found | other | {"model_sha256": sha256_file(run.model_dir / "model.keras")}))
+        assert published(local, run)["promoted"]
+
+
 def test_the_gate_prepares_images_by_the_projects_validate_max_pixels(local, tmp_path):
     from tasks.params import Params, ValidateParams
     from tasks.stages import run_stage
