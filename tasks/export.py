@@ -99,7 +99,7 @@ def _export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv
         raise ExportError(f"export: {split_csv} has no test rows to check the export on (split.test is 0?)")
     if data.classes != calibration.classes:
         raise ExportError(f"export: {cache_dir} holds classes {data.classes}, the model {calibration.classes}")
-    version = model_version(model_path)
+    version = model_version(model_path, described)
     height, width = described["image_size"]
     channels = int(described["channels"])
     images = [np.asarray(data.images[batch]) for batch in chunked(rows, BATCH)]
@@ -128,11 +128,14 @@ def _export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv
     return serving_dir / str(version)
 
 
-def model_version(model_path: Path) -> int:
-    """Returns the model's save time as YYYYMMDDhhmmss, read from the .keras file's metadata.json."""
+def model_version(model_path: Path, described: dict) -> int:
+    """Returns the model's save time as YYYYMMDDhhmmss: in UTC from its model.json (`saved_utc`, train's), else
+    (a model trained before train wrote it) Keras's local time in the .keras file's metadata.json."""
+    saved = described.get("saved_utc")
     try:
-        with zipfile.ZipFile(model_path) as archive:
-            saved = json.loads(archive.read("metadata.json"))["date_saved"]  # e.g. 2025-03-01@14:05:09
+        if saved is None:
+            with zipfile.ZipFile(model_path) as archive:
+                saved = json.loads(archive.read("metadata.json"))["date_saved"]  # e.g. 2025-03-01@14:05:09
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ExportError(f"{model_path}: no save date in the model file's metadata.json ({type(exc).__name__})") from None
     digits = re.sub(r"\D", "", str(saved))

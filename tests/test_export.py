@@ -73,7 +73,10 @@ def test_saved_model_and_tflite_give_the_keras_models_calibrated_probabilities(c
     expected = calibrated_probabilities(class_probabilities(load_inference_model(cells / "models" / "model.keras"), images),
                                         calibration)  # fmt: skip
     [version_dir] = (cells / "models" / "serving").iterdir()
-    assert version_dir.name == str(model_version(cells / "models" / "model.keras"))
+    described = json.loads((cells / "models" / "model.json").read_text())
+    # The save time in UTC (train's), so that a later model is a higher version whatever each machine's time zone.
+    assert version_dir.name == str(model_version(cells / "models" / "model.keras", described))
+    assert version_dir.name == described["saved_utc"].translate(str.maketrans("", "", "-T:Z"))
     assert (version_dir / "saved_model.pb").is_file() and (version_dir / "variables").is_dir()
 
     served = tf.saved_model.load(str(version_dir)).signatures["serving_default"](images=tf.constant(images))
