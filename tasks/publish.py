@@ -125,7 +125,9 @@ def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, mod
 
 def _fetch_champion(store: Store, pointer: bytes, scratch: Path) -> Champion:
     latest = json.loads(pointer)
-    run_id, objects = str(latest["run_id"]), latest["objects"]
+    if not isinstance(latest, dict) or not isinstance(latest.get("run_id"), str) or not isinstance(latest.get("objects"), dict):
+        raise StoreError("not a record publish writes (an object with run_id and objects)")
+    run_id, objects = latest["run_id"], latest["objects"]
     run = f"runs/{run_id}"
     if "reference" not in latest:
         raise StoreError(f"its run {run_id} has no reference set (published before the gate); gate.force=true "
@@ -134,6 +136,9 @@ def _fetch_champion(store: Store, pointer: bytes, scratch: Path) -> Champion:
     fetched = {relative: store.get(f"{run}/{relative}", scratch) for relative in objects if relative in wanted}
     if "models/model.keras" not in fetched:
         raise StoreError(f"its run {run_id} lists no models/model.keras")
+    if latest.get("model_sha256") not in (None, sha256_file(fetched["models/model.keras"])):  # replaced since
+        raise StoreError(f"its run {run_id}'s models/model.keras is not the model latest.json records (sha256 "
+                         f"{str(latest['model_sha256'])[:12]}...)")  # fmt: skip
     labels_csv = store.get(f"{run}/reference/labels.csv", scratch)
     reference = reference_set(labels_csv, labels_csv.parent / "images")
     with ThreadPoolExecutor(TRANSFERS) as pool:

@@ -170,14 +170,26 @@ def test_a_champion_with_other_classes_is_not_replaced_and_one_line_says_why(loc
     assert latest_bytes(local, tmp_path) == before
 
 
-def test_an_unreadable_champion_is_not_replaced_and_one_line_says_why(local, tmp_path):
+@pytest.mark.parametrize("damage", ["not a model", "another model", "latest.json without objects", "latest.json a list"])
+def test_an_unreadable_champion_is_not_replaced_and_one_line_says_why(local, tmp_path, damage):
+    from tests.gate_runs import fixed_model
+
     champion = published(local, make_run(tmp_path / "champion"))
-    (tmp_path / "champion" / "runs" / champion["run_id"] / "models" / "model.keras").write_bytes(b"not a model")
+    store = tmp_path / "champion"
+    model = store / "runs" / champion["run_id"] / "models" / "model.keras"
+    if damage == "not a model":
+        model.write_bytes(b"not a model")
+    elif damage == "another model":  # of the same shape: it would be gated against without a word
+        fixed_model(16, 3, inverted=True).save(model)
+    else:
+        (store / "latest.json").write_text(json.dumps({"run_id": champion["run_id"]} if "without" in damage else []))
     before = latest_bytes(local, tmp_path)
     record = published(local, make_run(tmp_path / "next"))
     reason = record["gate"]["reason"]
     assert not record["promoted"] and "\n" not in reason
-    assert reason.startswith(f"not promoted: the champion ({champion['run_id']}) cannot be read:") and "not a readable Keras model" in reason
+    said = ("not a record publish writes (an object with run_id and objects)" if "latest.json" in damage else
+            f"its run {champion['run_id']}'s models/model.keras is not the model latest.json records")  # fmt: skip
+    assert reason.startswith("not promoted: the champion cannot be read (") and said in reason, reason
     assert latest_bytes(local, tmp_path) == before
 
 
