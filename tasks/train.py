@@ -231,6 +231,12 @@ def _load(cache_dir: Path, split_csv: Path, exclusion: Exclusion) -> CachedSet:
         raise TrainError(f"train: {cache_dir} holds {len(data.classes)} class(es); a classifier needs two or more")
     if not len(data.rows["train"]):
         raise TrainError(f"train: {split_csv} has no train rows")
+    # A class the model never sees in training, it still answers: never right, and nothing says why.
+    untrained = sorted(set(data.classes) - {data.classes[label] for label in data.labels[data.rows["train"]]})
+    if untrained:
+        why = f"after train.exclude ({exclusion.file})" if exclusion.file else f"in {split_csv}"
+        raise TrainError(f"train: no train images of {', '.join(map(repr, untrained))} {why}; a model would never learn "
+                         f"{'it' if len(untrained) == 1 else 'them'}")  # fmt: skip
     return data
 
 

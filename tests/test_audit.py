@@ -150,6 +150,14 @@ def test_train_exclude_leaves_the_listed_images_out_of_train_and_val_and_records
                                          r"images of this data set \(e.g. 'data/extracted/"):  # fmt: skip
         train(params.model_copy(update={"exclude": str(rooted)}), AugmentParams(), data / "cache", data / "split.csv", tmp_path / "m2",
               tmp_path / "m2")  # fmt: skip
+    # A list naming every train image of a class: the model would answer a class it never saw.
+    label = rows[0]["label"]
+    whole = tmp_path / "whole.csv"
+    whole.write_text("path\n" + "".join(f"{row['path']}\n" for row in rows if row["label"] == label and row["split"] == "train"))
+    with pytest.raises(TrainError, match=rf"train: no train images of '{label}' after train.exclude \(.*whole.csv\); "
+                                         "a model would never learn it"):  # fmt: skip
+        train(params.model_copy(update={"exclude": str(whole)}), AugmentParams(), data / "cache", data / "split.csv", tmp_path / "m3",
+              tmp_path / "m3")  # fmt: skip
 
 
 def test_an_exclude_list_without_a_path_column_is_a_clear_error(tmp_path):
