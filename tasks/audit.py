@@ -22,6 +22,7 @@ import csv
 import json
 import logging
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,10 @@ def fold_of(labels: list[str], blocks: list[str], folds: int, seed: int) -> np.n
     if distinct < folds:
         raise AuditError(f"audit: audit.folds={folds}, but train+val hold only {distinct} block(s) of images that stay "
                          "together (split.group_pattern groups, near-duplicate clusters)")  # fmt: skip
+    largest, count = Counter(labels).most_common(1)[0]
+    if count < folds:  # scikit-learn's own words for it name n_splits, not the param
+        raise AuditError(f"audit: audit.folds={folds}, but the largest class in train+val, {largest!r}, has only "
+                         f"{count} images; lower audit.folds")  # fmt: skip
     assigned = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, blocks)):

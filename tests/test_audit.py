@@ -47,6 +47,14 @@ def test_more_folds_than_blocks_is_a_clear_error():
         fold_of(["a", "b", "a", "b"], ["x", "x", "y", "y"], 3, seed=0)
 
 
+def test_more_folds_than_images_of_any_class_is_a_clear_error():
+    labels = ["a"] * 4 + ["b"] * 3
+    with pytest.raises(AuditError, match=r"^audit: audit.folds=5, but the largest class in train\+val, 'a', has only 4 "
+                                         r"images; lower audit.folds$"):  # fmt: skip
+        fold_of(labels, [str(i) for i in range(7)], 5, seed=0)
+    assert sorted(set(fold_of(labels, [str(i) for i in range(7)], 4, seed=0))) == [0, 1, 2, 3]
+
+
 def test_audit_off_writes_that_it_is_off(tmp_path):
     out = audit(AuditParams(), TrainParams(), AugmentParams(), tmp_path / "no-cache", tmp_path / "no-split.csv",
                 tmp_path / "oof.csv", tmp_path / "issues.csv", tmp_path / "audit.json")  # fmt: skip
