@@ -185,7 +185,13 @@ def _command(args: argparse.Namespace) -> None:
         from tasks.predict import predict, write_rows
 
         # What validate accepts: the project's validate.max_pixels (outside a project, its default).
-        validate = load_params(args.params).validate if Path(args.params).exists() else ValidateParams()
+        validate = ValidateParams()
+        if Path(args.params).exists():
+            try:
+                validate = load_params(args.params).validate
+            except ParamsError as exc:  # another tool's params.yaml, say: predict needs one key of it, not the file
+                print(f"imgclf: warning: {exc}; predict judges files by validate.max_pixels' default "
+                      f"({validate.max_pixels:,})", file=sys.stderr)  # fmt: skip
         write_rows(predict(args.model, args.paths, validate.max_pixels), args.out)
         if args.explain:
             from tasks.gradcam import explain_files

@@ -125,6 +125,8 @@ def load_model_calibration(model_path: Path, classes: list[str]) -> Calibration:
 
 def load_described_model(model_path: Path) -> tuple[dict, keras.Model]:
     """Returns the model's description (model.json beside it) and the model, checked against each other."""
+    if model_path.is_dir():  # models/serving, say: TensorFlow Serving's, not ours
+        raise PredictError(f"{model_path}: a folder, not a Keras model file (predict takes models/model.keras)")
     if not model_path.is_file():
         raise PredictError(f"{model_path}: no such model file")
     described_by = model_json(model_path.parent)

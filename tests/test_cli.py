@@ -106,6 +106,8 @@ FAILURES = {
     "empty_archive": (_empty_archive, 1, "empty.zip"),
     "group_pattern_matching_nothing": (_group_pattern_matching_nothing, 1, "split.group_pattern"),
     "missing_model": (["predict", "--model", "nope/model.keras", "x.png"], 1, "nope/model.keras: no such model file"),
+    "model_folder": (["predict", "--model", ".", "x.png"], 1, ".: a folder, not a Keras model file (predict takes "
+                                                              "models/model.keras)"),  # fmt: skip
     "garbage_model": (_garbage_model, 1, "model.keras"),
     "garbage_model_description": (_garbage_labels, 1, "model.json"),
     "model_description_of_another_size": (_labels_of_another_size, 1, "model.json"),
@@ -372,6 +374,13 @@ def test_predict_takes_what_validate_takes_by_the_projects_max_pixels(tmp_path, 
     (tmp_path / "params.yaml").write_text("validate:\n  max_pixels: 100\n")
     assert main(["predict", "--model", str(model), "big.png"]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith("big.png,,,too_large")
+    # Another tool's params.yaml (DVC's usual name): predict needs one key of it, and says it used the default.
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 0.1\n")
+    assert main(["predict", "--model", str(model), "big.png"]) == 0
+    said = capsys.readouterr()
+    assert said.out.splitlines()[1].endswith(",")
+    assert "imgclf: warning: params.yaml: train.lr: unknown key; predict judges files by validate.max_pixels' default " \
+           "(50,000,000)" in said.err
 
 
 def test_predict_piped_into_a_reader_that_leaves_early_stops_without_an_error(tmp_path, cli_env):
