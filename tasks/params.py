@@ -37,6 +37,9 @@ class ParamsError(StageError, ValueError):
 
 # An optional text setting: left empty in params.yaml (or given as "") it is unset.
 OptionalText = Annotated[str | None, BeforeValidator(lambda value: value or None)]
+# A class: a folder name, which YAML reads as a number when it is digits (`positive_class: 1`, classes 0 and 1).
+OptionalClass = Annotated[str | None, BeforeValidator(
+    lambda value: str(value) if isinstance(value, int) and not isinstance(value, bool) else value or None)]
 
 
 # Seeds feed NumPy and TensorFlow generators, which take unsigned 32-bit seeds.
@@ -286,7 +289,7 @@ class EvaluateParams(_Section):
     calibrate: bool = True  # temperature scaling fitted on val; false: the model's own probabilities
     # Two classes: the class to catch and the recall wanted on val; the threshold is chosen to reach
     # it. Empty: the class with the higher probability wins (threshold 0.5 for two classes).
-    positive_class: OptionalText = None
+    positive_class: OptionalClass = None
     target_recall: float | None = Field(default=None, gt=0, le=1)
     bootstrap: int = Field(default=1000, ge=100, le=10_000)  # resamples for the 95% intervals
     seed: Seed = 42

@@ -106,6 +106,14 @@ def test_overrides_apply_by_dotted_key_and_are_validated(tmp_path):
         load_params(path, {"split.tset": 0.2})
 
 
+@pytest.mark.parametrize("written", ["0", "1", "'1'"])
+def test_a_class_named_by_digits_is_the_folder_name_yaml_would_read_as_a_number(tmp_path, written):
+    (tmp_path / "params.yaml").write_text(f"evaluate:\n  positive_class: {written}\n  target_recall: 0.9\n")
+    assert load_params(tmp_path / "params.yaml").evaluate.positive_class == written.strip("'")
+    assert load_params(tmp_path / "params.yaml", dict([parse_override(f"evaluate.positive_class={written}")])
+                       ).evaluate.positive_class == written.strip("'")  # fmt: skip
+
+
 def test_a_check_across_sections_blames_the_set_that_gave_its_key(tmp_path):
     with pytest.raises(ParamsError) as caught:
         load_params(write(tmp_path, {}), {"gate.metric": "sensitivity"})
