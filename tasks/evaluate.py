@@ -82,8 +82,9 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     precision, recall, f1, support = skm.precision_recall_fscore_support(truth, predicted, labels=labels, zero_division=0)
     absent = [name for name, count in zip(data.classes, support) if not count]
     if absent:
-        log.warning("evaluate: no test images of %s (too few to split; see split.csv): recall not measured, and "
-                    "macro F1 counts such a class only where the model answered it", ", ".join(map(repr, absent)))
+        log.warning("evaluate: no test images of %s (see split.csv): recall not measured, and macro F1 counts such "
+                    "a class only where the model answered it", ", ".join(map(repr, absent)))  # fmt: skip
+    answered = np.bincount(predicted, minlength=len(labels))
     confusion = skm.confusion_matrix(truth, predicted, labels=labels)
     intervals = _bootstrap(truth, predicted, calibration.positive_index, params.bootstrap, params.seed)
     report = {
@@ -93,8 +94,11 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
         "n_test": int(len(rows)),
         # Over the classes seen or answered (sklearn's own default): one with neither has no F1.
         "macro_f1": float(skm.f1_score(truth, predicted, average="macro", zero_division=0)),
+        # A class with no test image has no recall; never answered either, no precision nor F1 (null, not 0).
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            name: {"precision": float(precision[i]) if support[i] or answered[i] else None,
+                   "recall": float(recall[i]) if support[i] else None,
+                   "f1": float(f1[i]) if support[i] or answered[i] else None, "support": int(support[i])}
             for i, name in enumerate(data.classes)
         },
         "classes": data.classes,

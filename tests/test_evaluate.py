@@ -193,11 +193,13 @@ def test_a_class_with_no_test_image_is_named_and_not_counted_as_f1_zero(digits, 
                    tmp_path, tmp_path / "plots", EvaluateParams(bootstrap=100))  # fmt: skip
     report = json.loads(out.read_text())
     assert report["per_class"]["9"]["support"] == 0
-    assert "no test images of '9'" in caplog.text
+    assert "no test images of '9' (see split.csv): recall not measured" in caplog.text
+    assert report["per_class"]["9"]["recall"] is None
     f1 = [report["per_class"][name]["f1"] for name in report["classes"]]
-    answered_nine = np.array(report["confusion_matrix"])[:, 9].sum() > 0
-    # Nine classes' mean, or ten when the model answered 9 somewhere (each such answer is wrong).
-    assert report["macro_f1"] == pytest.approx(sum(f1) / (10 if answered_nine else 9))
+    answered_nine = bool(np.array(report["confusion_matrix"])[:, 9].sum())
+    assert (f1[9] is None) == (not answered_nine)
+    # Nine classes' mean, or ten when the model answered 9 somewhere (each such answer is wrong: F1 0).
+    assert report["macro_f1"] == pytest.approx(sum(f1[:9] + [0.0] * answered_nine) / (10 if answered_nine else 9))
 
 
 def test_temperature_fit_recovers_the_temperature_that_made_the_labels():
