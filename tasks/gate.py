@@ -208,6 +208,7 @@ class Decision:
     champion: str | None = None
     forced: bool = False
     comparisons: dict[str, Comparison] = field(default_factory=dict)
+    unreadable: bool = False  # the champion could not be read: the store wants mending, not this run
 
     @classmethod
     def refused(cls, why: str, champion: str | None = None, **more: Any) -> Decision:
@@ -246,7 +247,7 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
     try:
         defender = load_contender(champion.model_path)
     except StageError as exc:
-        return Decision.refused(f"the champion ({run_id}) cannot be read: {exc}", run_id)
+        return Decision.refused(f"the champion ({run_id}) cannot be read: {exc}", run_id, unreadable=True)
     if defender.classes != classes:
         return Decision.refused(f"classes differ: the champion ({run_id}) has {defender.classes}, "
                                f"this run {classes}", run_id)  # fmt: skip
@@ -268,7 +269,8 @@ def judge(gate: GateParams, challenger_model: Path, test: LabelledFiles, champio
         theirs = {"reference": predicted_classes(defender, sets["reference"], prepared["reference"], max_pixels)}
         ours["reference"] = predicted_classes(challenger, sets["reference"], prepared["reference"], max_pixels)
     except (GateError, OSError) as exc:
-        return Decision.refused(f"the champion ({run_id}) cannot be read: its reference set: {exc}", run_id)
+        return Decision.refused(f"the champion ({run_id}) cannot be read: its reference set: {exc}", run_id,
+                                unreadable=True)  # fmt: skip
     truth["reference"] = _class_indices(sets["reference"], classes)
     theirs["test"] = predicted_classes(defender, test, prepared["test"], max_pixels)
     comparisons = {name: compare(truth[name], ours[name], theirs[name], len(classes), gate, positive) for name in sets}

@@ -108,6 +108,10 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
         json.dump({"published": True, "promoted": decision.promoted, "uri": store.where(run), "latest": store.where(LATEST),
                    **latest}, handle, indent=2)  # fmt: skip
     log.info("publish: %d objects to %s; %s", len(objects), store.where(run), decision.reason)
+    if decision.unreadable:
+        # Recorded as done, the stage would not run again until a param changed: the next run must gate again.
+        raise PublishError(f"publish: {decision.reason}; mend the store and run again (the stage re-runs), or "
+                           "promote this run with gate.force=true")  # fmt: skip
     return record
 
 
@@ -119,7 +123,7 @@ def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, mod
     try:
         champion = _fetch_champion(store, pointer[0], scratch)
     except (StageError, ValueError, KeyError, TypeError) as exc:
-        return Decision.refused(f"the champion cannot be read ({store.where(LATEST)}): {exc}")
+        return Decision.refused(f"the champion cannot be read ({store.where(LATEST)}): {exc}", unreadable=True)
     return judge(gate, model_path, test, champion, seen, max_pixels)
 
 
