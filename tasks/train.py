@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+import unicodedata
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -218,9 +219,14 @@ def _load(cache_dir: Path, split_csv: Path, exclusion: Exclusion) -> CachedSet:
     data = load_cached_set(cache_dir, split_csv)
     unknown = exclusion.paths.difference(data.paths)
     if unknown:  # else a list written with other paths (absolute, from the project root) would leave out nothing
+        # A list typed or saved on macOS may spell é as e + a combining accent: the same text to the eye.
+        composed = {unicodedata.normalize("NFC", path) for path in data.paths}
+        hint = ("; some differ from the set's paths only in Unicode form (decomposed accents): write them as "
+                "data/label_issues.csv does" if any(unicodedata.normalize("NFC", path) in composed for path in unknown)
+                else "")  # fmt: skip
         raise TrainError(f"train.exclude: {exclusion.file}: {len(unknown)} of its {len(exclusion.paths)} paths are not "
-                         f"images of this data set (e.g. {min(unknown)!r}); paths are relative to data/extracted/, "
-                         "as in data/label_issues.csv")  # fmt: skip
+                         f"images of this data set (e.g. {ascii(min(unknown))}); paths are relative to data/extracted/, "
+                         f"as in data/label_issues.csv{hint}")  # fmt: skip
     if exclusion.file:
         kept = without(data, exclusion.paths, ("train", "val"))
         dropped = sum(len(data.rows[name]) - len(kept.rows[name]) for name in ("train", "val"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 
@@ -195,3 +196,21 @@ def test_fold_models_that_answer_one_class_are_named_in_a_warning_and_the_json(t
     assert audit["label_issues_left_out"] == 3 and audit["label_issues"] == 0
     assert read_rows(tmp_path / "issues.csv") == []
     assert sorted({row["fold"] for row in read_rows(tmp_path / "oof.csv")}) == ["1", "2"]  # as the warning counts
+
+
+def test_an_exclude_list_whose_paths_differ_only_in_unicode_form_says_so(tmp_path):
+    from tasks.train import Exclusion, TrainError, _load
+
+    data = tmp_path / "data"
+    rng = np.random.default_rng(3)
+    for label in ("grün", "rot"):
+        (data / "extracted" / label).mkdir(parents=True)
+        for index in range(8):
+            cv2.imwrite(str(data / "extracted" / label / f"{index}.png"), rng.integers(0, 255, (12, 12, 3), dtype=np.uint8))
+    validate(ValidateParams(), data / "extracted", data / "manifest.csv", in_process)
+    cache(PrepareParams(image_size=8), data / "manifest.csv", data / "extracted", data / "cache", in_process)
+    split(SplitParams(val=0.25, test=0.25), data / "manifest.csv", data / "split.csv")
+    decomposed = unicodedata.normalize("NFD", "grün/0.png")  # as a list saved on macOS may spell it
+    with pytest.raises(TrainError, match=r"1 of its 1 paths are not images of this data set \(e.g. 'gru\\u0308n/0.png'\)"
+                                         r".*differ from the set's paths only in Unicode form"):  # fmt: skip
+        _load(data / "cache", data / "split.csv", Exclusion("list.csv", "0" * 64, frozenset({decomposed})))
