@@ -115,7 +115,8 @@ def report_markdown(layout: Layout, outcome: dict[str, str] | None = None, gate:
                   f"{_sentence(score_line(evaluation))}.",
                   f"Trained: {training.get('model')} on {training.get('device')}, {training.get('epochs_run')} epochs, "
                   f"{training.get('images_per_second')} images/s.",
-                  f"Saved to `{(layout.model_dir / 'model.keras').resolve()}`."]  # fmt: skip
+                  # Relative: the published copy describes the run folder, not the machine that trained it.
+                  f"Saved to `{(layout.model_dir / 'model.keras').relative_to(layout.root).as_posix()}`."]  # fmt: skip
     if gate:
         lines += ["", gate_markdown(gate).rstrip("\n")]
     return "\n".join(lines) + "\n"

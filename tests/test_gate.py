@@ -122,6 +122,8 @@ def test_a_run_on_shuffled_labels_is_caught_by_the_reference_set_and_latest_stay
     store = open_store(*where, tmp_path)
     assert store.read(f"runs/{record['run_id']}/models/model.keras") is not None
     report = store.read(f"runs/{record['run_id']}/report.md")[0].decode()
+    # It describes the run folder, not the machine that trained it.
+    assert "Saved to `models/model.keras`." in report and str(tmp_path) not in report
     # The verdict once, then why (Markdown, as rendered: the reason's brackets are escaped in the file).
     from markdown_it import MarkdownIt
 
