@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from tasks.redact import RedactingFilter
 
 # Start-up chatter of TensorFlow's C++ side, written straight to file descriptor 2: CPU
-# features, oneDNN, the CUDA probing of a machine without a GPU, and TFLite's interpreter (the
+# features, oneDNN, the CUDA probing of a machine without a GPU, a SavedModel's graph naming an
+# attribute this TensorFlow's op lacks (harmless: it is dropped), and TFLite's interpreter (the
 # export's parity check) announcing its CPU delegate. Its real errors still show.
 NATIVE_NOISE = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
     rb"|[IW]\d{4} [^\]]*(port|cpu_feature_guard|cudart_stub|cuda_executor|cuda_diagnostics)\.cc:\d+\]"
     rb"|E\d{4} [^\]]*(cuda_platform|cuda_executor|cuda_dnn|cuda_fft|cuda_blas)\.cc:\d+\]"
+    rb"|E\d{4} [^\]]*node_def_util\.cc:\d+\] NodeDef mentions attribute use_unbounded_threadpool "
     rb"|To enable the following instructions: .* in other operations, rebuild TensorFlow"
     rb"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)"
 )
