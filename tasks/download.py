@@ -20,6 +20,7 @@ import logging
 import netrc
 import os
 import re
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -372,7 +373,10 @@ def _open(url: str, headers: dict, timeout: float, method: str = "GET", passed: 
         failure = SourceGone if exc.code in (404, 410) else DownloadError  # 401, 403: what we sent is refused
         raise failure(f"{redact(url)}: HTTP {exc.code} {exc.reason}") from None
     except (URLError, OSError) as exc:
-        raise _Transient(str(getattr(exc, "reason", exc))) from None
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):  # a certificate or TLS set up wrong: no retry mends it, nor is it gone
+            raise DownloadError(f"{redact(url)}: TLS: {reason}") from None
+        raise _Transient(str(reason)) from None
 
 
 def _probe_http(data: DataParams, s3: S3Params) -> dict:

@@ -341,6 +341,16 @@ def test_permanent_404_fails_at_once_naming_url_and_status(server, tmp_path):
     assert not (tmp_path / "raw" / "missing.zip").exists()
 
 
+def test_a_tls_failure_fails_at_once_and_is_not_a_source_gone(server, tmp_path):
+    # https:// to a plain-HTTP server: the handshake fails, as a wrong certificate or a TLS-breaking proxy makes it.
+    # Retried it stays broken, and taken for a source that is gone the flow would go on with an earlier archive.
+    url = server.url("/cells.zip").replace("http://", "https://")
+    with pytest.raises(DownloadError) as raised:
+        download(params(url, retries=3), tmp_path / "raw", tmp_path / "source.json")
+    assert not isinstance(raised.value, SourceGone)
+    assert str(raised.value).startswith(f"{url}: TLS: ") and "gave up" not in str(raised.value)
+
+
 def test_checksum_mismatch_raises_and_leaves_no_final_file(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     raw = tmp_path / "raw"
