@@ -88,7 +88,6 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     confusion = skm.confusion_matrix(truth, predicted, labels=labels)
     intervals = _bootstrap(truth, predicted, calibration.positive_index, params.bootstrap, params.seed)
     report = {
-        "model_sha256": sha256_file(model_path),  # what publish checks the bundle against
         "accuracy": float(skm.accuracy_score(truth, predicted)),
         "accuracy_ci95": intervals["accuracy"]["ci95"],
         "n_test": int(len(rows)),
@@ -132,7 +131,9 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     if train_json.exists():
         _training_curves(json.loads(train_json.read_text()).get("history", {}), plots_dir / "training_curves.png")
     _model_diagram(model, plots_dir / "model.png")
-    save_calibration(calibration, model_path.parent / CALIBRATION_JSON, report["model_sha256"])
+    # Stamped with the model file's sha256 (eval.json is not: `dvc repro` and the flow must write it byte for byte
+    # alike, and a .keras file carries its save time): predict, export and publish check they go together.
+    save_calibration(calibration, model_path.parent / CALIBRATION_JSON, sha256_file(model_path))
     out = metrics_dir / "eval.json"
     with atomic_file(out) as handle:
         json.dump(report, handle, indent=2)

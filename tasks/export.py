@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import warnings
 import zipfile
+from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
 
@@ -99,7 +99,7 @@ def _export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv
         raise ExportError(f"export: {split_csv} has no test rows to check the export on (split.test is 0?)")
     if data.classes != calibration.classes:
         raise ExportError(f"export: {cache_dir} holds classes {data.classes}, the model {calibration.classes}")
-    version = model_version(model_path, described)
+    version = model_version(model_path)
     height, width = described["image_size"]
     channels = int(described["channels"])
     images = [np.asarray(data.images[batch]) for batch in chunked(rows, BATCH)]
@@ -128,20 +128,20 @@ def _export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv
     return serving_dir / str(version)
 
 
-def model_version(model_path: Path, described: dict) -> int:
-    """Returns the model's save time as YYYYMMDDhhmmss: in UTC from its model.json (`saved_utc`, train's), else
-    (a model trained before train wrote it) Keras's local time in the .keras file's metadata.json."""
-    saved = described.get("saved_utc")
+def model_version(model_path: Path) -> int:
+    """Returns the model's save time in UTC as YYYYMMDDhhmmss. Keras writes the local time into the .keras file's
+    metadata.json; it is read in this process's time zone, the training's when the export runs in the same run
+    (a newer model must be a higher version whatever the machine's time zone)."""
     try:
-        if saved is None:
-            with zipfile.ZipFile(model_path) as archive:
-                saved = json.loads(archive.read("metadata.json"))["date_saved"]  # e.g. 2025-03-01@14:05:09
+        with zipfile.ZipFile(model_path) as archive:
+            saved = json.loads(archive.read("metadata.json"))["date_saved"]  # e.g. 2025-03-01@14:05:09
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ExportError(f"{model_path}: no save date in the model file's metadata.json ({type(exc).__name__})") from None
-    digits = re.sub(r"\D", "", str(saved))
-    if len(digits) != 14:
-        raise ExportError(f"{model_path}: unexpected save date {saved!r} in metadata.json")
-    return int(digits)
+    try:
+        local = datetime.strptime(str(saved), "%Y-%m-%d@%H:%M:%S")
+    except ValueError:
+        raise ExportError(f"{model_path}: unexpected save date {saved!r} in metadata.json") from None
+    return int(local.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S"))
 
 
 class _ServingModule(tf.Module):

@@ -28,7 +28,6 @@ import tempfile
 import time
 import unicodedata
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -623,8 +622,6 @@ def _save(model: keras.Model, data: CachedSet, params: TrainParams, augment: Aug
     with atomic_path(model_path) as temp:
         model.save(temp)
     described = {
-        # In UTC: the export's version, which must grow from model to model whatever the machine's time zone.
-        "saved_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "classes": data.classes,
         "image_size": data.meta["image_size"],
         "channels": data.meta["channels"],

@@ -286,14 +286,14 @@ def test_a_publish_record_of_an_earlier_model_is_not_this_models(local, tmp_path
     assert this_models_publish(run) == {} and published_report(this_models_publish(run)) is None
 
 
-@pytest.mark.parametrize("part", ["eval.json", "calibration.json", "export.json", "no calibration"])
+@pytest.mark.parametrize("part", ["calibration.json", "export.json", "no calibration"])
 def test_publish_refuses_parts_made_for_another_model_or_missing(local, tmp_path, part):
     # `imgclf stage publish` after `imgclf run train`: evaluate's and export's files are the last model's.
     from tasks.files import sha256_file
 
     run = make_run(tmp_path / "run")
     other = {"model_sha256": "0" * 64, "version": 1}
-    where = {"eval.json": run.metrics_dir, "export.json": run.metrics_dir, "calibration.json": run.model_dir}
+    where = {"export.json": run.metrics_dir, "calibration.json": run.model_dir}
     if part == "no calibration":
         (run.model_dir / "calibration.json").unlink()
         expected = r"missing run files \(run train and evaluate first\): .*calibration.json"
