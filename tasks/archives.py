@@ -28,6 +28,12 @@ def zip_end_missing(path: Path) -> bool:
         return b"PK\x05\x06" not in handle.read()
 
 
+def found_a_zip_inside(zf: zipfile.ZipFile) -> bool:
+    """Whether the central directory zipfile found lists none of the entries the file starts with: a zip stored inside
+    the archive, whose end zipfile took for the archive's own, the archive being cut before its own directory."""
+    return bool(zf.infolist()) and min(info.header_offset for info in zf.infolist()) > 0
+
+
 def tar_end_problem(tf: tarfile.TarFile) -> str | None:
     """Returns why an opened tar whose members were all read is cut short, or None if its end block is there."""
     tf.fileobj.seek(tf.offset)  # type: ignore[union-attr]
@@ -43,8 +49,8 @@ def completeness_problem(path: Path) -> str | None:
         magic = handle.read(4)
     try:
         if magic in ZIP_MAGIC:
-            with zipfile.ZipFile(path):
-                return None  # its central directory was found and read
+            with zipfile.ZipFile(path) as zf:  # its central directory was found and read: is it its own?
+                return "truncated archive: the last central directory is a stored zip's" if found_a_zip_inside(zf) else None
         with tarfile.open(path) as tf:
             tf.getmembers()
             return tar_end_problem(tf)

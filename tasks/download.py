@@ -374,7 +374,9 @@ def _open(url: str, headers: dict, timeout: float, method: str = "GET", passed: 
         raise failure(f"{redact(url)}: HTTP {exc.code} {exc.reason}") from None
     except (URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        if isinstance(reason, ssl.SSLError):  # a certificate or TLS set up wrong: no retry mends it, nor is it gone
+        # A certificate or TLS set up wrong: no retry mends it, nor is the source gone. (A handshake cut short,
+        # SSLEOFError, is the server's or a balancer's passing trouble: tried again.)
+        if isinstance(reason, ssl.SSLError) and not isinstance(reason, ssl.SSLEOFError):
             raise DownloadError(f"{redact(url)}: TLS: {reason}") from None
         raise _Transient(str(reason)) from None
 

@@ -157,8 +157,10 @@ def _check_positive_class(params: EvaluateParams, classes: list[str]) -> None:
         raise EvaluateError(f"evaluate.positive_class: {params.positive_class!r} is set, but the data has "
                             f"{len(classes)} classes; a threshold needs two (leave it and target_recall empty)")  # fmt: skip
     if params.positive_class not in classes:
+        # YAML reads 010 as the number 8 and 01 as 1: a class named by zero-padded digits must be quoted.
+        hint = "; quote a class named by digits, e.g. '01'" if params.positive_class.isdigit() else ""
         raise EvaluateError(f"evaluate.positive_class: {params.positive_class!r} is not one of the classes "
-                            f"({', '.join(classes)})")  # fmt: skip
+                            f"({', '.join(classes)}){hint}")  # fmt: skip
 
 
 def _calibrate(params: EvaluateParams, model: keras.Model, data: CachedSet,

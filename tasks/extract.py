@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tasks.archives import BROKEN_ARCHIVE, ZIP_MAGIC, tar_end_problem, zip_end_missing
+from tasks.archives import BROKEN_ARCHIVE, ZIP_MAGIC, found_a_zip_inside, tar_end_problem, zip_end_missing
 from tasks.errors import StageError
 from tasks.files import CHUNK, atomic_dir, atomic_file
 from tasks.params import DataParams
@@ -118,6 +118,10 @@ def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
         except UnicodeDecodeError as exc:  # zipfile reads every name at once: one bad name stops them all
             raise ExtractError(f"{archive}: corrupt archive: an entry name marked UTF-8 is not UTF-8 "
                                f"({exc.object[:60]!r}); nothing was kept") from None  # fmt: skip
+        if found_a_zip_inside(zf):
+            zf.close()
+            raise ExtractError(f"{archive}: truncated archive: its central directory is missing, and the last one "
+                               "in the file is a zip stored inside it; nothing was kept")  # fmt: skip
         with zf:
             yield [_zip_entry(info) for info in zf.infolist()], lambda e: zf.open(e.member)
     elif tarfile.is_tarfile(archive):

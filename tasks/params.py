@@ -78,7 +78,8 @@ S3_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 def _check_bucket(uri: str) -> None:
     """Raises ValueError when an s3:// URI's bucket is a name botocore would refuse, or credentials in it."""
     bucket = uri.removeprefix("s3://").partition("/")[0]
-    if "@" in bucket:  # and say so without echoing it: it may hold a password
+    # ':' too: a secret holding '/' (as AWS secret keys may) puts the '@' past where the bucket seems to end.
+    if "@" in bucket or ":" in bucket:  # and say so without echoing it: it may hold a password
         raise ValueError("an s3:// URL holds no credentials (user@ or user:password@): they come from "
                          "boto3's chain (AWS_* variables, a profile, a role)")  # fmt: skip
     if not S3_BUCKET.fullmatch(bucket):

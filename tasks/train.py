@@ -220,8 +220,8 @@ def _load(cache_dir: Path, split_csv: Path, exclusion: Exclusion) -> CachedSet:
     if unknown:  # else a list written with other paths (absolute, from the project root) would leave out nothing
         # A list typed or saved on macOS may spell é as e + a combining accent: the same text to the eye.
         composed = {unicodedata.normalize("NFC", path) for path in data.paths}
-        hint = ("; some differ from the set's paths only in Unicode form (decomposed accents): write them as "
-                "data/label_issues.csv does" if any(unicodedata.normalize("NFC", path) in composed for path in unknown)
+        hint = ("; some differ from the set's paths only in Unicode form (accents composed or decomposed): write "
+                "them as data/label_issues.csv does" if any(unicodedata.normalize("NFC", path) in composed for path in unknown)
                 else "")  # fmt: skip
         raise TrainError(f"train.exclude: {exclusion.file}: {len(unknown)} of its {len(exclusion.paths)} paths are not "
                          f"images of this data set (e.g. {ascii(min(unknown))}); paths are relative to data/extracted/, "

@@ -351,6 +351,32 @@ def test_a_tls_failure_fails_at_once_and_is_not_a_source_gone(server, tmp_path):
     assert str(raised.value).startswith(f"{url}: TLS: ") and "gave up" not in str(raised.value)
 
 
+def test_a_tls_handshake_cut_short_is_retried_as_passing_trouble(tmp_path):
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def hang_up() -> None:  # as an overloaded balancer: the connection closes before the handshake ends
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            connection.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        with pytest.raises(SourceGone, match=r"gave up after 2 attempts: .*EOF"):
+            download(params(f"https://127.0.0.1:{listener.getsockname()[1]}/cells.zip", retries=1), tmp_path / "raw",
+                     tmp_path / "source.json")  # fmt: skip
+    finally:
+        listener.close()
+    assert len(accepted) == 2
+
+
 def test_checksum_mismatch_raises_and_leaves_no_final_file(server, tmp_path):
     server.files["/cells.zip"] = PAYLOAD
     raw = tmp_path / "raw"

@@ -129,6 +129,10 @@ def test_positive_class_that_is_not_a_class_is_refused_in_one_line(cells):
     with pytest.raises(EvaluateError, match=r"^evaluate.positive_class: 'Malaria' is not one of the classes "
                                             r"\(Parasitized, Uninfected\)$"):  # fmt: skip
         run_evaluate(cells, positive_class="Malaria", target_recall=0.9)
+    # `positive_class: 010` in YAML is the number 8: the line says to quote a class named by digits.
+    with pytest.raises(EvaluateError, match=r"^evaluate.positive_class: '8' is not one of the classes \(Parasitized, "
+                                            r"Uninfected\); quote a class named by digits, e.g. '01'$"):  # fmt: skip
+        run_evaluate(cells, positive_class=8, target_recall=0.9)
 
 
 def test_threshold_chosen_on_val_reaches_the_target_recall_there(cells):

@@ -560,3 +560,24 @@ def test_a_zip_entry_name_marked_utf8_that_is_not_is_one_line(tmp_path, work):
                                            r"\(b'Parasitized/\\xff\\xfeaa.png'\); nothing was kept"):  # fmt: skip
         run(archive, work)
     assert not work.exists()
+
+
+def test_a_zip_cut_before_its_directory_is_not_read_as_the_zip_stored_inside_it(tmp_path, work):
+    inner = make_zip(tmp_path / "in" / "inner.zip", [("q.txt", b"question")])
+    archive = tmp_path / "in" / "outer.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as outer:
+        outer.writestr("Parasitized/good.png", PNG)
+        outer.writestr("Uninfected/good.png", PNG + b"2")
+        outer.write(inner, "Uninfected/notes.zip")
+    with zipfile.ZipFile(archive) as whole:
+        directory = whole.start_dir
+    archive.write_bytes(archive.read_bytes()[:directory])  # cut where the outer central directory starts
+    with zipfile.ZipFile(archive) as found:  # what zipfile alone makes of it: the inner zip, and no error
+        assert found.namelist() == ["q.txt"]
+    from tasks.archives import completeness_problem  # download's check of a body without a length
+
+    assert completeness_problem(archive) == "truncated archive: the last central directory is a stored zip's"
+    with pytest.raises(ExtractError, match=r"outer.zip: truncated archive: its central directory is missing, and the "
+                                           r"last one in the file is a zip stored inside it; nothing was kept"):  # fmt: skip
+        run(archive, work)
+    assert not work.exists()

@@ -73,6 +73,8 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"data": {"url": "s3://Bad_Bucket!/cells.zip"}}, "data.url: invalid bucket name 'Bad_Bucket!'"),
         ({"data": {"url": "s3://u:Pw5ecret@data/cells.zip"}}, "data.url: an s3:// URL holds no credentials"),
         ({"publish": {"s3_uri": "s3://u:Pw5ecret@models/runs"}}, "publish.s3_uri: an s3:// URL holds no credentials"),
+        ({"publish": {"s3_uri": "s3://u:Pw5/ecret@models/runs"}}, "publish.s3_uri: an s3:// URL holds no credentials"),
+        ({"data": {"url": "s3://u:Pw5/ecret@data/cells.zip"}}, "data.url: an s3:// URL holds no credentials"),
         ({"data": {"url": "s3://bucket/"}}, "data.url: an s3:// URL names an object: s3://bucket/key"),
         ({"data": {"url": "http://u:pw@127.0.0.1:99999/x.zip"}}, "data.url: the URL's port is not a number from 1"),
         ({"s3": {"endpoint_url": "127.0.0.1:5055"}}, "s3.endpoint_url: must be http(s)://HOST[:PORT]"),
