@@ -60,11 +60,20 @@ class Devices:
     chief: bool = True  # writes the model, metrics and backups: the only process, or TF_CONFIG's chief
 
 
+def read_tf_config(tf_config: str | None) -> dict:
+    """Returns TF_CONFIG's cluster and task ({} without it); a TrainError naming TF_CONFIG when it is not that."""
+    try:
+        config = json.loads(tf_config) if tf_config else {}
+    except ValueError as exc:
+        raise TrainError(f"TF_CONFIG: not JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("cluster", {}), dict):
+        raise TrainError('TF_CONFIG: not {"cluster": {"worker": ["host:port", ...]}, "task": {"type": ..., "index": ...}}')
+    return config
+
+
 def is_chief(tf_config: str | None) -> bool:
     """True for TF_CONFIG's chief, or worker 0 of a cluster without one, or without TF_CONFIG."""
-    if not tf_config:
-        return True
-    config = json.loads(tf_config)
+    config = read_tf_config(tf_config)
     task = config.get("task", {})
     if "chief" in config.get("cluster", {}):
         return task.get("type") == "chief"
@@ -98,6 +107,13 @@ def resolve_precision(requested: str, gpus: int, flags: str) -> str:
 def choose_devices(params: TrainParams) -> Devices:
     """Returns the strategy, precision and XLA setting for the devices this process sees."""
     if params.strategy == "multi_worker":
+        hosts = [host for listed in read_tf_config(os.environ.get("TF_CONFIG")).get("cluster", {}).values() for host in listed]
+        if len(hosts) < 2:
+            log.warning("train: train.strategy multi_worker, but TF_CONFIG names no cluster of two hosts or more: this "
+                        "process trains alone")  # fmt: skip
+        else:  # TensorFlow itself says nothing while it waits, however long
+            log.info("train: joining the cluster of TF_CONFIG (%s); training starts once every host has joined",
+                     ", ".join(hosts))  # fmt: skip
         # Before anything else touches TensorFlow's devices: this sets up the collectives.
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         precision = resolve_precision(params.precision, len(tf.config.list_logical_devices("GPU")), cpu_flags())

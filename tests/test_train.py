@@ -587,6 +587,13 @@ def test_the_chief_is_tf_config_s_chief_or_worker_zero():
     with_chief = workers | {"chief": ["c:3"]}
     assert is_chief(json.dumps({"cluster": with_chief, "task": {"type": "chief", "index": 0}}))
     assert not is_chief(json.dumps({"cluster": with_chief, "task": {"type": "worker", "index": 0}}))
+    # A TF_CONFIG cut short or of another shape: one line naming it, not a JSONDecodeError's.
+    from tasks.train import TrainError
+
+    with pytest.raises(TrainError, match=r"^TF_CONFIG: not JSON \(Expecting value: line 1 column 12"):
+        is_chief('{"cluster":')
+    with pytest.raises(TrainError, match=r'^TF_CONFIG: not \{"cluster"'):
+        is_chief('["a:1", "b:2"]')
 
 
 @pytest.mark.parametrize("flip, views", [("horizontal", {"as is", "mirrored"}), ("vertical", {"as is", "upside down"}),
