@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a local file header; an empty zip's end record
+NOT_AN_ARCHIVE = "not a zip or tar archive"
 # What the readers raise on a damaged archive (bad CRC, cut short, broken compression).
 BROKEN_ARCHIVE = (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -51,8 +52,10 @@ def completeness_problem(path: Path) -> str | None:
         if magic in ZIP_MAGIC:
             with zipfile.ZipFile(path) as zf:  # its central directory was found and read: is it its own?
                 return "truncated archive: the last central directory is a stored zip's" if found_a_zip_inside(zf) else None
+        if not tarfile.is_tarfile(path):
+            return NOT_AN_ARCHIVE
         with tarfile.open(path) as tf:
             tf.getmembers()
             return tar_end_problem(tf)
     except BROKEN_ARCHIVE as exc:
-        return f"damaged or truncated archive ({type(exc).__name__}: {exc})"
+        return " ".join(f"damaged or truncated archive ({type(exc).__name__}: {exc})".split())

@@ -28,7 +28,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlparse, urlsplit, urlunsplit
 from urllib.request import Request, url2pathname, urlopen
 
-from tasks.archives import completeness_problem
+from tasks.archives import NOT_AN_ARCHIVE, completeness_problem
 from tasks.errors import StageError
 from tasks.files import CHUNK, Progress, atomic_file, retrying, sha256_file
 from tasks.redact import redact
@@ -192,7 +192,8 @@ def _local_file(data: DataParams) -> tuple[Path, os.stat_result]:
         raise DownloadError(f"{redact(url)}: a folder, not an archive: data.url names a zip or tar of the class folders "
                             f"(e.g. `cd {source} && zip -r ../{source.name}.zip .`)")  # fmt: skip
     if not source.is_file():
-        raise SourceGone(f"{redact(url)}: no such file ({source})")
+        where = "" if str(source) == url else f" ({source})"
+        raise SourceGone(f"{redact(url)}: no such file{where}")
     return source, source.stat()
 
 
@@ -421,17 +422,24 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
         return source
     with response:
         length = response.headers.get("Content-Length")
-        resumed = have and response.status == 206 and _range_start(response) == have
+        start, whole = _content_range(response) if response.status == 206 else (0, None)
+        if response.status == 206 and start != have:
+            # A part that does not continue the bytes held (or names no range): it cannot be placed.
+            _discard(part)
+            raise _Transient(f"the server sent a part from byte {start} (Content-Range "
+                             f"{response.headers.get('Content-Range')!r}), not from {have}; starting over")  # fmt: skip
+        resumed = have and response.status == 206
         if resumed and any(response.headers.get(header, source.get(key)) != source.get(key)
                            for key, header in (("etag", "ETag"), ("last_modified", "Last-Modified"))):  # fmt: skip
             # A server that ignores If-Range but names another version: the rest is from another file.
             _discard(part)
             raise _Transient("the remote file changed since the partial download; starting over")
+        have = have if resumed else 0
+        # A 206's Content-Range names the whole size: the part sent may end before it.
+        total = whole or (have + int(length) if length is not None else None)
         if not resumed:
-            have = 0
             etag, last_modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
-            source = _restart(part, shown, etag, last_modified, int(length) if length is not None else None)
-        total = have + int(length) if length is not None else None
+            source = _restart(part, shown, etag, last_modified, total)
         progress = Progress(total, f"download {part.name.removesuffix('.part')}", "B", unit_scale=True)
         progress.update(have)
         try:
@@ -443,21 +451,32 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
             raise _Transient(f"connection broke after {part.stat().st_size} bytes ({exc!r})") from None
         finally:
             progress.close()
-    if total is None:
-        # No length to check against: only the archive's own structure tells whole from cut short.
-        problem = completeness_problem(part)
-        if problem:
-            got = part.stat().st_size
-            _discard(part)
-            raise _Transient(f"the body (no Content-Length) ended after {got} bytes: {' '.join(problem.split())}")
-    elif part.stat().st_size < total:
+    if total is not None and part.stat().st_size < total:
         raise _Transient(f"connection closed after {part.stat().st_size} of {total} bytes")
+    # A length only says the bytes arrived; a server's error page, or a body it compressed unasked,
+    # arrives whole too. Without a length, only the archive's own structure tells whole from cut short.
+    problem = completeness_problem(part)
+    if problem:
+        got = part.stat().st_size
+        with open(part, "rb") as handle:
+            head = handle.read(32)
+        _discard(part)
+        if problem == NOT_AN_ARCHIVE and total is not None:  # all the bytes announced, and no archive
+            sent = ", ".join(f"{name} {response.headers[name]}" for name in ("Content-Type", "Content-Encoding")
+                             if response.headers.get(name))  # fmt: skip
+            raise DownloadError(f"{shown}: the server's reply ({got} bytes{', ' if sent else ''}{sent}) is "
+                                f"{problem}: it starts {head!r}; it was discarded")  # fmt: skip
+        said = f"of the {total} bytes announced" if total is not None else "(no Content-Length)"
+        raise _Transient(f"the body {said} ended after {got} bytes: {problem}")
     return source
 
 
-def _range_start(response: http.client.HTTPResponse) -> int | None:
-    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
+def _content_range(response: http.client.HTTPResponse) -> tuple[int | None, int | None]:
+    """Returns a 206's first byte and the whole file's size, as its Content-Range names them (None: not named)."""
+    match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", "").strip())
+    if not match:
+        return None, None
+    return int(match.group(1)), int(match.group(2)) if match.group(2) != "*" else None
 
 
 def _check_part_complete(exc: HTTPError, have: int, part: Path) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tasks.archives import BROKEN_ARCHIVE, ZIP_MAGIC, found_a_zip_inside, tar_end_problem, zip_end_missing
+from tasks.archives import BROKEN_ARCHIVE, NOT_AN_ARCHIVE, ZIP_MAGIC, found_a_zip_inside, tar_end_problem, zip_end_missing
 from tasks.errors import StageError
 from tasks.files import CHUNK, atomic_dir, atomic_file
 from tasks.params import DataParams
@@ -136,7 +136,7 @@ def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
                 raise ExtractError(f"{archive}: {problem}; nothing was kept")
             yield [_tar_entry(info) for info in members], lambda e: _tar_reader(tf, e)
     else:
-        raise ExtractError(f"{archive}: not a zip or tar archive")
+        raise ExtractError(f"{archive}: {NOT_AN_ARCHIVE}")
 
 
 def _split(name: str) -> tuple[str, ...]:

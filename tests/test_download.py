@@ -22,18 +22,24 @@ from tasks.download import DownloadError, SourceGone, archive_path, download, so
 from tasks.params import DataParams
 from tests.conftest import free_port
 
-PAYLOAD = random.Random(0).randbytes(300_000)
+
+def zip_bytes(seed: int = 0, size: int = 200_000) -> bytes:
+    """Returns a zip of `size` bytes in all: one stored member of random bytes, the same for a seed."""
+
+    def holding(content: bytes) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            # A fixed date: two calls give the same bytes whatever the clock says.
+            archive.writestr(zipfile.ZipInfo("cells/a.png", date_time=(2020, 1, 1, 0, 0, 0)), content)
+        return buffer.getvalue()
+
+    return holding(random.Random(seed).randbytes(size - len(holding(b""))))
+
+
+PAYLOAD = zip_bytes(0, 300_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
-OTHER = random.Random(1).randbytes(len(PAYLOAD))  # another file of the same size
+OTHER = zip_bytes(1, len(PAYLOAD))  # another file of the same size
 LAST_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"
-
-
-def zip_bytes(seed: int = 0) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        # A fixed date: two calls give the same bytes whatever the clock says.
-        archive.writestr(zipfile.ZipInfo("cells/a.png", date_time=(2020, 1, 1, 0, 0, 0)), random.Random(seed).randbytes(200_000))
-    return buffer.getvalue()
 
 
 def etag(body: bytes) -> str:
@@ -43,7 +49,8 @@ def etag(body: bytes) -> str:
 class _Handler(BaseHTTPRequestHandler):
     """Serves `state.files`; `state.plans[path]` scripts one step per request (the last one repeats):
     "serve" (honours `Range: bytes=N-` with a 206, unless an If-Range names another version),
-    "noifrange" (honours Range, ignores If-Range), "cut"
+    "noifrange" (honours Range, ignores If-Range), "misplaced" / "rangeless" (a 206 to a Range
+    that starts 1000 bytes early / names no Content-Range), "cut"
     (full Content-Length, then closes after half the body), "norange" (always the whole body with a
     200, as simple servers do), "unsized" / "unsized-cut" (no Content-Length: the whole body or half
     of it, then closes), or an int status code. Each file has an ETag (from its bytes) and a
@@ -98,9 +105,11 @@ class _Handler(BaseHTTPRequestHandler):
         same_version = request["if_range"] in (None, *validators.values()) or step == "noifrange"
         if match and int(match.group(1)) < len(body) and step != "norange" and same_version:
             start, end = int(match.group(1)), min(int(match.group(2) or end), end)
+            start = max(0, start - 1000) if step == "misplaced" else start
             request["status"] = 206
             self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+            if step != "rangeless":
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
         else:
             request["status"] = 200
             self.send_response(200)
@@ -277,6 +286,28 @@ def test_server_that_ignores_range_restarts_part_from_zero(server, tmp_path):
     path = download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json")
     assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 200)]
     assert path.read_bytes() == PAYLOAD  # not the first half twice
+
+
+@pytest.mark.parametrize("step", ["misplaced", "rangeless"])
+def test_a_partial_reply_that_does_not_continue_the_part_is_discarded_and_fetched_whole(server, tmp_path, step):
+    # Written after the part, or taken as the whole file, it would leave a file with bytes missing or twice.
+    server.files["/cells.zip"] = PAYLOAD
+    server.plans["/cells.zip"] = ["cut", step, "serve"]
+    path = download(params(server.url("/cells.zip")), tmp_path / "raw", tmp_path / "source.json")
+    assert path.read_bytes() == PAYLOAD
+    assert resumes(server) == [(f"bytes={len(PAYLOAD) // 2}-", etag(PAYLOAD), 206), (None, None, 200)]
+
+
+def test_a_whole_reply_that_is_no_archive_fails_at_once_saying_what_came(server, tmp_path):
+    # An error page served with 200 and its length: recorded as the archive, later runs would find the
+    # source unchanged and keep it.
+    server.files["/cells.zip"] = b"<!DOCTYPE html><html><body>Quota exceeded</body></html>"
+    with pytest.raises(DownloadError) as raised:
+        download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json")
+    assert str(raised.value) == (f"{server.url('/cells.zip')}: the server's reply (55 bytes, Content-Type "
+                                 "application/octet-stream) is not a zip or tar archive: it starts "
+                                 "b'<!DOCTYPE html><html><body>Quota'; it was discarded")  # fmt: skip
+    assert len(server.requests) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_short_body_without_content_length_is_retried_then_fails_with_no_final_file(server, tmp_path):
