@@ -33,7 +33,7 @@ from tasks.params import DataParams
 log = logging.getLogger("imgclf")
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
-JUNK_DIRS = {"__macosx"}
+JUNK_DIRS = {"__macosx"}  # and every hidden folder: .git, .ipynb_checkpoints, .Trash-1000
 NAME_MAX = 255  # bytes in one path component, on the file systems people use
 # bytes in an entry's path: Linux's PATH_MAX is 4096 with the project's own folders in front
 PATH_BYTES_MAX = 1024
@@ -214,6 +214,7 @@ def _is_junk(parts: tuple[str, ...]) -> bool:
     lowered = [part.lower() for part in parts]
     return (
         any(part in JUNK_DIRS for part in lowered)
+        or any(part.startswith(".") for part in lowered[:-1])  # hidden folders
         or lowered[-1] in JUNK_NAMES
         or parts[-1].startswith("._")  # macOS AppleDouble resource forks
     )

@@ -321,7 +321,9 @@ def test_tar_cut_short_is_refused_as_truncated_and_keeps_previous_extraction(tmp
 
 def test_os_junk_is_skipped_and_recorded(tmp_path, work):
     junk = ["__MACOSX/Parasitized/._a.png", "__MACOSX/._Parasitized", "Parasitized/.DS_Store", "Uninfected/Thumbs.db",
-            "Uninfected/THUMBS.DB", "Uninfected/desktop.ini", "Parasitized/._foo.png"]  # fmt: skip
+            "Uninfected/THUMBS.DB", "Uninfected/desktop.ini", "Parasitized/._foo.png",
+            # hidden folders (a notebook's autosaves, a git repo), which would be classes of their own
+            ".ipynb_checkpoints/a-checkpoint.png", "Uninfected/.ipynb_checkpoints/b-checkpoint.png", ".git/objects/ab"]  # fmt: skip
     archive = make_zip(tmp_path / "in" / "a.zip", [("Parasitized/a.png", PNG), ("Uninfected/b.png", PNG)]
                        + [(name, b"junk") for name in junk])  # fmt: skip
     skipped = run(archive, work)
