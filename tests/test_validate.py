@@ -109,15 +109,17 @@ def test_floating_point_and_wide_integer_tiffs_are_rejected_not_cached_black_or_
     # Float pixels come in 0..1 as often as in 0..255: no mapping to 8 bits is right for both.
     write(root, "cat/float.tif", encode(Image.fromarray(np.random.default_rng(0).random((8, 8), dtype=np.float32)), "TIFF"))
     write(root, "cat/int16.tif", encode(Image.fromarray(noise(8, 8)[..., 0].astype(np.uint16) << 8), "TIFF"))
-    write(root, "cat/int32.tif", encode(Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) << 14), "TIFF"))
-    write(root, "cat/int32-16bit.tif", encode(Image.fromarray(np.arange(64, dtype=np.int32).reshape(8, 8) << 10), "TIFF"))
+    # 32-bit integers in 0..255 (a high byte would be 0: black), in 0..65535, and beyond.
+    for name, values in (("int32-8bit", np.arange(64) * 4), ("int32-16bit", np.arange(64) << 10),
+                         ("int32", np.arange(64) << 14)):  # fmt: skip
+        write(root, f"cat/{name}.tif", encode(Image.fromarray(values.astype(np.int32).reshape(8, 8)), "TIFF"))
     rows = run_validate(root, tmp_path)
     assert_rejected(rows["cat/float.tif"], "unsupported_format")
     assert "floating-point" in rows["cat/float.tif"]["detail"]
-    assert_rejected(rows["cat/int32.tif"], "unsupported_format")  # up to 2^20: clipped, most would be white
-    assert "beyond 0..65535" in rows["cat/int32.tif"]["detail"]
+    for name in ("int32-8bit", "int32-16bit", "int32"):
+        assert_rejected(rows[f"cat/{name}.tif"], "unsupported_format")
+        assert "32-bit or signed integer pixels" in rows[f"cat/{name}.tif"]["detail"]
     assert_valid(rows["cat/int16.tif"], "TIFF", 8, 8)
-    assert_valid(rows["cat/int32-16bit.tif"], "TIFF", 8, 8)  # 32-bit, with 16-bit values: as a 16-bit image
 
 
 def test_one_class_is_refused_here_not_at_train_with_its_subfolders_named(root, tmp_path):
