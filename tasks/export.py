@@ -237,7 +237,8 @@ def _description(described: dict, calibration: Calibration, version: int, shape:
                         "class_label": {"dtype": "string", "shape": [-1], "meaning": "its name"}},  # fmt: skip
         },
         "preprocessing": {
-            "client": f"decode to {'RGB' if channels == 3 else 'grayscale'} uint8 (0-255, no scaling); "
+            "client": f"decode to {'RGB' if channels == 3 else 'grayscale'} uint8 (0-255, no scaling), upright per the "
+                      "EXIF orientation (tf.io.decode_image and OpenCV's IMREAD_UNCHANGED ignore it), alpha dropped; "
                       f"{RESIZE_MODES[described['resize']]} ({height}x{width})",
             "in_graph": f"uint8 -> float32, then {IN_GRAPH_SCALING[described.get('train', {}).get('model', 'cnn')]}",
         },
