@@ -34,6 +34,7 @@ _DECLINED_CHUNKS = {b"tRNS", b"eXIf"}
 # (ImageMagick's "Raw profile type exif") and XMP's tiff:Orientation. Other text is only text.
 _TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt"}
 _ORIENTATION_KEYWORDS = (b"Raw profile type exif\0", b"XML:com.adobe.xmp\0", b"exif\0")  # Pillow reads all three
+_CRITICAL_CHUNKS = {b"IHDR", b"PLTE", b"IDAT", b"IEND"}
 _CHANNELS = {0: 1, 2: 3}  # colour type: gray, RGB
 _NONE, _SUB, _UP = 0, 1, 2
 _IEND = b"\0\0\0\0IEND\xaeB`\x82"
@@ -49,6 +50,8 @@ def png_damage(data: bytes) -> tuple[str, str] | None:
             return "truncated", f"the file ends inside its {kind.decode('latin-1')} chunk"
         if imagecodecs.deflate_crc32(view[offset + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
             return "corrupt", f"bad CRC in the {kind.decode('latin-1')} chunk at byte {offset}"
+        if kind[:1].isupper() and kind not in _CRITICAL_CHUNKS:  # Pillow skips it; libpng, as the PNG spec asks, stops
+            return "corrupt", f"unknown critical chunk {kind.decode('latin-1')} at byte {offset}"
         if kind == b"IEND":
             return None
         offset = end + 4
@@ -86,13 +89,19 @@ def decode_plain_png(data: bytes) -> np.ndarray | None:
 
 
 def _chunks(data: bytes) -> list[tuple[bytes, int, int]] | None:
-    """Returns (kind, start, end) of each chunk's payload up to IEND; None on a declined chunk or a truncated file."""
-    chunks = []
+    """Returns (kind, start, end) of each chunk's payload up to IEND; None on a declined chunk or a truncated file.
+
+    Also None for IDAT chunks with another chunk between them, which libpng refuses: the general
+    decoder judges those.
+    """
+    chunks: list[tuple[bytes, int, int]] = []
     offset = 8
     while offset + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, offset)
         start, end = offset + 8, offset + 8 + length
         if kind in _DECLINED_CHUNKS or end + 4 > len(data):
+            return None
+        if kind == b"IDAT" and chunks[-1][0] != b"IDAT" and any(seen == b"IDAT" for seen, _, _ in chunks):
             return None
         if kind in _TEXT_CHUNKS and data.startswith(_ORIENTATION_KEYWORDS, start, end):
             return None

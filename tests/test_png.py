@@ -259,3 +259,17 @@ def test_a_bad_crc_in_any_chunk_is_corrupt(chunk):
 def test_a_png_cut_short_is_truncated(cut, detail):
     reason, said = png_damage(filtered_png(noise(4, 4, seed=2), [0] * 4)[:cut])
     assert reason == "truncated" and detail in said
+
+
+def test_idat_chunks_with_a_chunk_between_them_are_declined():
+    # libpng refuses them ("Too many IDATs found", or too little data): the general decoder judges.
+    data = filtered_png(noise(4, 4, seed=2), [0] * 4, idat_parts=2)  # IHDR, IDAT, IDAT, IEND
+    second_idat = 33 + 12 + struct.unpack_from(">I", data, 33)[0]
+    assert decode_plain_png(data) is not None
+    assert decode_plain_png(data[:second_idat] + png_chunk(b"tEXt", b"a\0b") + data[second_idat:]) is None
+
+
+def test_an_unknown_critical_chunk_is_corrupt():
+    # Pillow skips it; libpng, OpenCV and tf.io.decode_png refuse the file, as the PNG spec asks.
+    assert png_damage(with_chunk(b"ABCD", b"xx")) == ("corrupt", "unknown critical chunk ABCD at byte 33")
+    assert png_damage(with_chunk(b"abCD", b"xx")) is None  # ancillary: a decoder may skip it
