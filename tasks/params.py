@@ -463,11 +463,20 @@ def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = (
         if item["type"] == "extra_forbidden":
             message = "unknown key"
         named = dotted or message.partition(":")[0]  # a check across sections names its key first
-        origin = next((f"{given_as} {key}" for key in overridden
-                       if named and (key == named or key.startswith(f"{named}.") or named.startswith(f"{key}."))),
+        unknown = item["type"] == "extra_forbidden"
+        origin = next((f"{given_as} {key}" for key in overridden if named and _gave(key, named, message, unknown)),
                       source)  # fmt: skip
         problems.append(f"{origin}: {dotted}: {message}" if dotted else f"{origin}: {message}")
     return "; ".join(problems)
+
+
+def _gave(key: str, named: str, message: str, unknown: bool) -> bool:
+    """Whether the override `key` gave the value of `named` that `message` is about (`unknown`: a key no
+    section has, which a key below it brought in)."""
+    if key == named or named.startswith(f"{key}.") or (unknown and key.startswith(f"{named}.")):
+        return True
+    # A check across a section's keys is about the section, and names the keys in its message.
+    return key.startswith(f"{named}.") and re.search(rf"\b{re.escape(key.rpartition('.')[2])}\b", message) is not None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

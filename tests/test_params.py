@@ -123,6 +123,17 @@ def test_a_check_across_sections_blames_the_set_that_gave_its_key(tmp_path):
                                  "evaluate.target_recall")  # fmt: skip
 
 
+def test_a_check_across_a_sections_keys_blames_the_set_of_a_key_it_names_else_the_file(tmp_path):
+    with pytest.raises(ParamsError) as caught:
+        load_params(write(tmp_path, {}), {"evaluate.seed": 1, "evaluate.positive_class": "a"})
+    assert str(caught.value) == ("--set evaluate.positive_class: evaluate: positive_class and target_recall go "
+                                 "together: set both, or neither")  # fmt: skip
+    path = write(tmp_path, {"evaluate": {"positive_class": "a"}})
+    with pytest.raises(ParamsError) as caught:
+        load_params(path, {"evaluate.seed": 1})
+    assert str(caught.value).startswith(f"{path}: evaluate: positive_class and target_recall go together")
+
+
 def test_a_section_given_whole_sets_the_keys_it_names_and_keeps_the_rest(tmp_path):
     path = write(tmp_path, {"split": {"test": 0.3, "seed": 1}})
     params = load_params(path, dict([parse_override("split={seed: 7}")]))
