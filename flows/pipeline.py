@@ -231,9 +231,9 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
         if outcome.get("publish") == "ran":
             get_run_logger().info("%s", gate_line(layout))
         publish_artifacts(layout, outcome)
-        version_outputs(layout, params.orchestration, run_params)
         if (layout.root / REPORT_HTML).exists() and "report" in outcome:  # else an earlier run's page
             get_run_logger().info("report: %s", (layout.root / REPORT_HTML).resolve())
+        version_outputs(layout, params.orchestration, run_params)
     return outcome
 
 

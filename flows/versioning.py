@@ -69,7 +69,12 @@ def version_outputs(layout: Layout, orchestration: OrchestrationParams, run_para
     if orchestration.dvc_push:
         unpushed = _why_no_push(layout)
         if unpushed is None:
-            _run(_dvc("push"), layout)
+            try:
+                _run(_dvc("push"), layout)
+            except VersioningError as failed:
+                # Not committed to git either: a clone of that commit could not pull what it records.
+                raise VersioningError(f"{failed}; the stages ran and dvc.lock records them, only the push failed: "
+                                      "mend the remote and run `dvc push`, or set orchestration.dvc_push=false") from None
             done.append("pushed to the DVC remote")
         else:
             done.append(unpushed)

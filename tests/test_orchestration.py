@@ -351,6 +351,7 @@ def test_failed_dvc_push_says_dvc_s_error_not_its_support_footer(tmp_path, env):
         version_outputs(Layout(root), OrchestrationParams())
     message = str(failed.value)
     assert re.match(r"dvc push: exit \d+: ERROR: ", message) and "support" not in message, message
+    assert message.endswith("only the push failed: mend the remote and run `dvc push`, or set orchestration.dvc_push=false")
 
 
 def test_git_commit_after_a_run_records_dvc_lock(tmp_path, demo_zip, env):
