@@ -57,7 +57,7 @@ def configure_remote(layout: Layout, uri: str, s3: S3Params) -> list[str]:
         if value:
             _run(_dvc("remote", "modify", REMOTE, option, value), layout)
             done.append(f"{option} {value}")
-    return _say(done)
+    return done  # `imgclf remote` prints them
 
 
 def version_outputs(layout: Layout, orchestration: OrchestrationParams, run_params: Path | None = None) -> list[str]:
