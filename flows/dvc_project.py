@@ -3,8 +3,8 @@
 DVC decides for both entry points: a stage is stale exactly when `dvc status` says so (its
 command, deps, params or outs differ from dvc.lock), and a stage that ran is recorded in
 dvc.lock as `dvc repro` records it (deps and outs hashed, outs committed to the DVC cache),
-at once, so a run that fails later keeps what it finished. A run with overrides hands DVC
-the params it uses (a file of its own beside params.yaml's content): dvc.lock records what
+at once, so a run that fails later keeps what it finished. A run hands DVC the params it uses
+(its own copy of params.yaml as read at its start, overrides applied): dvc.lock records what
 the run produced, and params.yaml is never written.
 """
 
@@ -94,7 +94,7 @@ class DvcProject:
     """One run's view of a DVC project. Thread-safe: stages that run side by side ask it in turn."""
 
     def __init__(self, root: Path, params_file: Path | None = None):
-        """`params_file`: the params this run uses, if not params.yaml's own (a run with overrides)."""
+        """`params_file`: the run's copy of the params it uses (else DVC reads params.yaml as it is now)."""
         if not is_dvc_project(root):
             raise ProjectError(
                 f"{root.resolve()}: not an imgclf project (no dvc.yaml and .dvc/ here); "
@@ -174,6 +174,22 @@ class DvcProject:
             order = nx.lexicographical_topological_sort(graph.reverse(), key=written.get)
             return {stage.name: sorted(up.name for up in graph.successors(stage)) for stage in order}
 
+    def missing_params(self, tree: dict, targets: Sequence[str] = ()) -> list[str]:
+        """Returns each params key that the stages (or the targets and those they depend on) read from
+        params.yaml and `tree` lacks, with the first stage that reads it."""
+        from dvc.dependency.param import ParamsDependency
+
+        stages = self.pipeline(targets)
+        missing: dict[str, str] = {}
+        with self._repo() as repo:
+            for stage in repo.index.stages:
+                for dep in stage.deps if stage.name in stages else ():
+                    if isinstance(dep, ParamsDependency) and dep.def_path == "params.yaml":
+                        for key in dep.params or ():
+                            if not _has_key(tree, key):
+                                missing.setdefault(key, stage.name)
+        return [f"{key} ({stage})" for key, stage in missing.items()]
+
     def stale(self, name: str) -> str | None:
         """Returns why the stage must run, as `dvc status` sees it with this run's params; None when up to date."""
         with self._repo() as repo:
@@ -208,6 +224,15 @@ def _read_params(dep, path: str, flatten: bool = True, **kwargs) -> dict:
     from dvc.dependency.param import read_param_file
 
     return read_param_file(dep.repo.fs, path, list(dep.params) if dep.params else None, flatten=flatten)
+
+
+def _has_key(tree: dict, dotted: str) -> bool:
+    node: object = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _reasons(status: list) -> Iterator[str]:

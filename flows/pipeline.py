@@ -45,7 +45,7 @@ from tasks.files import (  # noqa: E402
     remove_stale_temporaries,
     thread_pool_map,
 )
-from tasks.params import OrchestrationParams, Params, load_params, params_tree  # noqa: E402
+from tasks.params import OrchestrationParams, Params, ParamsError, load_params, params_tree  # noqa: E402
 from tasks.redact import plain_secrets, redact, redact_texts, reveal  # noqa: E402
 from tasks.report import REPORT_HTML, gate_line  # noqa: E402
 from tasks.stages import Layout, run_stage  # noqa: E402
@@ -226,6 +226,10 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
         with project.held(), shard_map(params.orchestration) as map_shards:
+            if missing := project.missing_params(yaml.safe_load(run_params.read_text()), stages or []):
+                # DVC would stop on them only when it records a stage: after that stage's work (a publish, say).
+                raise ParamsError(f"{params_file}: missing {', '.join(missing)}: dvc.yaml's stages read them "
+                                  "(imgclf's own params.yaml has every key)")  # fmt: skip
             outcome = _run_dag(project, params, layout, map_shards, stages or [])
         get_run_logger().info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
         if outcome.get("publish") == "ran":
@@ -262,14 +266,13 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
 
 
 @contextlib.contextmanager
-def params_for_dvc(layout: Layout, params_file: Path, overrides: dict[str, Any]) -> Iterator[Path | None]:
-    """Yields the file of params this run uses, for DVC to compare and record (None: params.yaml itself).
+def params_for_dvc(layout: Layout, params_file: Path, overrides: dict[str, Any]) -> Iterator[Path]:
+    """Yields the file of params this run uses, for DVC to compare and record: params.yaml (or `--params`)
+    as the run read it, overrides applied. A copy, also without overrides: params.yaml edited during the
+    run must not reach dvc.lock beside outputs made with the values read at its start.
 
-    It lives only while the run does; URLs in it are redacted, so dvc.lock never holds a credential.
+    It lives only while the run does; URLs given as overrides are redacted, so dvc.lock never holds them.
     """
-    if not overrides and params_file.resolve() == (layout.root / "params.yaml").resolve():
-        yield None
-        return
     tree = params_tree(params_file, redact_texts(overrides))
     # One name: one run at a time holds the project, and a killed run's copy is overwritten by the next.
     path = layout.root / ".imgclf" / "run-params.yaml"

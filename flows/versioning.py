@@ -9,9 +9,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 from flows.dvc_project import is_dvc_project
 from tasks.errors import StageError
-from tasks.params import OrchestrationParams, S3Params
+from tasks.params import OrchestrationParams, ParamsError, S3Params, params_tree
 from tasks.s3 import parse_uri
 from tasks.layout import Layout
 
@@ -62,7 +64,8 @@ def configure_remote(layout: Layout, uri: str, s3: S3Params) -> list[str]:
 
 def version_outputs(layout: Layout, orchestration: OrchestrationParams, run_params: Path | None = None) -> list[str]:
     """Returns what was done after the stages (each already in dvc.lock): `dvc push`, `git commit`, or why not.
-    `run_params`: the params DVC recorded, when not params.yaml's (overrides, `--params FILE`)."""
+    `run_params`: the run's copy of the params DVC recorded (params.yaml's at its start, or `--params FILE`'s,
+    overrides applied)."""
     if not is_dvc_project(layout.root):
         return _say([f"{layout.root.resolve()} is not a DVC project: skipped versioning"])
     done = []
@@ -131,9 +134,18 @@ def _git_commit_lock(layout: Layout, run_params: Path | None) -> str:
     left += [f"{', '.join(theirs)} holding edits of yours"] if theirs else []
     left += [f"{', '.join(edited)}, uncommitted edits dvc.lock records: a clone re-runs their stages"] if edited else []
     # The lock names params.yaml but holds the values this run used: committed beside it, they disagree.
-    left += ["the params this run used (overrides or --params): dvc.lock records them, params.yaml does not hold them, "
-             "and a clone re-runs the stages they changed"] if run_params else []  # fmt: skip
+    left += ["the params this run used (overrides, --params, or params.yaml edited during the run): dvc.lock records "
+             "them, params.yaml does not hold them, and a clone re-runs the stages they changed"
+             ] if run_params and _differ(run_params, layout.root / "params.yaml") else []  # fmt: skip
     return "dvc.lock and the outputs git carries committed" + (f" (not: {'; '.join(left)})" if left else "")
+
+
+def _differ(run_params: Path, params_file: Path) -> bool:
+    """Whether the params a run used are not params.yaml's (now)."""
+    try:
+        return yaml.safe_load(run_params.read_text()) != params_tree(params_file)
+    except (OSError, yaml.YAMLError, ParamsError):
+        return True
 
 
 def _added_lines(layout: Layout, path: str) -> set[str]:

@@ -193,6 +193,36 @@ def test_overrides_apply_to_their_run_alone_even_when_a_stage_fails(tmp_path, de
     assert not (root / ".imgclf" / "run-params.yaml").exists()
 
 
+def test_params_yaml_edited_during_a_run_reaches_neither_its_stages_nor_dvc_lock(tmp_path, demo_zip, env, monkeypatch):
+    root = project(tmp_path / "p", env, demo_zip)
+    edited = (root / "params.yaml").read_text().replace("seed: 42", "seed: 7")
+    assert edited.count("seed: 7") > 1  # split.seed among them
+
+    validate = STAGES["validate"]
+
+    def validate_while_the_user_edits(*args):
+        (root / "params.yaml").write_text(edited)
+        return validate(*args)
+
+    monkeypatch.setitem(STAGES, "validate", validate_while_the_user_edits)
+    assert ran(pipeline(root=str(root), stages=["split"]))[-1] == "split"
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock["stages"]["split"]["params"]["params.yaml"]["split"]["seed"] == 42  # what the split was made with
+    assert json.loads(dvc(root, env, "status", "--json", "split"))["split"] == [
+        {"changed deps": {"params.yaml": {"split": "modified"}}}]  # fmt: skip
+
+
+def test_a_key_a_stage_reads_that_params_yaml_lacks_stops_the_run_before_any_stage(tmp_path, env):
+    root = project(tmp_path / "p", env, tmp_path / "none.zip")
+    tree = yaml.safe_load((root / "params.yaml").read_text())
+    del tree["gate"], tree["data"]["max_extract_bytes"]
+    (root / "params.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(ParamsError, match=r"params.yaml: missing data.max_extract_bytes \(extract\), gate \(publish\): "):
+        flow(root)  # DVC would have stopped only on recording publish, after its upload
+    assert not (root / "data").exists()
+    assert DvcProject(root).missing_params(tree, ["split"]) == ["data.max_extract_bytes (extract)"]
+
+
 def test_a_bad_flow_parameter_is_named_as_the_overrides_it_came_in(tmp_path, env):
     root = project(tmp_path / "p", env, tmp_path / "none.zip")
     with pytest.raises(ParamsError, match=r"^overrides train.epochs: train.epochs: Input should be greater than 0$"):
@@ -388,8 +418,9 @@ def test_git_commit_leaves_out_what_git_ignores_and_a_gitignore_holding_the_user
     # A run with its own params: dvc.lock holds values params.yaml does not, and the summary says so.
     (root / "dvc.lock").write_text("schema: '2.0'\nstages: {train: {cmd: imgclf stage train --now}}\n")
     said = version_outputs(Layout(root), OrchestrationParams(git_commit=True, dvc_push=False), root / "other.yaml")
-    assert said[0].endswith("the params this run used (overrides or --params): dvc.lock records them, params.yaml does "
-                            "not hold them, and a clone re-runs the stages they changed)")  # fmt: skip
+    assert said[0].endswith("the params this run used (overrides, --params, or params.yaml edited during the run): "
+                            "dvc.lock records them, params.yaml does not hold them, and a clone re-runs the stages "
+                            "they changed)")  # fmt: skip
 
 
 def test_a_remote_that_is_not_the_default_is_said_not_pushed_to(tmp_path, env):
