@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
 import logging
 import os
@@ -154,14 +153,15 @@ def _command(args: argparse.Namespace) -> None:
             from flows.server import prefect_api, start_server
 
             server = start_server()
-            # Loaded while the server boots on the other core: the flow's modules, and DVC's API,
-            # which the flow asks first (seconds each).
-            importlib.import_module("dvc.repo")
-            from flows.pipeline import pipeline
+            # Loaded while the server boots on the other core: DVC's API, which the flow asks first, and
+            # the flow's modules (seconds each). DVC's lock is taken now, not when the flow starts: a
+            # `dvc repro` started while the server boots would run stages beside this run.
+            with DvcProject(Path(".")).held():
+                from flows.pipeline import pipeline
 
-            quiet_prefect_console(args.verbose)
-            with prefect_api(server):
-                outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params, stages=args.stages)
+                quiet_prefect_console(args.verbose)
+                with prefect_api(server):
+                    outcome = pipeline(overrides=hide_secrets(overrides), params_path=args.params, stages=args.stages)
         width = max(map(len, outcome))
         for name, what in outcome.items():
             print(f"{name:<{width}} {what}")

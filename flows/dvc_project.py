@@ -35,6 +35,8 @@ def is_dvc_project(root: Path) -> bool:
 
 # Projects whose run lock this process took for the flow it then runs (`imgclf run`): the flow holds it by then.
 _HANDED_TO_THE_FLOW: set[Path] = set()
+# DVC's project lock of each project this process holds it for, by resolved root.
+_DVC_LOCKS: dict[Path, object] = {}
 
 
 @contextlib.contextmanager
@@ -137,21 +139,31 @@ class DvcProject:
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         """Holds DVC's project lock while the stages run, as `dvc repro` holds it for its own: a `dvc repro`
-        started meanwhile refuses ("Unable to acquire lock") instead of writing the same outputs."""
+        started meanwhile refuses ("Unable to acquire lock") instead of writing the same outputs.
+        Taken once per process: `imgclf run` takes it before the flow starts, which then runs under it."""
         from dvc.exceptions import DvcException
         from dvc.repo import Repo
 
+        key = self.root.resolve()
+        if key in _DVC_LOCKS:
+            self._held = _DVC_LOCKS[key]
+            try:
+                yield
+            finally:
+                self._held = None
+            return
         with Repo(str(self.root)) as repo:
             try:
                 repo.lock.lock()
             except DvcException:
                 raise ProjectError(f"{self.root.resolve()}: a DVC command (dvc repro?) holds this project's lock; "
                                    "wait for it to end") from None  # fmt: skip
-            self._held = repo.lock
+            self._held = _DVC_LOCKS[key] = repo.lock
             try:
                 yield
             finally:
                 self._held = None
+                del _DVC_LOCKS[key]
                 repo.lock.unlock()
 
     def pipeline(self, targets: Sequence[str] = ()) -> dict[str, list[str]]:

@@ -329,6 +329,21 @@ def test_dvc_repro_started_during_a_run_refuses_instead_of_writing_the_same_outp
     assert "up to date" in dvc(root, env, "status", "split")  # the run recorded each stage it ran; nothing interleaved
 
 
+def test_dvc_s_lock_taken_before_the_flow_starts_keeps_dvc_repro_out_and_the_flow_runs_under_it(tmp_path, env):
+    from dvc.repo import Repo
+
+    from tasks.download import SourceGone
+
+    root = project(tmp_path / "p", env, tmp_path / "none.zip")
+    with DvcProject(root).held():  # as `imgclf run` takes it while Prefect's server boots
+        repro = subprocess.run(in_venv(["dvc", "repro"]), cwd=root, env=env, capture_output=True, text=True)
+        assert repro.returncode != 0 and "Unable to acquire lock" in repro.stderr + repro.stdout
+        with pytest.raises(SourceGone):  # past the lock, to the first stage: there is no none.zip
+            flow(root)
+    with Repo(str(root)) as repo, repo.lock:  # let go of when the block ended
+        pass
+
+
 def test_a_run_started_during_dvc_repro_is_refused_in_one_line(tmp_path, demo_zip, env):
     from dvc.repo import Repo
 
