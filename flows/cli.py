@@ -26,10 +26,15 @@ from tasks.stages import STAGES, Layout, run_stage
 EXPECTED_ERRORS = (StageError, FileNotFoundError)
 
 
-def _zip_to_write(text: str) -> Path:
+def _file_to_write(text: str, example: str) -> Path:
     path = Path(text)
     if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is a folder: name the zip to write in it, e.g. {path / 'demo.zip'}")
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name the file to write in it, e.g. {path / example}")
+    return path
+
+
+def _zip_to_write(text: str) -> Path:
+    path = _file_to_write(text, "demo.zip")
     if path.suffix.lower() != ".zip":
         raise argparse.ArgumentTypeError(f"{text}: the demo archive is a zip: name it *.zip")
     return path
@@ -74,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="predict labels of image files or folders with a saved model, "
                                                       "calibrated and thresholded as evaluate chose (calibration.json)")
     predict.add_argument("--model", type=Path, default=Path("models/model.keras"), help="default: models/model.keras")
-    predict.add_argument("--out", type=Path, help="CSV file to write (default: stdout)")
+    predict.add_argument("--out", type=lambda text: _file_to_write(text, "predictions.csv"),
+                         help="CSV file to write (default: stdout)")  # fmt: skip
     predict.add_argument("--explain", type=Path, metavar="DIR",
                          help="also write a Grad-CAM overlay PNG per image into DIR: where the model looked")  # fmt: skip
     predict.add_argument("paths", type=Path, nargs="+", metavar="PATH",

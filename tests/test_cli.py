@@ -115,13 +115,22 @@ FAILURES = {
 
 
 @pytest.mark.parametrize(("args", "said"), [
-    (["{tmp}"], "is a folder: name the zip to write in it"), (["{tmp}/d.tar.gz"], "the demo archive is a zip"),
+    (["{tmp}"], "is a folder: name the file to write in it"), (["{tmp}/d.tar.gz"], "the demo archive is a zip"),
     (["{tmp}/d.zip", "--per-class", "0"], "--per-class: 0: a whole number, 4 or more"),
 ])  # fmt: skip
 def test_demo_data_arguments_are_checked_as_arguments(tmp_path, cli_env, args, said):
     shown = imgclf(["demo-data", *(arg.format(tmp=tmp_path) for arg in args)], tmp_path, cli_env)
     assert shown.returncode == 2 and said in shown.stderr and "Traceback" not in shown.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_out_naming_a_folder_is_refused_as_an_argument_before_any_work(tmp_path, capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as exited:  # argparse's exit, with its usage line
+        main(["predict", "--out", str(tmp_path), "--model", "nope/model.keras", "x.png"])
+    assert exited.value.code == 2
+    assert f"{tmp_path} is a folder: name the file to write in it, e.g. {tmp_path / 'predictions.csv'}" in capsys.readouterr().err
 
 
 def test_serve_with_the_prefect_server_down_names_its_address(tmp_path, cli_env):
