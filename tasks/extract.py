@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 import stat
 import tarfile
@@ -33,7 +34,7 @@ from tasks.params import DataParams
 log = logging.getLogger("imgclf")
 
 JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
-JUNK_DIRS = {"__macosx"}  # and every hidden folder: .git, .ipynb_checkpoints, .Trash-1000
+JUNK_DIRS = {"__macosx"}  # and hidden folders beside others (.git, .ipynb_checkpoints): _hidden_beside_others
 NAME_MAX = 255  # bytes in one path component, on the file systems people use
 # bytes in an entry's path: Linux's PATH_MAX is 4096 with the project's own folders in front
 PATH_BYTES_MAX = 1024
@@ -214,10 +215,16 @@ def _is_junk(parts: tuple[str, ...]) -> bool:
     lowered = [part.lower() for part in parts]
     return (
         any(part in JUNK_DIRS for part in lowered)
-        or any(part.startswith(".") for part in lowered[:-1])  # hidden folders
         or lowered[-1] in JUNK_NAMES
         or parts[-1].startswith("._")  # macOS AppleDouble resource forks
     )
+
+
+def _hidden_beside_others(files: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
+    """Returns the files inside a hidden folder (.git, .ipynb_checkpoints) that has other files beside it,
+    where it would be a class of its own or a folder in one; not one that holds every file (.keras/datasets/)."""
+    shared = os.path.commonprefix([parts[:-1] for parts in files]) if files else ()
+    return {parts for parts in files if any(part.startswith(".") for part in parts[len(shared) : -1])}
 
 
 def _in_a_folder_below(parts: tuple[str, ...], root: tuple[str, ...]) -> bool:
@@ -266,6 +273,9 @@ def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ..
             files.append(entry)
         else:
             skipped.append((_shown(entry.name), reason))
+    hidden = _hidden_beside_others([e.parts for e in files])
+    skipped += [(_shown(e.name), "os_junk") for e in files if e.parts in hidden]
+    files = [e for e in files if e.parts not in hidden]
     root = _class_root([e.parts for e in files])
     # Some mirrors nest a second full copy (cell_images/cell_images/, or one beside the classes).
     copies = _nested_copies([e.parts[len(root) :] for e in files if _in_a_folder_below(e.parts, root)])

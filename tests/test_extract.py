@@ -331,6 +331,15 @@ def test_os_junk_is_skipped_and_recorded(tmp_path, work):
     assert tree(work) == {"Parasitized/a.png": PNG, "Uninfected/b.png": PNG}
 
 
+def test_a_hidden_folder_that_holds_every_file_is_a_folder_like_any_other(tmp_path, work):
+    # Keras' download cache, zipped as it is: the classes are below it, and a checkpoint folder among them is junk.
+    top = ".keras/datasets/flower_photos"
+    archive = make_zip(tmp_path / "in" / "a.zip", [(f"{top}/daisy/a.png", PNG), (f"{top}/roses/b.png", PNG),
+                                                    (f"{top}/roses/.ipynb_checkpoints/b.png", b"junk")])  # fmt: skip
+    assert run(archive, work) == [(f"{top}/roses/.ipynb_checkpoints/b.png", "os_junk")]
+    assert tree(work) == {"daisy/a.png": PNG, "roses/b.png": PNG}
+
+
 @pytest.mark.parametrize("kind", ["zip", "tar"])
 def test_same_path_spelled_twice_is_written_once_the_last_copy_as_tar_and_unzip_do(tmp_path, work, kind):
     # `tar -rf` appends an updated file: the later copy is the one meant.
