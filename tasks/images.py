@@ -218,11 +218,11 @@ def _decode_with_pillow(image: Image.Image, draft_size: int | None) -> np.ndarra
         image.draft("RGB", (draft_size, draft_size))
     image.load()
     image = ImageOps.exif_transpose(image)
-    if image.mode == "I" and image.format != "PNG":  # a PNG's "I" is 16-bit gray, in older Pillows
-        # 32-bit or signed: 0..255, 0..4095 and 0..65535 all occur, and keeping a 16-bit image's
-        # high byte would cache a 0..255 one black.
+    if image.mode == "I":  # 32-bit or signed; Pillow opens 16-bit gray PNGs and TIFFs as "I;16" (since 10.3)
+        # 0..255, 0..4095 and 0..65535 all occur, and keeping a 16-bit image's high byte would
+        # cache a 0..255 one black.
         raise _NoEightBitMapping("32-bit or signed integer pixels: no one range to map to 8 bits")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L"):
         # 16-bit gray: keep the high byte, as Pillow's 8-bit modes and OpenCV do.
         gray = (np.asarray(image, dtype=np.int64) >> 8).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
