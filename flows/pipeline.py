@@ -45,7 +45,8 @@ from tasks.files import (  # noqa: E402
     remove_stale_temporaries,
     thread_pool_map,
 )
-from tasks.params import OrchestrationParams, Params, ParamsError, load_params, params_tree  # noqa: E402
+from tasks.params import (  # noqa: E402
+    OrchestrationParams, Params, ParamsError, load_params, params_tree, read_params_text)
 from tasks.redact import plain_secrets, redact, redact_texts, reveal  # noqa: E402
 from tasks.report import REPORT_HTML, gate_line  # noqa: E402
 from tasks.stages import Layout, run_stage  # noqa: E402
@@ -218,11 +219,12 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     overrides = reveal(overrides or {})
     params_file = layout.root / params_path
     # `imgclf run` checked its --set already: what fails here came as the flow's parameter (a deployment run).
-    params = load_params(params_file, overrides, given_as="overrides")
+    text = read_params_text(params_file)  # read once: its stages and dvc.lock see the same values
+    params = load_params(params_file, overrides, given_as="overrides", text=text)
     DvcProject(layout.root)  # outside a project: one line saying how to make one, before anything is written
     # Named as Prefect names the run: `imgclf run` took the lock already, under its own name.
     holder = f"flow run {flow_run.name!r}"
-    with one_run_at_a_time(layout.root, holder), params_for_dvc(layout, params_file, overrides) as run_params:
+    with one_run_at_a_time(layout.root, holder), params_for_dvc(layout, params_file, text, overrides) as run_params:
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
         with project.held(), shard_map(params.orchestration) as map_shards:
@@ -266,17 +268,19 @@ def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: Sh
 
 
 @contextlib.contextmanager
-def params_for_dvc(layout: Layout, params_file: Path, overrides: dict[str, Any]) -> Iterator[Path]:
-    """Yields the file of params this run uses, for DVC to compare and record: params.yaml (or `--params`)
-    as the run read it, overrides applied. A copy, also without overrides: params.yaml edited during the
-    run must not reach dvc.lock beside outputs made with the values read at its start.
+def params_for_dvc(layout: Layout, params_file: Path, text: str, overrides: dict[str, Any]) -> Iterator[Path]:
+    """Yields the file of params this run uses, for DVC to compare and record: `text`, params.yaml (or
+    `--params`) as the run read it, overrides applied. A copy, also without overrides: params.yaml edited
+    during the run must not reach dvc.lock beside outputs made with the values read at its start.
 
     It lives only while the run does; URLs given as overrides are redacted, so dvc.lock never holds them.
     """
-    tree = params_tree(params_file, redact_texts(overrides))
     # One name: one run at a time holds the project, and a killed run's copy is overwritten by the next.
     path = layout.root / ".imgclf" / "run-params.yaml"
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    if overrides:
+        path.write_text(yaml.safe_dump(params_tree(params_file, redact_texts(overrides), text), sort_keys=False))
+    else:  # the very text: DVC reads YAML 1.2, where `yes` is a string, not PyYAML's True
+        path.write_text(text, encoding="utf-8")
     try:
         yield path
     finally:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from urllib.parse import urlparse
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -454,29 +454,32 @@ def _apply_override(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _one_line(source: str, error: ValidationError, overridden: Iterable[str] = (), given_as: str = "--set") -> str:
-    """Returns every problem on one line, each under where its key came from: the file, or the override that gave it."""
+def _one_line(source: str, error: ValidationError, culprits: Mapping[int, str], given_as: str) -> str:
+    """Returns every problem on one line, each under where it came from: the override without which it goes
+    away (`culprits`, by the problem's index), else the file."""
     problems = []
-    for item in error.errors():
+    for index, item in enumerate(error.errors()):
         dotted = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key"
-        named = dotted or message.partition(":")[0]  # a check across sections names its key first
-        unknown = item["type"] == "extra_forbidden"
-        origin = next((f"{given_as} {key}" for key in overridden if named and _gave(key, named, message, unknown)),
-                      source)  # fmt: skip
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        origin = f"{given_as} {culprits[index]}" if index in culprits else source
         problems.append(f"{origin}: {dotted}: {message}" if dotted else f"{origin}: {message}")
     return "; ".join(problems)
 
 
-def _gave(key: str, named: str, message: str, unknown: bool) -> bool:
-    """Whether the override `key` gave the value of `named` that `message` is about (`unknown`: a key no
-    section has, which a key below it brought in)."""
-    if key == named or named.startswith(f"{key}.") or (unknown and key.startswith(f"{named}.")):
-        return True
-    # A check across a section's keys is about the section, and names the keys in its message.
-    return key.startswith(f"{named}.") and re.search(rf"\b{re.escape(key.rpartition('.')[2])}\b", message) is not None
+def _culprits(path: str | Path, overrides: Mapping[str, Any], error: ValidationError, text: str | None) -> dict[int, str]:
+    """Returns {index of a problem in `error`: the first override without which it goes away}. A check across
+    keys (positive_class with target_recall, a model with an image size) is blamed on what broke it."""
+    found: dict[int, str] = {}
+    for key in overrides:
+        try:
+            Params.model_validate(params_tree(path, {k: v for k, v in overrides.items() if k != key}, text))
+            left: set = set()
+        except ValidationError as without:
+            left = {(item["loc"], item["type"]) for item in without.errors()}
+        for index, item in enumerate(error.errors()):
+            if (item["loc"], item["type"]) not in left:
+                found.setdefault(index, key)
+    return found
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -504,14 +507,23 @@ class _UniqueKeysLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Returns the params file as read from YAML, with dotted overrides applied; not yet checked."""
-    path = Path(path)
+def read_params_text(path: Path) -> str:
+    """Returns the params file's text; ParamsError when it cannot be read."""
     # A mistyped --params must not quietly run on the defaults (and start the 337 MB download).
     try:
-        tree: Any = yaml.load(path.read_text(encoding="utf-8"), _UniqueKeysLoader) or {}
+        return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None, text: str | None = None) -> dict[str, Any]:
+    """Returns the params file as read from YAML, with dotted overrides applied; not yet checked.
+    `text`: the file's content, read already."""
+    path = Path(path)
+    try:
+        tree: Any = yaml.load(read_params_text(path) if text is None else text, _UniqueKeysLoader) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(tree, dict):
@@ -522,11 +534,12 @@ def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Mapping[str, Any] | None = None,
-                given_as: str = "--set") -> Params:  # fmt: skip
-    """Returns the typed params from `path` with dotted overrides applied; keys it leaves out take their defaults.
-    `given_as`: how an error names where an override came from (`--set KEY`, or a flow's `overrides KEY`)."""
-    tree = params_tree(path, overrides)
+                given_as: str = "--set", text: str | None = None) -> Params:  # fmt: skip
+    """Returns the typed params from `path` (or its `text`, read already) with dotted overrides applied; keys it
+    leaves out take their defaults. `given_as`: how an error names where an override came from (`--set KEY`,
+    or a flow's `overrides KEY`)."""
+    tree = params_tree(path, overrides, text)
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:
-        raise ParamsError(_one_line(str(path), exc, overrides or (), given_as)) from None
+        raise ParamsError(_one_line(str(path), exc, _culprits(path, overrides or {}, exc, text), given_as)) from None

@@ -19,7 +19,7 @@ from tests.conftest import REPO, VENV_BIN, dvc_project, in_venv, sh
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
 from flows.dvc_project import DvcProject, ProjectError, one_run_at_a_time  # noqa: E402
-from flows.pipeline import pipeline  # noqa: E402
+from flows.pipeline import params_for_dvc, pipeline  # noqa: E402
 from flows.versioning import VersioningError, version_outputs  # noqa: E402
 from tasks.params import OrchestrationParams, ParamsError  # noqa: E402
 from tasks.stages import STAGES, Layout  # noqa: E402
@@ -210,6 +210,16 @@ def test_params_yaml_edited_during_a_run_reaches_neither_its_stages_nor_dvc_lock
     assert lock["stages"]["split"]["params"]["params.yaml"]["split"]["seed"] == 42  # what the split was made with
     assert json.loads(dvc(root, env, "status", "--json", "split"))["split"] == [
         {"changed deps": {"params.yaml": {"split": "modified"}}}]  # fmt: skip
+
+
+def test_without_overrides_dvc_gets_the_very_text_the_run_read(tmp_path):
+    # Not a PyYAML dump of it: DVC reads YAML 1.2, where `yes` is a string, so dvc.lock would disagree with
+    # params.yaml and `dvc status` call the stage changed after every run.
+    text = "evaluate:\n  calibrate: yes\n"
+    (tmp_path / ".imgclf").mkdir()
+    with params_for_dvc(Layout(tmp_path), tmp_path / "params.yaml", text, {}) as path:
+        assert path.read_text() == text
+    assert not path.exists()
 
 
 def test_a_key_a_stage_reads_that_params_yaml_lacks_stops_the_run_before_any_stage(tmp_path, env):

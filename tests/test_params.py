@@ -132,6 +132,14 @@ def test_a_check_across_a_sections_keys_blames_the_set_of_a_key_it_names_else_th
     with pytest.raises(ParamsError) as caught:
         load_params(path, {"evaluate.seed": 1})
     assert str(caught.value).startswith(f"{path}: evaluate: positive_class and target_recall go together")
+    # Named in the message, but not what broke it: the file did.
+    path = write(tmp_path, {"train": {"recipe": "seed", "model": "vgg16"}})
+    with pytest.raises(ParamsError, match=f"^{path}: train: recipe: seed is the seed notebook's CNN"):
+        load_params(path, {"train.seed": 7})
+    # A check across sections, broken by an override of the section it does not name first.
+    path = write(tmp_path, {"train": {"model": "vgg16"}})
+    with pytest.raises(ParamsError, match="^--set prepare.image_size: train.model: vgg16 needs prepare.image_size of"):
+        load_params(path, {"train.seed": 7, "prepare.image_size": 16})
 
 
 def test_a_section_given_whole_sets_the_keys_it_names_and_keeps_the_rest(tmp_path):
