@@ -35,7 +35,7 @@ def is_dvc_project(root: Path) -> bool:
 
 # Projects whose run lock this process took for the flow it then runs (`imgclf run`): the flow holds it by then.
 _HANDED_TO_THE_FLOW: set[Path] = set()
-# DVC's project lock of each project this process holds it for, by resolved root.
+# DVC's project lock of each project this process holds it for, by resolved root, until a flow takes it over.
 _DVC_LOCKS: dict[Path, object] = {}
 
 
@@ -140,17 +140,19 @@ class DvcProject:
     def held(self) -> Iterator[None]:
         """Holds DVC's project lock while the stages run, as `dvc repro` holds it for its own: a `dvc repro`
         started meanwhile refuses ("Unable to acquire lock") instead of writing the same outputs.
-        Taken once per process: `imgclf run` takes it before the flow starts, which then runs under it."""
+        `imgclf run` takes it before the flow starts, and hands it on: the flow's stages run under it, and
+        the flow lets go of it when they end (its `dvc push` takes it in turn)."""
         from dvc.exceptions import DvcException
         from dvc.repo import Repo
 
         key = self.root.resolve()
-        if key in _DVC_LOCKS:
-            self._held = _DVC_LOCKS[key]
+        if (handed := _DVC_LOCKS.pop(key, None)) is not None:
+            self._held = handed
             try:
                 yield
             finally:
                 self._held = None
+                handed.unlock()
             return
         with Repo(str(self.root)) as repo:
             try:
@@ -163,8 +165,8 @@ class DvcProject:
                 yield
             finally:
                 self._held = None
-                del _DVC_LOCKS[key]
-                repo.lock.unlock()
+                if _DVC_LOCKS.pop(key, None) is not None:  # not handed on, and let go of, already
+                    repo.lock.unlock()
 
     def pipeline(self, targets: Sequence[str] = ()) -> dict[str, list[str]]:
         """Returns {stage: the stages it depends on}, in an order where each comes after those: every
