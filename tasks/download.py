@@ -461,11 +461,12 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
         with open(part, "rb") as handle:
             head = handle.read(32)
         _discard(part)
-        if problem == NOT_AN_ARCHIVE and total is not None:  # all the bytes announced, and no archive
+        if problem == NOT_AN_ARCHIVE:  # what the server sent instead, an error page perhaps
             sent = ", ".join(f"{name} {response.headers[name]}" for name in ("Content-Type", "Content-Encoding")
                              if response.headers.get(name))  # fmt: skip
-            raise DownloadError(f"{shown}: the server's reply ({got} bytes{', ' if sent else ''}{sent}) is "
-                                f"{problem}: it starts {head!r}; it was discarded")  # fmt: skip
+            problem = f"{problem}: {got} bytes{', ' if sent else ''}{sent}, starting {head!r}"
+        if total is not None and problem.startswith(NOT_AN_ARCHIVE):  # all the bytes announced, and no archive
+            raise DownloadError(f"{shown}: the server's reply is {problem}; it was discarded")
         said = f"of the {total} bytes announced" if total is not None else "(no Content-Length)"
         raise _Transient(f"the body {said} ended after {got} bytes: {problem}")
     return source
