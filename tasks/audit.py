@@ -70,14 +70,20 @@ def interval(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [max(0.0, mean - half), min(1.0, mean + half)], "per_fold": scores.tolist()}
 
 
-def _off(oof_csv: Path, label_issues_csv: Path, audit_json: Path) -> Path:
+OFF = "audit.folds is 0: set it to 2 or more to run the audit"
+
+
+def _off(oof_csv: Path, label_issues_csv: Path, audit_json: Path, note: str = OFF) -> Path:
+    """Writes the outputs of an audit that did not run, and why (`note`)."""
     for path, header in ((oof_csv, ["path", "label", "fold", "predicted"]), (label_issues_csv, LABEL_ISSUE_COLUMNS)):
         with atomic_file(path, newline="", encoding="utf-8") as handle:
             csv.writer(handle).writerow(header)
     with atomic_file(audit_json) as handle:
-        json.dump({"enabled": False, "folds": 0, "note": "audit.folds is 0: set it to 2 or more to run the audit"},
-                  handle, indent=2)  # fmt: skip
-    log.info("audit: off (audit.folds: 0)")
+        json.dump({"enabled": False, "folds": 0, "note": note}, handle, indent=2)
+    if note == OFF:
+        log.info("audit: off (audit.folds: 0)")
+    else:
+        log.warning("audit: not run: %s", note)
     return audit_json
 
 
@@ -95,8 +101,17 @@ def audit(params: AuditParams, train_params: TrainParams, augment: AugmentParams
     val_share = sum(row["split"] == "val" for row in rows) / len(rows)
     predicted: dict[int, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="imgclf-audit-") as scratch:
-        for fold in range(params.folds):
-            fold_csv = _write_fold_split(Path(scratch) / f"split-{fold}.csv", rows, folds, fold, val_share, params.seed)
+        fold_csvs = [_write_fold_split(Path(scratch) / f"split-{fold}.csv", rows, folds, fold, val_share, params.seed)
+                     for fold in range(params.folds)]  # fmt: skip
+        for fold, fold_csv in enumerate(fold_csvs):
+            untrained = set(labels) - {row["label"] for row in read_csv(fold_csv) if row["split"] == "train"}
+            if untrained:
+                # Outside the path to publish: the run goes on, and its report says why there is no audit.
+                return _off(oof_csv, label_issues_csv, audit_json,
+                            f"fold {fold + 1} of {params.folds} leaves no images of {', '.join(map(repr, sorted(untrained)))} "
+                            "to train on (one group or near-duplicate cluster holds them all, or nearly): fewer "
+                            "audit.folds, or a finer split.group_pattern, lets every fold train on every class")  # fmt: skip
+        for fold, fold_csv in enumerate(fold_csvs):
             log.info("audit: fold %d of %d: %d images held out", fold + 1, params.folds, int((folds == fold).sum()))
             work = Path(scratch) / str(fold)
             classes, predicted[fold] = _train_and_predict(train_params, augment, cache_dir, fold_csv, work)

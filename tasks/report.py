@@ -28,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from tasks.audit import OFF as AUDIT_OFF
 from tasks.files import atomic_file, model_json, read_csv, sha256_file
 from tasks.images import read_image
 from tasks.layout import Layout
@@ -289,7 +290,9 @@ def _data_audit_section(layout: Layout, max_pixels: int) -> Section:
         body += _p(f"The models of fold(s) {folds} answered one class for every image they held out: they learned "
                    f"nothing, so the {audit.get('label_issues_left_out', 0)} label issues among those images are "
                    "left out as noise (train longer: train.epochs).")  # fmt: skip
-    if not audit or not audit.get("folds"):
+    if audit.get("note") and audit.get("note") != AUDIT_OFF:
+        body += _p(f"The audit did not run: {audit['note']}.")
+    elif not audit or not audit.get("folds"):
         body += _p("The audit is off (audit.folds below 2): no out-of-fold probabilities, no label-issue ranking.")
     elif not issues:
         body += _p("The audit's out-of-fold probabilities flag no label as doubtful.")

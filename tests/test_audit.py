@@ -63,6 +63,21 @@ def test_audit_off_writes_that_it_is_off(tmp_path):
     assert read_rows(tmp_path / "issues.csv") == [] and read_rows(tmp_path / "oof.csv") == []
 
 
+def test_a_fold_leaving_a_class_nothing_to_train_on_turns_the_audit_off_saying_why(tmp_path, caplog):
+    # Class c is one group: the fold holding it trains without it. The audit is outside the path to
+    # publish: the run goes on (no cache is read, no model trained), and the report says why.
+    split = tmp_path / "split.csv"
+    rows = [(f"{label}/{i}.png", label, "train", f"{label}{i}" if label != "c" else "c") for label in "abc" for i in range(6)]
+    split.write_text("path,label,split,block\n" + "".join(",".join(row) + "\n" for row in rows))
+    with caplog.at_level("WARNING", logger="imgclf"):
+        out = audit(AuditParams(folds=2), TrainParams(), AugmentParams(), tmp_path / "no-cache", split,
+                    tmp_path / "oof.csv", tmp_path / "issues.csv", tmp_path / "audit.json")  # fmt: skip
+    said = json.loads(out.read_text())
+    assert said["enabled"] is False and said["note"].startswith("fold ") and "leaves no images of 'c'" in said["note"]
+    assert "audit: not run: fold" in caplog.text
+    assert read_rows(tmp_path / "issues.csv") == [] and read_rows(tmp_path / "oof.csv") == []
+
+
 def stripes(rng: np.random.Generator, horizontal: bool) -> np.ndarray:
     """A 16x16 gray image of stripes at a random period and phase, with noise: separable by orientation."""
     period, phase = rng.uniform(5, 10), rng.uniform(0, 2 * np.pi)

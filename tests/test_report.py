@@ -300,3 +300,8 @@ def test_clusters_spanning_classes_and_label_issues_show_with_their_images(demo_
     audit_section = page.split('<section id="audit">')[1].split("</section>")[0]
     assert "fold(s) 1, 3 answered one class" in audit_section and "the 7 label issues among those" in audit_section
     assert "2 images whose label" in audit_section and "review them" in audit_section
+    # An audit that could not run says why, not that it is off.
+    (run.metrics_dir / "audit.json").write_text(json.dumps({"enabled": False, "folds": 0, "note": "fold 1 of 2 <x>"}))
+    page = report(params, run, archive, run.root / REPORT_HTML).read_text()
+    audit_section = page.split('<section id="audit">')[1].split("</section>")[0]
+    assert "The audit did not run: fold 1 of 2 &lt;x&gt;." in audit_section and "is off" not in audit_section
