@@ -91,6 +91,7 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
         "accuracy": float(skm.accuracy_score(truth, predicted)),
         "accuracy_ci95": intervals["accuracy"]["ci95"],
         "n_test": int(len(rows)),
+        "untested_classes": absent,  # the scores say nothing of these
         # Over the classes seen or answered (sklearn's own default): one with neither has no F1.
         "macro_f1": float(skm.f1_score(truth, predicted, average="macro", zero_division=0)),
         # A class with no test image has no recall; never answered either, no precision nor F1 (null, not 0).
@@ -177,9 +178,16 @@ def _calibrate(params: EvaluateParams, model: keras.Model, data: CachedSet,
         return uncalibrated(data.classes), {"fitted_on": None, "n_val": 0}, None
     raw = class_probabilities(model, make_dataset(data, "val", EVAL_BATCH).map(lambda x, y: x))
     truth = data.labels[rows]
-    temperature = fit_temperature(raw, truth, data.classes) if params.calibrate else 1.0
+    lacking = [name for index, name in enumerate(data.classes) if not (truth == index).any()]
+    if params.calibrate and lacking:
+        # Fitted to the classes val has, a temperature sharpens the model's doubts away: a 4-class model whose
+        # val held one class answered everything, wrong answers too, with probability 1.0.
+        log.warning("evaluate: the val split has no images of %s: the probabilities stay uncalibrated",
+                    ", ".join(map(repr, lacking)))  # fmt: skip
+    calibrate = params.calibrate and not lacking
+    temperature = fit_temperature(raw, truth, data.classes) if calibrate else 1.0
     calibration = Calibration(temperature, data.classes)
-    fitted = {"fitted_on": "val" if params.calibrate else None, "n_val": int(len(rows))}
+    fitted = {"fitted_on": "val" if calibrate else None, "n_val": int(len(rows)), "val_lacks": lacking}
     if params.positive_class is None:
         return calibration, fitted, None
     positive = data.classes.index(params.positive_class)

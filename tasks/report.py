@@ -49,9 +49,13 @@ def read_json(path: Path) -> dict:
 
 
 def score_line(evaluation: dict) -> str:
-    """Returns the test scores of eval.json in one line: accuracy, count, macro F1 and ROC AUC (two classes)."""
+    """Returns the test scores of eval.json in one line: accuracy, count, macro F1 and ROC AUC (two classes),
+    and the classes they say nothing of."""
     auc = f", ROC AUC {evaluation['roc_auc']:.4f}" if "roc_auc" in evaluation else ""
-    return f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['n_test']} images (macro F1 {evaluation['macro_f1']:.4f}{auc})"
+    untested = evaluation.get("untested_classes")
+    unseen = f"; no test image of {', '.join(map(repr, untested))}: not tested on it" if untested else ""
+    return (f"test accuracy {evaluation['accuracy']:.4f} on {evaluation['n_test']} images "
+            f"(macro F1 {evaluation['macro_f1']:.4f}{auc}){unseen}")  # fmt: skip
 
 
 def gate_line(layout: Layout) -> str:
@@ -339,6 +343,9 @@ def _test_section(layout: Layout) -> Section:
                  "ece_test_uncalibrated": "ECE on test, uncalibrated", "ece_test_calibrated": "ECE on test, calibrated"}
         body += "<h3>Calibration</h3>" + _table(["", ""], [[name, _number(calibration[key])] for key, name in names.items()
                                                            if key in calibration], head=False)  # fmt: skip
+        if calibration.get("val_lacks"):
+            body += _p(f"Not calibrated: the val split has no images of {', '.join(map(repr, calibration['val_lacks']))}, "
+                       "and a temperature fitted to the classes it has would sharpen every answer.")  # fmt: skip
     body += "<h3>Operating threshold</h3>"
     point = evaluation.get("operating_point")
     if point:

@@ -206,6 +206,28 @@ def test_a_class_with_no_test_image_is_named_and_not_counted_as_f1_zero(digits, 
     assert report["macro_f1"] == pytest.approx(sum(f1[:9] + [0.0] * answered_nine) / (10 if answered_nine else 9))
 
 
+def test_a_val_split_lacking_a_class_is_not_calibrated_on_and_an_untested_class_is_in_the_score_line(digits, tmp_path,
+                                                                                                     caplog):  # fmt: skip
+    from tasks.report import score_line
+
+    rows = list(csv.DictReader((digits / "split.csv").open()))
+    for row in rows:  # the 9s of val and test go to train, as a grouped or archive split may leave them
+        row["split"] = "train" if row["label"] == "9" else row["split"]
+    split_csv = tmp_path / "split.csv"
+    with split_csv.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    out = evaluate(digits / "models" / "model.keras", digits / "cache", split_csv, digits / "metrics" / "train.json",
+                   tmp_path, tmp_path / "plots", EvaluateParams(bootstrap=100))  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["calibration"]["fitted_on"] is None and report["calibration"]["val_lacks"] == ["9"]
+    assert report["calibration"]["temperature"] == 1.0
+    assert "the val split has no images of '9': the probabilities stay uncalibrated" in caplog.text
+    assert report["untested_classes"] == ["9"]
+    assert score_line(report).endswith("; no test image of '9': not tested on it")
+
+
 def test_temperature_fit_recovers_the_temperature_that_made_the_labels():
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, size=(4000, 3))
