@@ -182,11 +182,11 @@ def test_val_images_train_exclude_left_out_are_not_calibrated_on_either(cells, t
         scored(read_exclusion(str(listed)))
 
 
-def test_a_class_with_no_test_image_is_named_and_not_counted_as_f1_zero(digits, tmp_path, caplog):
-    # The 9s' test images move to train, as a class too small to split would have none.
+def evaluated_with_nines_moved_to_train(digits: Path, tmp_path: Path, splits: tuple[str, ...]) -> dict:
+    """Returns eval.json of the digits model on a split.csv whose 9s of `splits` went to train."""
     rows = list(csv.DictReader((digits / "split.csv").open()))
     for row in rows:
-        if row["label"] == "9" and row["split"] == "test":
+        if row["label"] == "9" and row["split"] in splits:
             row["split"] = "train"
     split_csv = tmp_path / "split.csv"
     with split_csv.open("w", newline="") as handle:
@@ -195,7 +195,12 @@ def test_a_class_with_no_test_image_is_named_and_not_counted_as_f1_zero(digits, 
         writer.writerows(rows)
     out = evaluate(digits / "models" / "model.keras", digits / "cache", split_csv, digits / "metrics" / "train.json",
                    tmp_path, tmp_path / "plots", EvaluateParams(bootstrap=100))  # fmt: skip
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_a_class_with_no_test_image_is_named_and_not_counted_as_f1_zero(digits, tmp_path, caplog):
+    # The 9s' test images move to train, as a class too small to split would have none.
+    report = evaluated_with_nines_moved_to_train(digits, tmp_path, ("test",))
     assert report["per_class"]["9"]["support"] == 0
     assert "no test images of '9' (see split.csv): recall not measured" in caplog.text
     assert report["per_class"]["9"]["recall"] is None
@@ -210,17 +215,8 @@ def test_a_val_split_lacking_a_class_is_not_calibrated_on_and_an_untested_class_
                                                                                                      caplog):  # fmt: skip
     from tasks.report import score_line
 
-    rows = list(csv.DictReader((digits / "split.csv").open()))
-    for row in rows:  # the 9s of val and test go to train, as a grouped or archive split may leave them
-        row["split"] = "train" if row["label"] == "9" else row["split"]
-    split_csv = tmp_path / "split.csv"
-    with split_csv.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    out = evaluate(digits / "models" / "model.keras", digits / "cache", split_csv, digits / "metrics" / "train.json",
-                   tmp_path, tmp_path / "plots", EvaluateParams(bootstrap=100))  # fmt: skip
-    report = json.loads(out.read_text())
+    # The 9s of val and test go to train, as a grouped or archive split may leave them.
+    report = evaluated_with_nines_moved_to_train(digits, tmp_path, ("val", "test"))
     assert report["calibration"]["fitted_on"] is None and report["calibration"]["val_lacks"] == ["9"]
     assert report["calibration"]["temperature"] == 1.0
     assert "the val split has no images of '9': the probabilities stay uncalibrated" in caplog.text
