@@ -142,17 +142,17 @@ def _clusters(near_duplicates_csv: Path, rows: list[dict]) -> list[str]:
     return [cluster_of[row["path"]] for row in rows]
 
 
-def _warn_of_absent_classes(rows: list[dict], assigned: list[str], kept: bool) -> None:
+def _warn_of_absent_classes(rows: list[dict], assigned: list[str], from_archive: set[str]) -> None:
+    """Warns of each class without val or test images; `from_archive`: the splits the archive gave as they came."""
     present = {(row["label"], name) for row, name in zip(rows, assigned)}
     for name in ("val", "test"):
         if name not in assigned:
             continue
         absent = sorted({row["label"] for row in rows} - {label for label, where in present if where == name})
         if absent:
-            # Kept, the archive says where its test images are; val is carved from its train images by block.
-            why = ("the archive's own split has none" if kept and name == "test" else
-                   "their images' blocks, each kept whole on one side, went elsewhere: a large near-duplicate cluster "
-                   "(data/near_duplicates.csv; validate.near_duplicate_distance) or group")  # fmt: skip
+            why = ("the archive's own split has none" if name in from_archive else
+                   "too few images, or their blocks, each kept whole on one side, went elsewhere: a large near-duplicate "
+                   "cluster (data/near_duplicates.csv; validate.near_duplicate_distance) or group")  # fmt: skip
             log.warning("split: class(es) %s have no %s images (%s): their %s scores are undefined",
                         ", ".join(absent), name, why, name)  # fmt: skip
 
@@ -259,7 +259,7 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplica
             group = [groups[index]] if groups else []
             writer.writerow([row["path"], row["label"], assigned[index], *group, blocks[index]])
     log.info("%s", summary(rows, assigned))
-    _warn_of_absent_classes(rows, assigned, kept)
+    _warn_of_absent_classes(rows, assigned, {row["archive_split"] for row in rows} if kept else set())
     _log_clusters(rows, clusters)
     _warn_of_leaks(blocks, assigned)
     return split_csv

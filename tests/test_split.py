@@ -83,8 +83,8 @@ def test_a_class_swallowed_by_one_near_duplicate_cluster_is_warned_of_naming_the
     with caplog.at_level("WARNING", logger="imgclf"):
         rows = read_split(split(SplitParams(val=0.15, test=0.15), manifest, tmp_path / "s.csv", clusters))
     assert len({row["split"] for row in rows if row["label"] == "flat"}) == 1  # the cluster whole on one side
-    assert re.search(r"class\(es\) flat have no (val|test) images \(their images' blocks, each kept whole on one side, "
-                     r"went elsewhere: a large near-duplicate cluster \(data/near_duplicates.csv", caplog.text)
+    assert re.search(r"class\(es\) flat have no (val|test) images \(too few images, or their blocks, each kept whole on "
+                     r"one side, went elsewhere: a large near-duplicate cluster \(data/near_duplicates.csv", caplog.text)
 
 
 def test_group_pattern_keeps_every_group_in_one_split(tmp_path):
@@ -181,6 +181,13 @@ def test_archive_without_val_gets_val_carved_from_its_train_images_stratified(tm
                      ("train", "val", "dog"): 8, ("train", "train", "cat"): 48,
                      ("train", "train", "dog"): 32}  # fmt: skip
     assert "val carved from its train images by split.val=0.2" in caplog.text
+
+
+def test_a_class_the_archive_s_own_val_lacks_is_said_to_be_the_archive_s_doing(tmp_path, caplog):
+    counts = {("train", "cat"): 20, ("train", "dog"): 20, ("val", "cat"): 5, ("test", "cat"): 5, ("test", "dog"): 5}
+    with caplog.at_level("WARNING", logger="imgclf"):
+        split(SplitParams(), write_archive_manifest(tmp_path / "m.csv", counts), tmp_path / "s.csv")
+    assert "class(es) dog have no val images (the archive's own split has none)" in caplog.text
 
 
 def test_archive_split_ignore_resplits(tmp_path, caplog):
