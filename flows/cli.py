@@ -145,7 +145,14 @@ def _command(args: argparse.Namespace) -> None:
         params, layout = load_params(args.params), Layout(Path("."))
         with one_run_at_a_time(layout.root, f"imgclf stage {args.name}", shared=True):  # not beside an `imgclf run`
             remove_stale_temporaries(layout.output_folders())
-            output = run_stage(args.name, params, layout)
+            try:
+                output = run_stage(args.name, params, layout)
+            except FileNotFoundError as missing:
+                if not missing.filename or Path(missing.filename).is_absolute():
+                    raise
+                # A project path: what a stage before this one writes.
+                raise StageError(f"{missing.filename}: missing: run the stages before {args.name} first "
+                                 f"(`imgclf run {args.name}` or `dvc repro {args.name}`)") from None
         print(output)
     elif args.command == "run":
         overrides = dict(parse_override(item) for item in args.overrides)

@@ -124,6 +124,17 @@ def test_demo_data_arguments_are_checked_as_arguments(tmp_path, cli_env, args, s
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stage_run_before_the_stages_it_reads_from_says_to_run_them(tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
+    assert main(["stage", "near_duplicates"]) == 1
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == ["imgclf: error: data/cache/index.csv: missing: run the stages before near_duplicates first "
+                    "(`imgclf run near_duplicates` or `dvc repro near_duplicates`)"]  # fmt: skip
+
+
 def test_predict_out_naming_a_folder_is_refused_as_an_argument_before_any_work(tmp_path, capsys):
     from flows.cli import main
 
