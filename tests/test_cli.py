@@ -258,13 +258,13 @@ def test_killed_run_leaves_no_process_and_the_next_run_cleans_up_and_succeeds(st
 
     project = dvc_project(tmp_path / "project", cli_env, {})
     # Enough images that validate (which decodes each image once and stages the cache's rows)
-    # takes a moment, on its process pool.
-    archive = make_demo_archive(tmp_path / "cells.zip", per_class=1200)
+    # takes a moment, on its process pool; training takes its moment with few.
+    archive = make_demo_archive(tmp_path / "cells.zip", per_class=1200 if stage == "validate" else 60)
     process = _run_in_background(project, cli_env, archive)
     moment = {"validate": lambda: any(project.glob("data/.cache-staging.tmp-*")), "train": lambda: (project / "models" / ".backup").exists()}
     family = _kill_when(process, moment[stage])
-    time.sleep(10)
-    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    _, alive = psutil.wait_procs(family, timeout=10)  # each gone, or 10 s
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not alive, [" ".join(p.cmdline()[:6]) for p in alive]
     leftovers = [f"data/{p.name}" for p in (project / "data").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers or stage == "train"

@@ -22,7 +22,7 @@ def ran(output: str) -> list[str]:
 @pytest.fixture
 def project(tmp_path, demo_zip, cli_env) -> Path:
     return dvc_project(tmp_path / "project", cli_env, {"data": {"url": str(demo_zip), "sha256": None},
-                                                       "prepare": {"image_size": 24}, "train": {"epochs": 2}})  # fmt: skip
+                                                       "prepare": {"image_size": 24}, "train": {"epochs": 1}})  # fmt: skip
 
 
 def test_repro_runs_all_then_nothing_then_only_what_a_change_touches(project, cli_env):
@@ -40,7 +40,7 @@ def test_repro_runs_all_then_nothing_then_only_what_a_change_touches(project, cl
     assert "up to date" in sh(["dvc", "status"], project, cli_env)
     # A dry run names the stages whose own params changed (those after them follow once train's
     # outputs change, as above): the stages that read train.*, and no earlier one.
-    set_params(project, train={"epochs": 1})
+    set_params(project, train={"epochs": 2})
     assert ran(sh(["dvc", "repro", "--dry"], project, cli_env)) == ["train", "audit", "report"]
 
     shown = sh(["dvc", "metrics", "show", "--json"], project, cli_env)
@@ -52,9 +52,9 @@ def test_experiments_and_plots_see_the_model_stages(project, cli_env):
     sh(["dvc", "repro", "evaluate"], project, cli_env)
     sh(["git", "add", "-A"], project, cli_env)
     sh(["git", "commit", "-qm", "baseline"], project, cli_env)
-    assert ran(sh(["dvc", "exp", "run", "-S", "train.epochs=1", "evaluate"], project, cli_env)) == ["train", "evaluate"]
+    assert ran(sh(["dvc", "exp", "run", "-S", "train.epochs=2", "evaluate"], project, cli_env)) == ["train", "evaluate"]
     experiments = sh(["dvc", "exp", "show", "--json"], project, cli_env)
-    assert '"epochs": 1' in experiments and '"val_accuracy"' in experiments
+    assert '"epochs": 2' in experiments and '"val_accuracy"' in experiments
     html = project / "plots-html"
     sh(["dvc", "plots", "show", "-o", str(html)], project, cli_env)
     page = (html / "index.html").read_text()
