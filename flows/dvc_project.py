@@ -60,6 +60,8 @@ def one_run_at_a_time(root: Path, what: str, shared: bool = False, for_the_flow:
         if shared:
             # Holding it shared, no run holds it: a name there is a killed run's (SIGKILL skips the truncate).
             handle.truncate(0)
+            # Nor beside a stage a `dvc repro` runs, unless that `dvc repro` runs this one.
+            _refuse_beside_a_dvc_stage(root, _ancestors())
             yield
             return
         _refuse_beside_a_dvc_stage(root)
@@ -76,7 +78,19 @@ def one_run_at_a_time(root: Path, what: str, shared: bool = False, for_the_flow:
             handle.truncate(0)  # a stage refusing a later run must not name this one
 
 
-def _refuse_beside_a_dvc_stage(root: Path) -> None:
+def _ancestors() -> set[int]:
+    """Returns the pids of this process's parent, its parent, and so on (Linux's /proc; else the parent alone)."""
+    found, pid = set(), os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:  # /proc/PID/stat: "PID (name) STATE PPID ...", the name may hold spaces and parentheses
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def _refuse_beside_a_dvc_stage(root: Path, running_me: set[int] = frozenset()) -> None:
     # `dvc repro` lets go of its project lock while a stage's command runs, after it removed the
     # stage's outputs; the command takes the run lock only once it has started. DVC's rwlock file
     # names that `dvc repro` throughout.
@@ -87,7 +101,7 @@ def _refuse_beside_a_dvc_stage(root: Path) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     for pid, cmd in sorted(holders):
-        if alive_elsewhere(pid):
+        if pid not in running_me and alive_elsewhere(pid):
             raise ProjectError(f"{root.resolve()}: {cmd} (pid {pid}) is running a stage in this project; "
                                "wait for it to end")  # fmt: skip
 

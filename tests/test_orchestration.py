@@ -364,7 +364,10 @@ def test_a_run_started_during_dvc_repro_is_refused_in_one_line(tmp_path, demo_zi
     assert not (root / "data").exists()
 
 
-def test_a_run_started_while_dvc_repro_runs_a_stage_command_is_refused_naming_it(tmp_path, demo_zip, env):
+def test_a_run_started_while_dvc_repro_runs_a_stage_command_is_refused_naming_it(tmp_path, demo_zip, env, monkeypatch,
+                                                                                   capsys):  # fmt: skip
+    from flows.cli import main
+
     # While a stage's command runs, `dvc repro` lets go of its project lock (the outputs removed already);
     # its rwlock file names it.
     root = project(tmp_path / "p", env, demo_zip)
@@ -375,6 +378,11 @@ def test_a_run_started_while_dvc_repro_runs_a_stage_command_is_refused_naming_it
     try:
         with pytest.raises(ProjectError, match=rf": dvc repro \(pid {repro.pid}\) is running a stage in this project"):
             flow(root)
+        # So is a stage typed by hand (a second trainer on the same models/), though the stage that
+        # `dvc repro` runs, its descendant, goes ahead: dvc repro in tests/test_dvc.py.
+        monkeypatch.chdir(root)
+        assert main(["stage", "train"]) == 1
+        assert f": dvc repro (pid {repro.pid}) is running a stage in this project" in capsys.readouterr().err
     finally:
         repro.kill()
         repro.wait()
