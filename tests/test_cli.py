@@ -307,7 +307,7 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     latest = sorted(backups.glob("[0-9]*"))[-1]
     stopped_at = json.loads((latest / "state.json").read_text())["epoch"]
     assert 2 <= stopped_at < 40 and not (project / "models" / "model.keras").exists()
-    result = imgclf(args, project, cli_env)
+    result = imgclf(["run", "train", *args[1:]], project, cli_env)  # up to train: what resumes
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
     assert f"train: head phase resumed after epoch {stopped_at}, from the backup" in result.stderr  # and says so
