@@ -7,6 +7,7 @@ any work starts.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from urllib.parse import urlparse
@@ -476,6 +477,8 @@ def _culprits(path: str | Path, overrides: Mapping[str, Any], error: ValidationE
             left: set = set()
         except ValidationError as without:
             left = {(item["loc"], item["type"]) for item in without.errors()}
+        except ParamsError:  # the others alone do not apply (one sets a key below a value this one made a section)
+            continue
         for index, item in enumerate(error.errors()):
             if (item["loc"], item["type"]) not in left:
                 found.setdefault(index, key)
@@ -529,7 +532,7 @@ def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None, te
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
-        _apply_override(tree, dotted, value)
+        _apply_override(tree, dotted, copy.deepcopy(value))  # a section given whole: keys set below it go in the tree
     return tree
 
 

@@ -142,6 +142,13 @@ def test_a_check_across_a_sections_keys_blames_the_set_of_a_key_it_names_else_th
         load_params(path, {"train.seed": 7, "prepare.image_size": 16})
 
 
+def test_a_key_set_below_a_section_given_whole_is_blamed_and_the_overrides_stay_as_given(tmp_path):
+    overrides = {"train.cnn": {"filters": [4]}, "train.cnn.dense_units": -1}
+    with pytest.raises(ParamsError, match=r"^--set train.cnn.dense_units: train.cnn.dense_units: Input should be greater"):
+        load_params(write(tmp_path, {"train": {"cnn": 5}}), overrides)
+    assert overrides == {"train.cnn": {"filters": [4]}, "train.cnn.dense_units": -1}  # not written into
+
+
 def test_a_section_given_whole_sets_the_keys_it_names_and_keeps_the_rest(tmp_path):
     path = write(tmp_path, {"split": {"test": 0.3, "seed": 1}})
     params = load_params(path, dict([parse_override("split={seed: 7}")]))
