@@ -223,7 +223,9 @@ def _is_junk(parts: tuple[str, ...]) -> bool:
 def _hidden_beside_others(files: list[tuple[str, ...]]) -> set[tuple[str, ...]]:
     """Returns the files inside a hidden folder (.git, .ipynb_checkpoints) that has other files beside it,
     where it would be a class of its own or a folder in one; not one that holds every file (.keras/datasets/)."""
-    shared = os.path.commonprefix([parts[:-1] for parts in files]) if files else ()
+    # Loose files at the root (a README beside .keras/) say nothing of where the classes are.
+    folders = [parts[:-1] for parts in files if len(parts) > 1]
+    shared = os.path.commonprefix(folders) if folders else ()
     return {parts for parts in files if any(part.startswith(".") for part in parts[len(shared) : -1])}
 
 

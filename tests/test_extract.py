@@ -335,8 +335,10 @@ def test_a_hidden_folder_that_holds_every_file_is_a_folder_like_any_other(tmp_pa
     # Keras' download cache, zipped as it is: the classes are below it, and a checkpoint folder among them is junk.
     top = ".keras/datasets/flower_photos"
     archive = make_zip(tmp_path / "in" / "a.zip", [(f"{top}/daisy/a.png", PNG), (f"{top}/roses/b.png", PNG),
-                                                    (f"{top}/roses/.ipynb_checkpoints/b.png", b"junk")])  # fmt: skip
-    assert run(archive, work) == [(f"{top}/roses/.ipynb_checkpoints/b.png", "os_junk")]
+                                                    (f"{top}/roses/.ipynb_checkpoints/b.png", b"junk"),
+                                                    ("README.txt", b"loose, at the root")])  # fmt: skip
+    assert sorted(run(archive, work)) == [(f"{top}/roses/.ipynb_checkpoints/b.png", "os_junk"),
+                                          ("README.txt", "outside_class_folders")]  # fmt: skip
     assert tree(work) == {"daisy/a.png": PNG, "roses/b.png": PNG}
 
 
