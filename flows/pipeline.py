@@ -46,7 +46,7 @@ from tasks.files import (  # noqa: E402
     thread_pool_map,
 )
 from tasks.params import (  # noqa: E402
-    OrchestrationParams, Params, ParamsError, load_params, params_tree, read_params_text)
+    OrchestrationParams, Params, ParamsError, apply_overrides, load_params, read_params_text)
 from tasks.redact import plain_secrets, redact, redact_texts, reveal  # noqa: E402
 from tasks.report import REPORT_HTML, gate_line  # noqa: E402
 from tasks.stages import Layout, run_stage  # noqa: E402
@@ -278,8 +278,13 @@ def params_for_dvc(layout: Layout, params_file: Path, text: str, overrides: dict
     # One name: one run at a time holds the project, and a killed run's copy is overwritten by the next.
     path = layout.root / ".imgclf" / "run-params.yaml"
     if overrides:
-        path.write_text(yaml.safe_dump(params_tree(params_file, redact_texts(overrides), text), sort_keys=False))
-    else:  # the very text: DVC reads YAML 1.2, where `yes` is a string, not PyYAML's True
+        from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+        # Read and written as DVC reads YAML (1.2, where `yes` is a string, not PyYAML's True): a key
+        # no override names reaches dvc.lock as it does from params.yaml itself.
+        tree = apply_overrides(parse_yaml_for_update(text, str(params_file)), redact_texts(overrides))
+        path.write_text(dumps_yaml(tree), encoding="utf-8")
+    else:  # the very text
         path.write_text(text, encoding="utf-8")
     try:
         yield path

@@ -470,17 +470,20 @@ def _one_line(source: str, error: ValidationError, culprits: Mapping[int, str], 
 def _culprits(path: str | Path, overrides: Mapping[str, Any], error: ValidationError, text: str | None) -> dict[int, str]:
     """Returns {index of a problem in `error`: the first override without which it goes away}. A check across
     keys (positive_class with target_recall, a model with an image size) is blamed on what broke it."""
+    def identity(item: dict) -> tuple:  # a check across sections (no location) is told apart by the key it names first
+        return item["loc"], item["type"], "" if item["loc"] else item["msg"].removeprefix("Value error, ").partition(":")[0]
+
     found: dict[int, str] = {}
     for key in overrides:
         try:
             Params.model_validate(params_tree(path, {k: v for k, v in overrides.items() if k != key}, text))
             left: set = set()
         except ValidationError as without:
-            left = {(item["loc"], item["type"]) for item in without.errors()}
+            left = {identity(item) for item in without.errors()}
         except ParamsError:  # the others alone do not apply (one sets a key below a value this one made a section)
             continue
         for index, item in enumerate(error.errors()):
-            if (item["loc"], item["type"]) not in left:
+            if identity(item) not in left:
                 found.setdefault(index, key)
     return found
 
@@ -531,7 +534,12 @@ def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None, te
         raise ParamsError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    for dotted, value in (overrides or {}).items():
+    return apply_overrides(tree, overrides or {})
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Returns `tree` with the dotted overrides set in it, in order (the overrides themselves stay as given)."""
+    for dotted, value in overrides.items():
         _apply_override(tree, dotted, copy.deepcopy(value))  # a section given whole: keys set below it go in the tree
     return tree
 

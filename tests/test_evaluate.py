@@ -182,7 +182,7 @@ def test_val_images_train_exclude_left_out_are_not_calibrated_on_either(cells, t
         scored(read_exclusion(str(listed)))
 
 
-def evaluated_with_nines_moved_to_train(digits: Path, tmp_path: Path, splits: tuple[str, ...]) -> dict:
+def evaluated_with_nines_moved_to_train(digits: Path, tmp_path: Path, splits: tuple[str, ...], **settings) -> dict:
     """Returns eval.json of the digits model on a split.csv whose 9s of `splits` went to train."""
     rows = list(csv.DictReader((digits / "split.csv").open()))
     for row in rows:
@@ -194,7 +194,7 @@ def evaluated_with_nines_moved_to_train(digits: Path, tmp_path: Path, splits: tu
         writer.writeheader()
         writer.writerows(rows)
     out = evaluate(digits / "models" / "model.keras", digits / "cache", split_csv, digits / "metrics" / "train.json",
-                   tmp_path, tmp_path / "plots", EvaluateParams(bootstrap=100))  # fmt: skip
+                   tmp_path, tmp_path / "plots", EvaluateParams(bootstrap=100, **settings))  # fmt: skip
     return json.loads(out.read_text())
 
 
@@ -222,6 +222,9 @@ def test_a_val_split_lacking_a_class_is_not_calibrated_on_and_an_untested_class_
     assert "the val split has no images of '9': the probabilities stay uncalibrated" in caplog.text
     assert report["untested_classes"] == ["9"]
     assert score_line(report).endswith("; no test image of '9': not tested on it")
+    caplog.clear()  # calibration not asked for: nothing to say of val
+    report = evaluated_with_nines_moved_to_train(digits, tmp_path, ("val", "test"), calibrate=False)
+    assert report["calibration"]["val_lacks"] == [] and "stay uncalibrated" not in caplog.text
 
 
 def test_temperature_fit_recovers_the_temperature_that_made_the_labels():

@@ -215,11 +215,16 @@ def test_params_yaml_edited_during_a_run_reaches_neither_its_stages_nor_dvc_lock
 def test_without_overrides_dvc_gets_the_very_text_the_run_read(tmp_path):
     # Not a PyYAML dump of it: DVC reads YAML 1.2, where `yes` is a string, so dvc.lock would disagree with
     # params.yaml and `dvc status` call the stage changed after every run.
+    from dvc.utils.serialize import parse_yaml
+
     text = "evaluate:\n  calibrate: yes\n"
     (tmp_path / ".imgclf").mkdir()
     with params_for_dvc(Layout(tmp_path), tmp_path / "params.yaml", text, {}) as path:
         assert path.read_text() == text
     assert not path.exists()
+    # With overrides too, a key none of them names reaches DVC as DVC reads params.yaml.
+    with params_for_dvc(Layout(tmp_path), tmp_path / "params.yaml", text, {"gate.force": True}) as path:
+        assert parse_yaml(path.read_text(), str(path)) == {"evaluate": {"calibrate": "yes"}, "gate": {"force": True}}
 
 
 def test_a_key_a_stage_reads_that_params_yaml_lacks_stops_the_run_before_any_stage(tmp_path, env):

@@ -136,6 +136,10 @@ def test_a_check_across_a_sections_keys_blames_the_set_of_a_key_it_names_else_th
     path = write(tmp_path, {"train": {"recipe": "seed", "model": "vgg16"}})
     with pytest.raises(ParamsError, match=f"^{path}: train: recipe: seed is the seed notebook's CNN"):
         load_params(path, {"train.seed": 7})
+    # Two checks across sections, both the overrides' doing: the one reported is blamed on its own.
+    path = write(tmp_path, {"prepare": {"image_size": [24, 24]}})
+    with pytest.raises(ParamsError, match="^--set gate.metric: gate.metric: sensitivity needs"):
+        load_params(path, {"gate.metric": "sensitivity", "train.model": "vgg16"})
     # A check across sections, broken by an override of the section it does not name first.
     path = write(tmp_path, {"train": {"model": "vgg16"}})
     with pytest.raises(ParamsError, match="^--set prepare.image_size: train.model: vgg16 needs prepare.image_size of"):
