@@ -465,10 +465,9 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
             sent = ", ".join(f"{name} {response.headers[name]}" for name in ("Content-Type", "Content-Encoding")
                              if response.headers.get(name))  # fmt: skip
             problem = f"{problem}: {got} bytes{', ' if sent else ''}{sent}, starting {head!r}"
-        if total is not None and problem.startswith(NOT_AN_ARCHIVE):  # all the bytes announced, and no archive
-            raise DownloadError(f"{shown}: the server's reply is {problem}; it was discarded")
-        said = f"of the {total} bytes announced" if total is not None else "(no Content-Length)"
-        raise _Transient(f"the body {said} ended after {got} bytes: {problem}")
+        if total is not None:  # every byte announced came: the file at the source is so, and another try fetches it again
+            raise DownloadError(f"{shown}: the server's whole reply is {problem}; it was discarded")
+        raise _Transient(f"the body (no Content-Length) ended after {got} bytes: {problem}")
     return source
 
 
