@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 
 from tasks.errors import StageError
@@ -202,19 +202,20 @@ class DvcProject:
             order = nx.lexicographical_topological_sort(graph.reverse(), key=written.get)
             return {stage.name: sorted(up.name for up in graph.successors(stage)) for stage in order}
 
-    def missing_params(self, tree: dict, targets: Sequence[str] = ()) -> list[str]:
-        """Returns each params key that the stages (or the targets and those they depend on) read from
-        params.yaml and `tree` lacks, with the first stage that reads it."""
+    def missing_params(self, stages: Collection[str]) -> list[str]:
+        """Returns each params key that these stages read from params.yaml and this run's params lack
+        (read as DVC reads them), with the first stage that reads it."""
         from dvc.dependency.param import ParamsDependency
 
-        stages = self.pipeline(targets)
+        path = str((self.params_file or self.root / "params.yaml").resolve())
         missing: dict[str, str] = {}
         with self._repo() as repo:
             for stage in repo.index.stages:
                 for dep in stage.deps if stage.name in stages else ():
-                    if isinstance(dep, ParamsDependency) and dep.def_path == "params.yaml":
-                        for key in dep.params or ():
-                            if not _has_key(tree, key):
+                    if isinstance(dep, ParamsDependency) and dep.def_path == "params.yaml" and dep.params:
+                        found = _read_params(dep, path)
+                        for key in dep.params:
+                            if key not in found:
                                 missing.setdefault(key, stage.name)
         return [f"{key} ({stage})" for key, stage in missing.items()]
 
@@ -252,15 +253,6 @@ def _read_params(dep, path: str, flatten: bool = True, **kwargs) -> dict:
     from dvc.dependency.param import read_param_file
 
     return read_param_file(dep.repo.fs, path, list(dep.params) if dep.params else None, flatten=flatten)
-
-
-def _has_key(tree: dict, dotted: str) -> bool:
-    node: object = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def _reasons(status: list) -> Iterator[str]:

@@ -22,8 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # Our stages log to "imgclf"; this makes those lines part of the Prefect run logs.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "imgclf")
 
@@ -228,11 +226,12 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
         remove_stale_temporaries(layout.output_folders())
         project = DvcProject(layout.root, run_params)
         with project.held(), shard_map(params.orchestration) as map_shards:
-            if missing := project.missing_params(yaml.safe_load(run_params.read_text()), stages or []):
+            plan = project.pipeline(stages or [])
+            if missing := project.missing_params(plan):
                 # DVC would stop on them only when it records a stage: after that stage's work (a publish, say).
                 raise ParamsError(f"{params_file}: missing {', '.join(missing)}: dvc.yaml's stages read them "
                                   "(imgclf's own params.yaml has every key)")  # fmt: skip
-            outcome = _run_dag(project, params, layout, map_shards, stages or [])
+            outcome = _run_dag(project, plan, params, layout, map_shards)
         get_run_logger().info("stages: %s", ", ".join(f"{name} {what}" for name, what in outcome.items()))
         if outcome.get("publish") == "ran":
             get_run_logger().info("%s", gate_line(layout))
@@ -243,13 +242,13 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
     return outcome
 
 
-def _run_dag(project: DvcProject, params: Params, layout: Layout, map_shards: ShardMap,
-             targets: list[str]) -> dict[str, str]:  # fmt: skip
-    """Submits every stage (or the targets and what they depend on), each waiting for the stages it
-    depends on; returns {stage: ran | skipped}."""
+def _run_dag(project: DvcProject, plan: dict[str, list[str]], params: Params, layout: Layout,
+             map_shards: ShardMap) -> dict[str, str]:  # fmt: skip
+    """Submits every stage of the plan ({stage: the stages it depends on}, as DvcProject.pipeline
+    returns it), each waiting for the stages it depends on; returns {stage: ran | skipped}."""
     futures = {}
     stop_requested.clear()  # a second Ctrl-C during the wait below leaves it set, and the process may go on
-    for name, upstream in project.pipeline(targets).items():
+    for name, upstream in plan.items():
         stage = stage_task.with_options(name=name, task_run_name=task_run_name(name, params))
         futures[name] = stage.submit(name, params, layout, project, map_shards, wait_for=[futures[up] for up in upstream])
     try:

@@ -116,10 +116,12 @@ def test_unchanged_run_skips_every_stage_and_changes_rerun_only_their_dependents
     shown = {artifact.key: artifact for artifact in artifacts_of(state.state_details.flow_run_id)}
     assert "imgclf-gate" not in shown and "imgclf-html-report" not in shown and "## Gate" not in shown["imgclf-report"].data
     assert ran(flow(root, **{"train.epochs": 2})) == [name for name in FROM_TRAIN if name not in ("train", "evaluate")]
-    assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["cache", "near_duplicates", *FROM_TRAIN]
+    # A change runs its stage, then only the stages whose inputs came out different: at distance 3
+    # near_duplicates finds the same clusters, so split and all after it stay; the report shows its metrics.
+    assert ran(flow(root, **{"train.epochs": 2, "validate.near_duplicate_distance": 3})) == ["near_duplicates", "report"]
     # A deleted output re-runs its stage; the same bytes come back, so nothing after it re-runs.
     (root / "data" / "split.csv").unlink()
-    assert ran(flow(root, **{"train.epochs": 2, "prepare.image_size": 32})) == ["split"]
+    assert ran(flow(root, **{"train.epochs": 2, "validate.near_duplicate_distance": 3})) == ["split"]
 
 
 def test_a_run_of_target_stages_runs_them_and_what_they_depend_on_only(tmp_path, demo_zip, env):
@@ -144,24 +146,20 @@ def test_the_pipeline_of_targets_keeps_them_and_the_stages_they_depend_on_in_ord
     assert project_dvc.pipeline(["evaluate"])["evaluate"] == project_dvc.pipeline()["evaluate"]
 
 
-def test_dvc_repro_then_the_flow_skips_every_stage_and_the_flow_then_dvc_repro_runs_nothing(tmp_path, demo_zip, env):
-    first = project(tmp_path / "repro-first", env, demo_zip)
-    assert repro_ran(dvc(first, env, "repro")) == ALL
-    assert ran(flow(first)) == []
-    second = project(tmp_path / "flow-first", env, demo_zip)
-    assert ran(flow(second)) == ALL
-    assert repro_ran(dvc(second, env, "repro")) == []
-    assert "up to date" in dvc(second, env, "status")
-
-
-def test_the_flow_and_dvc_repro_give_the_same_bytes_metrics_and_weights(tmp_path, demo_zip, env):
+def test_dvc_repro_then_the_flow_skips_every_stage_the_reverse_runs_nothing_and_both_give_the_same_bytes(
+    tmp_path, demo_zip, env
+):
     import keras
     import numpy as np
 
-    by_flow = project(tmp_path / "flow", env, demo_zip)
-    by_repro = project(tmp_path / "repro", env, demo_zip)
-    flow(by_flow)
-    dvc(by_repro, env, "repro")
+    by_repro = project(tmp_path / "repro-first", env, demo_zip)
+    assert repro_ran(dvc(by_repro, env, "repro")) == ALL
+    assert ran(flow(by_repro)) == []
+    by_flow = project(tmp_path / "flow-first", env, demo_zip)
+    assert ran(flow(by_flow)) == ALL
+    assert repro_ran(dvc(by_flow, env, "repro")) == []
+    assert "up to date" in dvc(by_flow, env, "status")
+    # The same data, metrics and weights from either entry point.
     for output in ("data/manifest.csv", "data/split.csv", "data/cache/images.npy", "data/cache/index.csv",
                    "metrics/eval.json", "models/model.json"):
         assert (by_flow / output).read_bytes() == (by_repro / output).read_bytes(), output
@@ -235,7 +233,8 @@ def test_a_key_a_stage_reads_that_params_yaml_lacks_stops_the_run_before_any_sta
     with pytest.raises(ParamsError, match=r"params.yaml: missing data.max_extract_bytes \(extract\), gate \(publish\): "):
         flow(root)  # DVC would have stopped only on recording publish, after its upload
     assert not (root / "data").exists()
-    assert DvcProject(root).missing_params(tree, ["split"]) == ["data.max_extract_bytes (extract)"]
+    split_and_before = DvcProject(root).pipeline(["split"])
+    assert DvcProject(root).missing_params(split_and_before) == ["data.max_extract_bytes (extract)"]
 
 
 def test_a_bad_flow_parameter_is_named_as_the_overrides_it_came_in(tmp_path, env):
