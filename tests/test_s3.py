@@ -314,7 +314,7 @@ def test_dvc_push_then_pull_into_a_fresh_clone_gives_identical_data_and_model(mo
     sh(["dvc", "push"], project, env)
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(project), str(clone)], tmp_path, env)
-    sh(["dvc", "pull"], clone, env)
+    sh(["dvc", "pull", "--with-deps", "evaluate"], clone, env)
     for folder in ("data", "models"):
         # models/champion/ is the local champion store publish keeps across runs: state, not a DVC output.
         kept = {k: v for k, v in tree_bytes(project / folder).items() if not k.endswith(".part") and not k.startswith("champion/")}
