@@ -274,8 +274,9 @@ def test_killed_run_leaves_no_process_and_the_next_run_cleans_up_and_succeeds(st
     (project / "reports").mkdir(exist_ok=True)
     (project / "reports" / f".index.html.tmp-{gone.pid}.html").write_text("<html>half")
     leftovers.append(f"reports/.index.html.tmp-{gone.pid}.html")
-    # Up to train, past the stage killed: every leftover is cleaned at the run's start, whatever it runs.
-    result = imgclf(["run", "train", "--set", f"data.url={archive}", "--set", "data.sha256=", *QUICK], project, cli_env)
+    # Up to the stage killed (and the cache, which takes the rows validate stages): every leftover is
+    # cleaned at the run's start, whatever it runs.
+    result = imgclf(["run", "cache" if stage == "validate" else stage, "--set", f"data.url={archive}", "--set", "data.sha256=", *QUICK], project, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in leftovers:
         assert not (project / name).exists()
@@ -288,7 +289,7 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     project = dvc_project(tmp_path / "project", cli_env, {})
     archive = make_demo_archive(tmp_path / "cells.zip", per_class=60)
     args = ["run", "--set", f"data.url={archive}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
-            "--set", "train.epochs=40", "--set", "train.patience=0"]  # fmt: skip
+            "--set", "train.epochs=20", "--set", "train.patience=0"]  # fmt: skip
     # As from a terminal: SIGINT at its default, though a suite started in the background inherits it ignored
     # (and Python then never turns it into KeyboardInterrupt).
     # In a process group of its own, as a terminal's foreground job.
@@ -304,10 +305,10 @@ def test_ctrl_c_stops_training_at_once_and_the_next_run_resumes_from_its_last_ep
     os.killpg(process.pid, signal.SIGINT)
     stderr = process.communicate(timeout=240)[1]
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "imgclf: error: interrupted"
-    # Stopped at once: the training did not run on to its 40th epoch, and its backup stayed.
+    # Stopped at once: the training did not run on to its 20th epoch (3 batches each), and its backup stayed.
     latest = sorted(backups.glob("[0-9]*"))[-1]
     stopped_at = json.loads((latest / "state.json").read_text())["epoch"]
-    assert 2 <= stopped_at < 40 and not (project / "models" / "model.keras").exists()
+    assert 2 <= stopped_at < 20 and not (project / "models" / "model.keras").exists()
     result = imgclf(["run", "train", *args[1:]], project, cli_env)  # up to train: what resumes
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((project / "metrics" / "train.json").read_text())["resumed_from_epoch"] == stopped_at
