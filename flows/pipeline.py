@@ -95,6 +95,7 @@ class DaskShards:
                     self._client = self._stack.enter_context(Client(cluster, set_as_default=False))
                 else:
                     try:
+                        _handshake(self.address)
                         self._client = self._stack.enter_context(Client(self.address, set_as_default=False))
                     except OSError as error:
                         raise DaskError(f"orchestration.dask_address: {redact(str(error))}") from None
@@ -104,6 +105,30 @@ class DaskShards:
 
     def close(self) -> None:
         self._stack.close()
+
+
+def _handshake(address: str) -> None:
+    """Raises OSError unless a Dask scheduler answers at `address` within Dask's connect timeout.
+
+    Dask's connect waits for the other end's handshake without a deadline: at the port of some
+    other server (a web server that waits for a request line) the run waited forever, deaf to Ctrl-C.
+    """
+    import asyncio
+
+    import dask
+    from distributed.comm import connect
+
+    seconds = dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
+
+    async def shake() -> None:
+        comm = await connect(address, timeout=seconds)
+        await comm.close()
+
+    try:  # a scheduler answers at once once connected; connect's own timeout covers a refused or silent host
+        asyncio.run(asyncio.wait_for(shake(), seconds + 5))
+    except TimeoutError:
+        raise OSError(f"{address}: connected, but no Dask scheduler answered within {seconds + 5:g} s "
+                      "(the port of some other server?)") from None  # fmt: skip
 
 
 # Dask's housekeeping, as the flow's own cluster runs it: the defaults (a stack sample every

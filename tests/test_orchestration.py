@@ -612,18 +612,25 @@ def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, 
         assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output
 
 
-def test_an_unreachable_dask_scheduler_fails_the_stage_in_one_line_naming_the_key(tmp_path, env):
+@pytest.mark.parametrize("scheduler", ["refused", "silent"])
+def test_an_unreachable_dask_scheduler_fails_the_stage_in_one_line_naming_the_key(tmp_path, env, scheduler):
+    import socket
+
     import dask
+    import distributed  # noqa: F401  its config defaults, loaded before dask.config.set below: its exit keeps them
 
     from flows.pipeline import DaskError
     from tasks.demo_data import make_demo_archive
 
     archive = make_demo_archive(tmp_path / "big.zip", per_class=260)  # more than one shard: Dask is asked
-    on_dask = {"task_runner": "dask", "dask_address": "tcp://127.0.0.1:9"}  # the discard port: refused
-    root = project(tmp_path / "dask", env, archive, orchestration=on_dask)
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(DaskError) as failed:
-        flow(root)
-    assert re.fullmatch(r"orchestration\.dask_address: .*tcp://127\.0\.0\.1:9.*", str(failed.value))
+    # The discard port refuses; a listener that never answers is the port of some other server (Dask waited forever).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1] if scheduler == "silent" else 9
+        on_dask = {"task_runner": "dask", "dask_address": f"tcp://127.0.0.1:{port}"}
+        root = project(tmp_path / "dask", env, archive, orchestration=on_dask)
+        with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(DaskError) as failed:
+            flow(root)
+    assert re.fullmatch(rf"orchestration\.dask_address: .*tcp://127\.0\.0\.1:{port}\b.*", str(failed.value))
 
 
 def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_cluster, env):
