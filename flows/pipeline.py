@@ -111,17 +111,19 @@ def _handshake(address: str) -> None:
     """Raises OSError unless a Dask scheduler answers at `address` within Dask's connect timeout.
 
     Dask's connect waits for the other end's handshake without a deadline: at the port of some
-    other server (a web server that waits for a request line) the run waited forever, deaf to Ctrl-C.
+    other server (a web server that waits for a request line) the run waited forever, deaf to Ctrl-C;
+    one that speaks first (SSH) sent it allocating exabytes for the frame its greeting seemed to announce.
     """
     import asyncio
 
     import dask
     from distributed.comm import connect
+    from distributed.security import Security
 
     seconds = dask.utils.parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"))
 
-    async def shake() -> None:
-        comm = await connect(address, timeout=seconds)
+    async def shake() -> None:  # with the TLS settings Client takes from Dask's config
+        comm = await connect(address, timeout=seconds, **Security().get_connection_args("client"))
         await comm.close()
 
     try:  # a scheduler answers at once once connected; connect's own timeout covers a refused or silent host
@@ -129,6 +131,11 @@ def _handshake(address: str) -> None:
     except TimeoutError:
         raise OSError(f"{address}: connected, but no Dask scheduler answered within {seconds + 5:g} s "
                       "(the port of some other server?)") from None  # fmt: skip
+    except OSError:
+        raise
+    except Exception as error:  # what the other end sent is no Dask handshake
+        raise OSError(f"{address}: no Dask scheduler there: its reply is no Dask handshake "
+                      f"({type(error).__name__})") from None  # fmt: skip
 
 
 # Dask's housekeeping, as the flow's own cluster runs it: the defaults (a stack sample every

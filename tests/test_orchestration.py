@@ -612,9 +612,10 @@ def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, 
         assert (tmp_path / "dask" / output).read_bytes() == (tmp_path / "local" / output).read_bytes(), output
 
 
-@pytest.mark.parametrize("scheduler", ["refused", "silent"])
+@pytest.mark.parametrize("scheduler", ["refused", "silent", "greeting"])
 def test_an_unreachable_dask_scheduler_fails_the_stage_in_one_line_naming_the_key(tmp_path, env, scheduler):
     import socket
+    import threading
 
     import dask
     import distributed  # noqa: F401  its config defaults, loaded before dask.config.set below: its exit keeps them
@@ -623,14 +624,75 @@ def test_an_unreachable_dask_scheduler_fails_the_stage_in_one_line_naming_the_ke
     from tasks.demo_data import make_demo_archive
 
     archive = make_demo_archive(tmp_path / "big.zip", per_class=260)  # more than one shard: Dask is asked
-    # The discard port refuses; a listener that never answers is the port of some other server (Dask waited forever).
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        port = silent.getsockname()[1] if scheduler == "silent" else 9
+    # The discard port refuses. The ports of other servers: one that never answers (Dask waited forever),
+    # one that greets first as SSH does (Dask read its first bytes as a frame length of exabytes).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = 9 if scheduler == "refused" else listener.getsockname()[1]
+        if scheduler == "greeting":
+            threading.Thread(target=_greet_each_caller, args=(listener, b"SSH-2.0-OpenSSH_9.6\r\n"), daemon=True).start()
         on_dask = {"task_runner": "dask", "dask_address": f"tcp://127.0.0.1:{port}"}
         root = project(tmp_path / "dask", env, archive, orchestration=on_dask)
         with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(DaskError) as failed:
             flow(root)
     assert re.fullmatch(rf"orchestration\.dask_address: .*tcp://127\.0\.0\.1:{port}\b.*", str(failed.value))
+
+
+def test_a_tls_scheduler_is_asked_with_the_tls_settings_in_dask_s_config(tmp_path):
+    # As Client connects; the probe before it once went without them, and failed with a TypeError.
+    import asyncio
+
+    import dask
+    from distributed import Scheduler
+    from distributed.security import Security
+
+    from flows.pipeline import _handshake
+
+    cert, key = _self_signed_certificate(tmp_path)
+    tls = {f"distributed.comm.tls.{name}": str(path) for name, path in [
+        ("ca-file", cert), ("client.cert", cert), ("client.key", key), ("scheduler.cert", cert), ("scheduler.key", key)]}  # fmt: skip
+
+    async def ask() -> None:
+        async with Scheduler(host="tls://127.0.0.1", port=0, dashboard_address=None, security=Security()) as scheduler:
+            await asyncio.get_running_loop().run_in_executor(None, _handshake, scheduler.address)
+
+    with dask.config.set(tls):
+        asyncio.run(ask())
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """Returns (certificate, key) PEM files for 127.0.0.1, its own CA."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (cert_path := folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (key_path := folder / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
+    return cert_path, key_path
+
+
+def _greet_each_caller(listener, greeting: bytes) -> None:
+    callers = []  # held open, as a server keeps its connections
+    while True:
+        try:
+            caller, _ = listener.accept()
+        except OSError:  # the listener closed: the test is over
+            return
+        caller.sendall(greeting)
+        callers.append(caller)
 
 
 def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_cluster, env):
