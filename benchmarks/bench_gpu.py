@@ -1,11 +1,12 @@
 """Our models on a GPU: mixed float16 (what `train.precision: auto` picks there) against float32.
 
 Builds the models with the pipeline's own `build_model` (the seed-style CNN with the default
-augmentation, and VGG16 with no pretrained weights) and trains each on a synthetic, learnable
-64x64 two-class set held in memory (class 1 carries a few dark dots, as parasitized cells carry
-stained ones), in float32 and then in mixed_float16, each from the same seed. Prints images/s,
-the speed-up over float32 in the same run, the loss of the last epoch (it must be finite: float16
-overflow shows here first) and accuracy on a held-out part. Runs under any Keras 3 backend
+augmentation, and VGG16 with no pretrained weights, its base frozen as in train's head phase)
+and trains each on a synthetic, learnable 64x64 two-class set held in memory (class 1 carries
+a few dark dots, as parasitized cells carry stained ones), in float32 and then in
+mixed_float16, each from the same seed. Prints images/s, the speed-up over float32 in the same
+run, the loss of the last epoch (it must be finite: float16 overflow shows here first) and
+accuracy on a held-out part. Runs under any Keras 3 backend
 (KERAS_BACKEND): the pipeline trains through TensorFlow, but a GPU machine without TensorFlow can
 still check that the models, their custom layers and the loss scaling work in float16 there.
 

@@ -306,7 +306,9 @@ def test_dvc_push_then_pull_into_a_fresh_clone_gives_identical_data_and_model(mo
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"]):
         sh(command, project, env)
-    sh(["dvc", "repro", "evaluate"], project, env)  # data, model and metrics: what the remote carries
+    # Up to evaluate (data, model, metrics): export's outputs, and a plain `dvc pull` of a whole pipeline,
+    # travel through a local remote in test_orchestration's cloud-deployment test.
+    sh(["dvc", "repro", "evaluate"], project, env)
     said = sh(["imgclf", "remote", f"s3://{bucket}/dvcstore"], project, env)
     assert said.count(f"endpointurl {moto}") == 1  # printed, not also logged
     sh(["git", "add", "-A"], project, env)
