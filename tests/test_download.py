@@ -20,7 +20,7 @@ import tasks.download
 from tasks.errors import Interrupted, stop_requested
 from tasks.download import DownloadError, SourceGone, archive_path, download, source_change
 from tasks.params import DataParams
-from tests.conftest import free_port
+from tests.conftest import free_port, tcp_server
 
 
 def zip_bytes(seed: int = 0, size: int = 200_000) -> bytes:
@@ -396,29 +396,16 @@ def test_a_tls_failure_fails_at_once_and_is_not_a_source_gone(server, tmp_path):
 
 
 def test_a_tls_handshake_cut_short_is_retried_as_passing_trouble(tmp_path):
-    import socket
-    import threading
-
-    listener = socket.create_server(("127.0.0.1", 0))
     accepted = []
 
-    def hang_up() -> None:  # as an overloaded balancer: the connection closes before the handshake ends
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            accepted.append(1)
-            connection.close()
+    def hang_up(connection) -> None:  # as an overloaded balancer: the connection closes before the handshake ends
+        accepted.append(1)
+        connection.close()
 
-    threading.Thread(target=hang_up, daemon=True).start()
-    try:
+    with tcp_server(hang_up) as port:
         # EOF, or a reset when the ClientHello arrived before the close (unread data: the kernel sends RST).
         with pytest.raises(SourceGone, match=r"gave up after 2 attempts: .*(EOF|Connection reset)"):
-            download(params(f"https://127.0.0.1:{listener.getsockname()[1]}/cells.zip", retries=1), tmp_path / "raw",
-                     tmp_path / "source.json")  # fmt: skip
-    finally:
-        listener.close()
+            download(params(f"https://127.0.0.1:{port}/cells.zip", retries=1), tmp_path / "raw", tmp_path / "source.json")
     assert len(accepted) == 2
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from tasks.download import DownloadError
 from tasks.model import ModelError
-from tests.conftest import REPO, VENV_BIN, dvc_project, in_venv, sh
+from tests.conftest import REPO, VENV_BIN, dvc_project, in_venv, sh, tcp_server
 
 prefect_testing = pytest.importorskip("prefect.testing.utilities")
 
@@ -614,9 +614,6 @@ def test_dask_cluster_gives_the_same_cache_and_split_as_the_local_run(tmp_path, 
 
 @pytest.mark.parametrize("scheduler", ["refused", "silent", "greeting"])
 def test_an_unreachable_dask_scheduler_fails_the_stage_in_one_line_naming_the_key(tmp_path, env, scheduler):
-    import socket
-    import threading
-
     import dask
     import distributed  # noqa: F401  its config defaults, loaded before dask.config.set below: its exit keeps them
 
@@ -626,10 +623,14 @@ def test_an_unreachable_dask_scheduler_fails_the_stage_in_one_line_naming_the_ke
     archive = make_demo_archive(tmp_path / "big.zip", per_class=260)  # more than one shard: Dask is asked
     # The discard port refuses. The ports of other servers: one that never answers (Dask waited forever),
     # one that greets first as SSH does (Dask read its first bytes as a frame length of exabytes).
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        port = 9 if scheduler == "refused" else listener.getsockname()[1]
-        if scheduler == "greeting":
-            threading.Thread(target=_greet_each_caller, args=(listener, b"SSH-2.0-OpenSSH_9.6\r\n"), daemon=True).start()
+    held = []  # the greeted connections stay open, as a server keeps them
+
+    def greet(connection) -> None:
+        connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+        held.append(connection)
+
+    with tcp_server(greet if scheduler == "greeting" else None) as listening:
+        port = 9 if scheduler == "refused" else listening
         on_dask = {"task_runner": "dask", "dask_address": f"tcp://127.0.0.1:{port}"}
         root = project(tmp_path / "dask", env, archive, orchestration=on_dask)
         with dask.config.set({"distributed.comm.timeouts.connect": "1s"}), pytest.raises(DaskError) as failed:
@@ -682,17 +683,6 @@ def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     (key_path := folder / "key.pem").write_bytes(key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))  # fmt: skip
     return cert_path, key_path
-
-
-def _greet_each_caller(listener, greeting: bytes) -> None:
-    callers = []  # held open, as a server keeps its connections
-    while True:
-        try:
-            caller, _ = listener.accept()
-        except OSError:  # the listener closed: the test is over
-            return
-        caller.sendall(greeting)
-        callers.append(caller)
 
 
 def test_a_dask_worker_killed_mid_stage_costs_only_its_shard(tmp_path, dask_cluster, env):
