@@ -178,13 +178,13 @@ def _calibrate(params: EvaluateParams, model: keras.Model, data: CachedSet,
         return uncalibrated(data.classes), {"fitted_on": None, "n_val": 0}, None
     raw = class_probabilities(model, make_dataset(data, "val", EVAL_BATCH).map(lambda x, y: x))
     truth = data.labels[rows]
-    lacking = [name for index, name in enumerate(data.classes) if params.calibrate and not (truth == index).any()]
+    lacking = [name for index, name in enumerate(data.classes) if not (truth == index).any()] if params.calibrate else []
     if lacking:
         # Fitted to the classes val has, a temperature sharpens the model's doubts away: a 4-class model whose
         # val held one class answered everything, wrong answers too, with probability 1.0.
         log.warning("evaluate: the val split has no images of %s: the probabilities stay uncalibrated",
                     ", ".join(map(repr, lacking)))  # fmt: skip
-    calibrate = params.calibrate and not lacking  # `lacking`: only where calibration was asked for
+    calibrate = params.calibrate and not lacking
     temperature = fit_temperature(raw, truth, data.classes) if calibrate else 1.0
     calibration = Calibration(temperature, data.classes)
     fitted = {"fitted_on": "val" if calibrate else None, "n_val": int(len(rows)), "val_lacks": lacking}
