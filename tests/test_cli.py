@@ -276,7 +276,8 @@ def test_killed_run_leaves_no_process_and_the_next_run_cleans_up_and_succeeds(st
     leftovers.append(f"reports/.index.html.tmp-{gone.pid}.html")
     # Up to the stage killed (and the cache, which takes the rows validate stages): every leftover is
     # cleaned at the run's start, whatever it runs.
-    result = imgclf(["run", "cache" if stage == "validate" else stage, "--set", f"data.url={archive}", "--set", "data.sha256=", *QUICK], project, cli_env)
+    up_to = "cache" if stage == "validate" else stage
+    result = imgclf(["run", up_to, "--set", f"data.url={archive}", "--set", "data.sha256=", *QUICK], project, cli_env)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in leftovers:
         assert not (project / name).exists()
