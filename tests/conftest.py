@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import os
+import random
 import shutil
 import socket
 import struct
@@ -13,6 +15,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +64,19 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def zip_bytes(seed: int = 0, size: int = 200_000) -> bytes:
+    """Returns a zip of `size` bytes in all: one stored member of random bytes, the same for a seed."""
+
+    def holding(content: bytes) -> bytes:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            # A fixed date: two calls give the same bytes whatever the clock says.
+            archive.writestr(zipfile.ZipInfo("cells/a.png", date_time=(2020, 1, 1, 0, 0, 0)), content)
+        return buffer.getvalue()
+
+    return holding(random.Random(seed).randbytes(size - len(holding(b""))))
 
 
 @contextlib.contextmanager

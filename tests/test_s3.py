@@ -19,7 +19,7 @@ from tasks.download import DownloadError, download, source_change
 from tasks.layout import Layout
 from tasks.params import DataParams, GateParams, PublishParams, S3Params
 from tasks.publish import PublishError, publish, run_files
-from tests.conftest import ACCESS_KEY, REGION, REPO, SECRET, dvc_project, free_port, in_venv, s3c, scratch_dir, sh, start_moto
+from tests.conftest import ACCESS_KEY, REGION, REPO, SECRET, dvc_project, free_port, in_venv, s3c, scratch_dir, sh, start_moto, zip_bytes
 from tests.gate_runs import make_run
 
 def quick(url: str, **more) -> DataParams:
@@ -44,7 +44,7 @@ def leave_part(raw: Path, url: str, etag: str, size: int, kept: bytes) -> None:
 
 
 def test_s3_download_resumes_from_the_part_file(moto, bucket, tmp_path):
-    payload = os.urandom(300_000)
+    payload = zip_bytes(0, 300_000)
     etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=payload)["ETag"]
     raw = tmp_path / "raw"
     url = f"s3://{bucket}/a.zip"
@@ -60,7 +60,7 @@ def test_s3_download_resumes_from_the_part_file(moto, bucket, tmp_path):
 
 
 def test_s3_part_of_an_overwritten_object_is_started_over_not_spliced(moto, bucket, tmp_path):
-    old, new = os.urandom(300_000), os.urandom(300_000)
+    old, new = zip_bytes(0, 300_000), zip_bytes(1, 300_000)
     url = f"s3://{bucket}/a.zip"
     old_etag = s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=old)["ETag"]
     leave_part(tmp_path, url, old_etag, len(old), old[:123_457])
@@ -71,7 +71,7 @@ def test_s3_part_of_an_overwritten_object_is_started_over_not_spliced(moto, buck
 
 
 def test_s3_object_overwritten_at_the_same_key_is_fetched_again(moto, bucket, tmp_path, caplog):
-    old, new = os.urandom(300_000), os.urandom(300_000)
+    old, new = zip_bytes(0, 300_000), zip_bytes(1, 300_000)
     url = f"s3://{bucket}/a.zip"
     s3c(moto).put_object(Bucket=bucket, Key="a.zip", Body=old)
     assert download(quick(url), tmp_path, tmp_path / "source.json").read_bytes() == old
