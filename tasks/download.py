@@ -84,6 +84,11 @@ def download(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Par
     part = target.with_name(target.name + ".part")
     raw_dir.mkdir(parents=True, exist_ok=True)
     source = fetch(data, part, s3)
+    # An HTTP body is checked as it arrives (whether to try again hangs on it); a copied file or object is
+    # checked here: one cut at its source is refused now, not recorded as this stage's output.
+    if fetch is not _fetch_http and (problem := completeness_problem(part)):
+        _discard(part)
+        raise DownloadError(f"{redact(data.url)}: {problem}; nothing was kept")
     digest = sha256_file(part)
     if data.sha256 and digest != data.sha256:
         _discard(part)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import os
-import random
 import re
 import threading
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -20,20 +17,7 @@ import tasks.download
 from tasks.errors import Interrupted, stop_requested
 from tasks.download import DownloadError, SourceGone, archive_path, download, source_change
 from tasks.params import DataParams
-from tests.conftest import free_port, tcp_server
-
-
-def zip_bytes(seed: int = 0, size: int = 200_000) -> bytes:
-    """Returns a zip of `size` bytes in all: one stored member of random bytes, the same for a seed."""
-
-    def holding(content: bytes) -> bytes:
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as archive:
-            # A fixed date: two calls give the same bytes whatever the clock says.
-            archive.writestr(zipfile.ZipInfo("cells/a.png", date_time=(2020, 1, 1, 0, 0, 0)), content)
-        return buffer.getvalue()
-
-    return holding(random.Random(seed).randbytes(size - len(holding(b""))))
+from tests.conftest import free_port, tcp_server, zip_bytes
 
 
 PAYLOAD = zip_bytes(0, 300_000)
@@ -609,6 +593,16 @@ def test_plain_local_path_copies_the_file(tmp_path):
     assert path == tmp_path / "raw" / "cells.zip"
     assert path.read_bytes() == PAYLOAD
     assert source.read_bytes() == PAYLOAD  # copied, not moved
+
+
+def test_a_local_archive_cut_short_at_its_source_is_refused_and_nothing_kept(tmp_path):
+    # It was copied whole and recorded as the stage's output; only extract said it was cut.
+    source = tmp_path / "src" / "cells.zip"
+    source.parent.mkdir()
+    source.write_bytes(PAYLOAD[: len(PAYLOAD) // 2])
+    with pytest.raises(DownloadError, match=rf"^{re.escape(str(source))}: (damaged or )?truncated archive.*; nothing was kept$"):
+        download(params(str(source)), tmp_path / "raw", tmp_path / "source.json")
+    assert list((tmp_path / "raw").iterdir()) == [] and not (tmp_path / "source.json").exists()
 
 
 def test_a_local_folder_is_refused_as_not_an_archive_saying_how_to_make_one(tmp_path):
