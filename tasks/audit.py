@@ -18,8 +18,6 @@ probability the models gave the image's own label). Review it; pass the rows you
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import tempfile
 from collections import Counter
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import StageError
-from tasks.files import atomic_file, read_csv
+from tasks.files import read_csv, write_csv, write_json
 from tasks.params import AugmentParams, AuditParams, TrainParams
 
 log = logging.getLogger("imgclf")
@@ -76,10 +74,8 @@ OFF = "audit.folds is 0: set it to 2 or more to run the audit"
 def _off(oof_csv: Path, label_issues_csv: Path, audit_json: Path, note: str = OFF) -> Path:
     """Writes the outputs of an audit that did not run, and why (`note`)."""
     for path, header in ((oof_csv, ["path", "label", "fold", "predicted"]), (label_issues_csv, LABEL_ISSUE_COLUMNS)):
-        with atomic_file(path, newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerow(header)
-    with atomic_file(audit_json) as handle:
-        json.dump({"enabled": False, "folds": 0, "note": note}, handle, indent=2)
+        write_csv(path, header, [])
+    write_json(audit_json, {"enabled": False, "folds": 0, "note": note})
     if note == OFF:
         log.info("audit: off (audit.folds: 0)")
     else:
@@ -131,10 +127,7 @@ def _write_fold_split(path: Path, rows: list[dict], folds: np.ndarray, fold: int
         blocks = [rows[i].get("block") or rows[i]["path"] for i in training]
         if len(set(blocks)) >= max(inner, 2):
             role[training[fold_of(labels, blocks, max(inner, 2), (seed + fold) % 2**32) == 0]] = "val"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "split"])
-        writer.writerows((row["path"], row["label"], name) for row, name in zip(rows, role))
+    write_csv(path, ["path", "label", "split"], ((row["path"], row["label"], name) for row, name in zip(rows, role)))
     return path
 
 
@@ -164,11 +157,10 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
 
     truth = np.array([classes.index(row["label"]) for row in rows])
     predicted = probabilities.argmax(axis=1)
-    with atomic_file(oof_csv, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "fold", "predicted"] + [f"p_{name}" for name in classes])
-        for row, fold, guess, scores in zip(rows, folds, predicted, probabilities):  # folds counted from 1, as logged
-            writer.writerow([row["path"], row["label"], int(fold) + 1, classes[guess]] + [f"{p:.6f}" for p in scores])
+    # folds counted from 1, as logged
+    write_csv(oof_csv, ["path", "label", "fold", "predicted"] + [f"p_{name}" for name in classes],
+              ([row["path"], row["label"], int(fold) + 1, classes[guess]] + [f"{p:.6f}" for p in scores]
+               for row, fold, guess, scores in zip(rows, folds, predicted, probabilities)))
 
     # A fold model that answers one class doubts every label of the others: the issues it raises are
     # noise, left out; the other folds' stand.
@@ -177,12 +169,9 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
     noise = np.isin(folds[issues], one_class)
     issues = issues[~noise]
     quality = get_label_quality_scores(truth, probabilities, method="self_confidence")
-    with atomic_file(label_issues_csv, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(LABEL_ISSUE_COLUMNS)
-        for rank, index in enumerate(issues, start=1):
-            row = rows[index]
-            writer.writerow([rank, row["path"], row["label"], classes[predicted[index]], f"{quality[index]:.6f}"])
+    write_csv(label_issues_csv, LABEL_ISSUE_COLUMNS,
+              ([rank, rows[index]["path"], rows[index]["label"], classes[predicted[index]], f"{quality[index]:.6f}"]
+               for rank, index in enumerate(issues, start=1)))
 
     accuracy = [float(accuracy_score(truth[folds == k], predicted[folds == k])) for k in range(params.folds)]
     # Over the classes a fold held out or answered, as evaluate counts macro F1.
@@ -204,8 +193,7 @@ def _write_outputs(params: AuditParams, rows: list[dict], folds: np.ndarray, cla
         "label_issues_left_out": int(noise.sum()),  # raised by those folds' models
         "classes": classes,
     }
-    with atomic_file(audit_json) as handle:
-        json.dump(report, handle, indent=2)
+    write_json(audit_json, report)
     log.info("audit: %d folds over %d train+val images: accuracy %.4f (95%% CI %.4f-%.4f), macro F1 %.4f "
              "(%.4f-%.4f); %d label issues ranked in %s", params.folds, len(rows), report["accuracy"]["mean"],
              *report["accuracy"]["ci95"], report["macro_f1"]["mean"], *report["macro_f1"]["ci95"], len(issues),

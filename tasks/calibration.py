@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import StageError
-from tasks.files import atomic_file
+from tasks.files import write_json
 
 CALIBRATION_JSON = "calibration.json"  # beside model.keras, written by evaluate
 
@@ -69,8 +69,7 @@ def uncalibrated(classes: list[str]) -> Calibration:
 
 def save_calibration(calibration: Calibration, path: Path, model_sha256: str | None = None) -> Path:
     """Writes the calibration as JSON (atomically), with the sha256 of the model it was fitted for; returns the path."""
-    with atomic_file(path) as handle:
-        json.dump(asdict(calibration) | ({"model_sha256": model_sha256} if model_sha256 else {}), handle, indent=2)
+    write_json(path, asdict(calibration) | ({"model_sha256": model_sha256} if model_sha256 else {}))
     return path
 
 

@@ -30,7 +30,7 @@ from urllib.request import Request, url2pathname, urlopen
 
 from tasks.archives import NOT_AN_ARCHIVE, completeness_problem
 from tasks.errors import StageError
-from tasks.files import CHUNK, Progress, atomic_file, retrying, sha256_file
+from tasks.files import CHUNK, Progress, retrying, sha256_file, write_json
 from tasks.redact import redact
 from tasks.params import DataParams, S3Params, url_scheme
 from tasks.s3 import MISSING, S3Transient, S3Uri, client, error_code, explain_error, parse_uri
@@ -110,10 +110,9 @@ def download(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Par
 
 
 def _write_record(record: Path, data: DataParams, target: Path, digest: str, source: dict) -> None:
-    with atomic_file(record) as handle:
-        json.dump({"url": redact(data.url), "archive": target.name, "sha256": digest, "bytes": target.stat().st_size,
-                   "etag": source.get("etag"), "last_modified": source.get("last_modified"),
-                   "mtime_ns": source.get("mtime_ns")}, handle, indent=2)  # fmt: skip
+    write_json(record, {"url": redact(data.url), "archive": target.name, "sha256": digest,
+                        "bytes": target.stat().st_size, "etag": source.get("etag"),
+                        "last_modified": source.get("last_modified"), "mtime_ns": source.get("mtime_ns")})  # fmt: skip
 
 
 def _legacy_record(target: Path) -> Path:
@@ -222,8 +221,7 @@ def _restart(part: Path, url: str, etag: str | None, last_modified: str | None, 
     """Returns the record of a partial download begun afresh: `part` emptied, its source written beside it."""
     part.write_bytes(b"")  # first, so the part never holds bytes its record does not describe
     source = {"url": url, "etag": etag, "last_modified": last_modified, "bytes": size}
-    with atomic_file(_part_record(part)) as handle:
-        json.dump(source, handle)
+    write_json(_part_record(part), source, indent=None)
     return source
 
 

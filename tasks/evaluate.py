@@ -14,7 +14,6 @@ The model is reloaded from its file as `imgclf predict` loads it (in float32).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -38,7 +37,7 @@ from tasks.calibration import (
 )
 from tasks.dataset import CachedSet, DatasetError, load_cached_set, make_dataset, without
 from tasks.errors import StageError
-from tasks.files import atomic_file, atomic_path, sha256_file
+from tasks.files import atomic_file, atomic_path, sha256_file, write_csv, write_json
 from tasks.model import class_probabilities
 from tasks.params import EvaluateParams
 from tasks.predict import load_described_model
@@ -136,8 +135,7 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     # alike, and a .keras file carries its save time): predict, export and publish check they go together.
     save_calibration(calibration, model_path.parent / CALIBRATION_JSON, sha256_file(model_path))
     out = metrics_dir / "eval.json"
-    with atomic_file(out) as handle:
-        json.dump(report, handle, indent=2)
+    write_json(out, report)
     log.info("evaluate: test accuracy %.4f on %d images, macro F1 %.4f%s", report["accuracy"], report["n_test"],
              report["macro_f1"], f", ROC AUC {report['roc_auc']:.4f}" if "roc_auc" in report else "")  # fmt: skip
     scores = report["calibration"]
@@ -234,10 +232,8 @@ def _save_figure(figure, path: Path) -> None:
 
 def _confusion(truth, predicted, confusion, classes: list[str], plots_dir: Path) -> None:
     # One row per test image: what `dvc plots` draws with its confusion template.
-    with atomic_file(plots_dir / "confusion.csv", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows((classes[t], classes[p]) for t, p in zip(truth, predicted))
+    write_csv(plots_dir / "confusion.csv", ["actual", "predicted"],
+              ((classes[t], classes[p]) for t, p in zip(truth, predicted)))
     figure, axes = plt.subplots(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
     axes.imshow(confusion, cmap="Blues")
     for (i, j), count in np.ndenumerate(confusion):
@@ -254,10 +250,7 @@ def _confusion(truth, predicted, confusion, classes: list[str], plots_dir: Path)
 def _roc(positive, scores, title: str, plots_dir: Path) -> None:
     # With one class absent from the test split the curve is undefined: the files say so, empty.
     fpr, tpr = (skm.roc_curve(positive, scores)[:2]) if 0 < positive.sum() < len(positive) else ([], [])
-    with atomic_file(plots_dir / "roc.csv", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["fpr", "tpr"])
-        writer.writerows(zip(np.asarray(fpr).tolist(), np.asarray(tpr).tolist()))
+    write_csv(plots_dir / "roc.csv", ["fpr", "tpr"], zip(np.asarray(fpr).tolist(), np.asarray(tpr).tolist()))
     figure, axes = plt.subplots(figsize=(5, 5))
     if len(fpr):
         axes.plot(fpr, tpr, label=f"AUC {skm.auc(fpr, tpr):.4f}")

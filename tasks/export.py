@@ -38,7 +38,7 @@ import tensorflow as tf
 from tasks.calibration import Calibration, calibrated_probabilities, load_calibration, predicted_indices
 from tasks.dataset import load_cached_set
 from tasks.errors import StageError
-from tasks.files import atomic_dir, atomic_file, chunked, made_for_another_model, sha256_file
+from tasks.files import atomic_dir, atomic_file, chunked, made_for_another_model, sha256_file, write_json
 from tasks.model import class_probabilities
 from tasks.predict import load_described_model
 
@@ -119,9 +119,8 @@ def _export(model_path: Path, calibration_json: Path, cache_dir: Path, split_csv
         }
         with atomic_file(tflite_path, "wb") as handle:
             handle.write(tflite)
-    with atomic_file(record) as handle:
-        json.dump({"version": version, "model_sha256": model_sha256, "n_test": int(len(rows)), "tolerance": PARITY_TOLERANCE,
-                   **found}, handle, indent=2)  # fmt: skip
+    write_json(record, {"version": version, "model_sha256": model_sha256, "n_test": int(len(rows)),
+                        "tolerance": PARITY_TOLERANCE, **found})  # fmt: skip
     log.info("export: version %d -> %s and %s; on %d test images the SavedModel is within %.1e of Keras, TFLite %.1e",
              version, serving_dir / str(version), tflite_path, len(rows),
              found["saved_model"]["max_abs_difference"], found["tflite"]["max_abs_difference"])  # fmt: skip

@@ -12,7 +12,6 @@ skipped, never made classes.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ from typing import IO
 
 from tasks.archives import BROKEN_ARCHIVE, NOT_AN_ARCHIVE, ZIP_MAGIC, found_a_zip_inside, tar_end_problem, zip_end_missing
 from tasks.errors import StageError
-from tasks.files import CHUNK, atomic_dir, atomic_file
+from tasks.files import CHUNK, atomic_dir, write_csv
 from tasks.params import DataParams
 
 log = logging.getLogger("imgclf")
@@ -61,10 +60,7 @@ def extract(data: DataParams, archive: Path, out_dir: Path, skipped_csv: Path) -
         skipped, kept = _extract(data, archive, out_dir)
     except BROKEN_ARCHIVE as exc:
         raise ExtractError(f"{archive}: corrupt archive ({type(exc).__name__}: {exc}); nothing was kept") from None
-    with atomic_file(skipped_csv, newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["entry", "reason"])
-        writer.writerows(sorted(skipped))
+    write_csv(skipped_csv, ["entry", "reason"], sorted(skipped))
     reasons = dict(Counter(reason for _, reason in skipped))
     log.info("extract: %d files into %s; skipped %s", kept, out_dir, reasons or "none")
     return out_dir

@@ -73,6 +73,20 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """Writes a UTF-8 CSV file atomically: the header, then the rows."""
+    with atomic_file(path, newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_json(path: Path, value: Any, indent: int | None = 2) -> None:
+    """Writes `value` as JSON atomically."""
+    with atomic_file(path) as handle:
+        json.dump(value, handle, indent=indent)
+
+
 # Our temporaries sit beside their target: `.<name>.tmp-<pid>` (the suffix kept, for writers that
 # go by it), and `.<name>.old-<pid>` while a folder is swapped. A killed run leaves them behind.
 _TEMPORARY = re.compile(r"^\..+\.(?:tmp|old)-(\d+)(?:\.\w+)?$")
@@ -215,8 +229,6 @@ class Progress:
 def retrying(call: Callable[[], R], attempts: int, backoff: float, transient: type[BaseException], what: str) -> R:
     """Returns `call()`; a `transient` failure waits `backoff` seconds (doubling each time) and tries
     again, `attempts` tries in all. The last transient failure is raised as it came."""
-    if attempts < 1:
-        raise ValueError("attempts must be at least 1")
 
     def warn(state: tenacity.RetryCallState) -> None:
         log.warning("%s: %s; attempt %d of %d failed, the next in %.1fs", what, state.outcome.exception(),

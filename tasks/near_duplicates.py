@@ -24,8 +24,6 @@ every pair that can be within the distance, and each candidate is then checked i
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.files import atomic_file, read_csv
+from tasks.files import read_csv, write_csv, write_json
 from tasks.params import ValidateParams
 
 log = logging.getLogger("imgclf")
@@ -104,11 +102,8 @@ def near_duplicates(params: ValidateParams, cache_dir: Path, out_csv: Path, metr
     for entry, found in zip(index, cluster):
         if sizes[found] > 1:
             labels_of[int(found)].add(entry["label"])
-    with atomic_file(out_csv, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "label", "cluster", "cluster_size"])
-        for entry, found in zip(index, cluster):
-            writer.writerow([entry["path"], entry["label"], int(found), int(sizes[found])])
+    write_csv(out_csv, ["path", "label", "cluster", "cluster_size"],
+              ([entry["path"], entry["label"], int(found), int(sizes[found])] for entry, found in zip(index, cluster)))
     summary = {
         "distance": distance,
         "images": len(index),
@@ -117,8 +112,7 @@ def near_duplicates(params: ValidateParams, cache_dir: Path, out_csv: Path, metr
         "largest_cluster": int(sizes.max(initial=0)),
         "clusters_spanning_classes": sum(1 for labels in labels_of.values() if len(labels) > 1),
     }
-    with atomic_file(metrics_json) as handle:
-        json.dump(summary, handle, indent=2)
+    write_json(metrics_json, summary)
     if distance <= 0:
         log.info("near_duplicates: off (validate.near_duplicate_distance: 0); %d images, each its own cluster", len(index))
     else:

@@ -224,9 +224,6 @@ SEED_CNN = CnnParams(filters=(32, 64, 64), kernel_size=3, pool_size=2, padding="
                      batch_norm=False, separable=False)  # fmt: skip
 
 
-TRANSFER_MODELS = ("vgg16", "mobilenet_v3_small", "efficientnet_b0")
-
-
 class TrainParams(_Section):
     # default: the settings below. seed: the seed notebook's recipe, for comparison: its CNN
     # (SEED_CNN, whatever train.cnn says), no augmentation, plain Adam at 1e-3 with no schedule

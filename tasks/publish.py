@@ -13,7 +13,6 @@ The decision goes to `metrics/publish.json` and the run's report.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import secrets
@@ -25,7 +24,7 @@ from pathlib import Path
 from tasks.calibration import CALIBRATION_JSON
 from tasks.champion import LATEST, Store, StoreError, open_store
 from tasks.errors import StageError
-from tasks.files import atomic_file, made_for_another_model, model_json, sha256_file
+from tasks.files import atomic_file, made_for_another_model, model_json, sha256_file, write_csv, write_json
 from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set, trained_on
 from tasks.layout import Layout
 from tasks.params import GateParams, PublishParams, S3Params, ValidateParams
@@ -104,9 +103,8 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
                 latest["gate"] = decision.as_json(gate)
                 _write_report(report, layout, latest["gate"])
                 store.put(report, f"{run}/report.md")  # this run is not the champion: nobody reads it as one
-    with atomic_file(record) as handle:
-        json.dump({"published": True, "promoted": decision.promoted, "uri": store.where(run), "latest": store.where(LATEST),
-                   **latest}, handle, indent=2)  # fmt: skip
+    write_json(record, {"published": True, "promoted": decision.promoted, "uri": store.where(run),
+                        "latest": store.where(LATEST), **latest})  # fmt: skip
     log.info("publish: %d objects to %s; %s", len(objects), store.where(run), decision.reason)
     if decision.unreadable:
         # Recorded as done, the stage would not run again until a param changed: the next run must gate again.
@@ -155,8 +153,7 @@ def _put_reference(store: Store, run: str, test: LabelledFiles, scratch: Path) -
     with ThreadPoolExecutor(TRANSFERS) as pool:
         list(pool.map(lambda path: store.put(test.root / path, f"{run}/reference/images/{path}"), test.paths))
     labels = scratch / "labels.csv"
-    with open(labels, "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([("path", "label"), *zip(test.paths, test.labels)])
+    write_csv(labels, ["path", "label"], zip(test.paths, test.labels))
     return {"labels": store.put(labels, f"{run}/reference/labels.csv"), "images": len(test.paths)}
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 import tasks.images
 import tasks.png
-from tasks.files import CHUNK, read_csv
+from tasks.files import CHUNK, read_csv, write_csv
 from tasks.images import Verdict, read_image, resize
 from tasks.params import PrepareParams
 
@@ -230,10 +230,7 @@ def same_rows(folder: Path, other: Path, wanted: dict) -> bool:
 
 def write_index(folder: Path, entries: Iterable[tuple[int, str, str, str, str]]) -> None:
     """Writes index.csv: one (row, path, label, sha256, pixels_sha256) a row held."""
-    with open(folder / "index.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(INDEX_COLUMNS)
-        writer.writerows(entries)
+    write_csv(folder / "index.csv", INDEX_COLUMNS, entries)
 
 
 def write_meta(folder: Path, made_with: dict, shape: tuple[int, ...], labels: dict[str, int], **more: object) -> None:

@@ -14,7 +14,6 @@ An archive that brings its own split (the manifest's `archive_split`) keeps it w
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.errors import StageError
-from tasks.files import atomic_file, read_csv
+from tasks.files import read_csv, write_csv
 from tasks.manifest import read_valid_rows
 from tasks.near_duplicates import clusters
 from tasks.params import SplitParams
@@ -252,12 +251,9 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplica
         if has_archive_split:
             log.info("split: the archive's own split is ignored (split.archive_split: ignore); all images are re-split")
         assigned = _assign(params, rows, together, _fractions(params))
-    with atomic_file(split_csv, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns + ["block"])
-        for index, row in enumerate(rows):
-            group = [groups[index]] if groups else []
-            writer.writerow([row["path"], row["label"], assigned[index], *group, blocks[index]])
+    # groups[index:index + 1]: the row's group, in the group column there is when groups are on
+    write_csv(split_csv, columns + ["block"], ([row["path"], row["label"], assigned[index], *groups[index:index + 1],
+                                               blocks[index]] for index, row in enumerate(rows)))  # fmt: skip
     log.info("%s", summary(rows, assigned))
     _warn_of_absent_classes(rows, assigned, {row["archive_split"] for row in rows} if kept else set())
     _log_clusters(rows, clusters)

@@ -38,7 +38,7 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from tasks.errors import Interrupted, StageError, stop_requested
 from tasks.dataset import CachedSet, load_cached_set, make_dataset, without
-from tasks.files import MODEL_JSON, atomic_file, atomic_path
+from tasks.files import MODEL_JSON, atomic_file, atomic_path, write_json
 from tasks.model import Head, build_model, unfreeze_top
 from tasks.multi_worker import fit_multi_worker, local_scores
 from tasks.params import AugmentParams, TrainParams, recipe_settings
@@ -452,8 +452,7 @@ def _open_backup(root: Path, fingerprint: dict[str, str]) -> None:
             log.warning("train: discarding the backup in %s (%s): training starts from epoch 1", root, why)
             shutil.rmtree(root)
     if not root.exists():
-        with atomic_file(marker) as handle:
-            json.dump(fingerprint, handle, indent=2)
+        write_json(marker, fingerprint)
 
 
 def _generator_states(model: keras.Model) -> list:
@@ -650,8 +649,7 @@ def _save(model: keras.Model, data: CachedSet, params: TrainParams, augment: Aug
         "augment": augment.model_dump(mode="json"),
         "exclude": exclusion.described(),  # train.exclude's file, its sha256 and how many paths it lists
     }
-    with atomic_file(model_dir / MODEL_JSON) as handle:
-        json.dump(described, handle, indent=2)
+    write_json(model_dir / MODEL_JSON, described)
     lines: list[str] = []
     model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
     with atomic_file(model_dir / "summary.txt") as handle:

@@ -17,7 +17,6 @@ settings and decoder fingerprint, where the cache stage takes them instead of de
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import hashlib
 import logging
@@ -34,7 +33,7 @@ import imagecodecs
 import numpy as np
 
 from tasks.errors import StageError
-from tasks.files import Progress, ShardMap, atomic_dir, atomic_file, process_pool_map, shards_of
+from tasks.files import Progress, ShardMap, atomic_dir, process_pool_map, shards_of, write_csv
 from tasks.images import Verdict, judge
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import PrepareParams, ValidateParams
@@ -193,10 +192,7 @@ def validate(
     if staged and staged.cached_already:
         shutil.rmtree(staging.folder)
     progress.close()
-    with atomic_file(manifest_csv, newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(map(operator.itemgetter(*MANIFEST_COLUMNS), rows))
+    write_csv(manifest_csv, MANIFEST_COLUMNS, map(operator.itemgetter(*MANIFEST_COLUMNS), rows))
     log.info("%s", summary(rows))
     if not any(row["status"] == "valid" for row in rows):
         reasons = _counts(row["reason"] for row in rows) or "none"

@@ -337,14 +337,14 @@ def test_archive_left_without_its_record_is_not_taken_for_the_previous_url(serve
     server.files["/a/cells.zip"] = PAYLOAD
     server.files["/b/cells.zip"] = OTHER
     download(params(server.url("/a/cells.zip")), tmp_path, tmp_path / "source.json")
-    real_atomic_file = tasks.download.atomic_file
+    real_write_json = tasks.download.write_json
 
     def killed_before_the_record(path, *args, **kwargs):
         if path.name == "source.json":
             raise KeyboardInterrupt  # the run dies between the rename and writing the record
-        return real_atomic_file(path, *args, **kwargs)
+        return real_write_json(path, *args, **kwargs)
 
-    monkeypatch.setattr(tasks.download, "atomic_file", killed_before_the_record)
+    monkeypatch.setattr(tasks.download, "write_json", killed_before_the_record)
     with pytest.raises(KeyboardInterrupt):
         download(params(server.url("/b/cells.zip")), tmp_path, tmp_path / "source.json")
     monkeypatch.undo()
