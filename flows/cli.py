@@ -195,7 +195,7 @@ def _command(args: argparse.Namespace) -> None:
             print(line)
     elif args.command == "predict":
         from tasks.params import ValidateParams
-        from tasks.predict import predict, write_rows
+        from tasks.predict import check_outputs, predict, write_rows
 
         # What validate accepts: the project's validate.max_pixels (outside a project, its default).
         validate = ValidateParams()
@@ -205,6 +205,7 @@ def _command(args: argparse.Namespace) -> None:
             except ParamsError as exc:  # another tool's params.yaml, say: predict needs one key of it, not the file
                 print(f"imgclf: warning: {exc}; predict judges files by validate.max_pixels' default "
                       f"({validate.max_pixels:,})", file=sys.stderr)  # fmt: skip
+        check_outputs(args.model, args.paths, args.out, args.explain)
         write_rows(predict(args.model, args.paths, validate.max_pixels), args.out)
         if args.explain:
             from tasks.gradcam import explain_files

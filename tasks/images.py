@@ -74,14 +74,14 @@ def judge(data: bytes, max_pixels: int) -> Verdict:
     return read_image(data, max_pixels, 3)[0]
 
 
-def decode(data: bytes, channels: int, draft_size: int | None = None) -> np.ndarray:
+def decode(data: bytes, channels: int, draft_size: int | None = None, max_pixels: int | None = None) -> np.ndarray:
     """Returns the image as a uint8 array (height, width, channels), RGB or gray; raises ValueError
-    naming the reason when the bytes are not a usable image.
+    naming the reason when the bytes are not a usable image, as `judge` would find it with `max_pixels`.
 
     `draft_size` lets JPEG decode at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping both
     sides at least that many pixels: far less work when the target is much smaller.
     """
-    verdict, pixels = read_image(data, None, channels, draft_size)
+    verdict, pixels = read_image(data, max_pixels, channels, draft_size)
     if pixels is None:
         raise ValueError(verdict.reason + (f": {verdict.detail}" if verdict.detail else ""))
     return pixels

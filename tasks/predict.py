@@ -22,7 +22,7 @@ import numpy as np
 from tasks.calibration import CALIBRATION_JSON, Calibration, calibrated_probabilities, load_calibration, predicted_indices, uncalibrated
 from tasks.errors import StageError
 from tasks.files import atomic_file, chunked, made_for_another_model, model_json, sha256_file
-from tasks.images import decode, judge, resize
+from tasks.images import decode, resize
 from tasks.model import class_probabilities
 from tasks.params import ValidateParams
 
@@ -46,15 +46,28 @@ def expand(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
+def check_outputs(model_path: Path, paths: Iterable[Path], out: Path | None, explain: Path | None) -> None:
+    """Raises PredictError, before any work, when writing would replace a file: `out` one that predict reads
+    (an input, the model, its description or calibration), `explain` a file where a folder goes."""
+    if explain is not None and explain.exists() and not explain.is_dir():
+        raise PredictError(f"--explain {explain}: a file; name a folder to write the overlays into")
+    if out is None or not out.exists():
+        return
+    read = [model_path, model_json(model_path.parent), model_path.parent / CALIBRATION_JSON, *expand(paths)]
+    if any(path.exists() and path.samefile(out) for path in read):
+        raise PredictError(f"--out {out}: predict reads this file (an input, or the model's); name another to write")
+
+
 def prepare_file(path: Path, described: dict, max_pixels: int) -> np.ndarray:
     if not path.is_file():  # a FIFO or a device would block or never end
         raise ValueError("not a regular file" if path.exists() else "no such file")
-    data = path.read_bytes()
-    verdict = judge(data, max_pixels)
-    if verdict.reason:
-        raise ValueError(verdict.reason + (f": {verdict.detail}" if verdict.detail else ""))
+    # No image within max_pixels takes more bytes (16 a pixel: four float32 channels, uncompressed, and
+    # 1 MiB of headers): refused before it is read, a huge file named like an image costs no memory.
+    if (length := path.stat().st_size) > max_pixels * 16 + 2**20:
+        raise ValueError(f"too_large: {length:,} bytes, more than an image within validate.max_pixels takes")
     size = tuple(described["image_size"])
-    return resize(decode(data, described["channels"], draft_size=max(size)), size, described["resize"])
+    pixels = decode(path.read_bytes(), described["channels"], draft_size=max(size), max_pixels=max_pixels)
+    return resize(pixels, size, described["resize"])
 
 
 def predict(model_path: Path, paths: Iterable[Path], max_pixels: int = ValidateParams().max_pixels) -> list[dict]:

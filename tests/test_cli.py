@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -194,8 +195,9 @@ class _AuthServer(BaseHTTPRequestHandler):
 
 
 def test_password_and_token_in_the_url_download_and_appear_nowhere(tmp_path, cli_env, demo_zip):
-    # A raw @ in the password: urllib takes the userinfo up to the host's last @, and so must the redaction.
-    password, token = "pw-0d1f3b9c@planted-5e1a", "tok-77e2a4c1-planted"
+    # A raw @ and a space in the password: urllib takes the userinfo up to the host's last @, and sends the
+    # space as it is; so must the redaction take them.
+    password, token = "pw-0d1f3b9c@planted-5e1a secret-8b3f", "tok-77e2a4c1-planted"
     server = ThreadingHTTPServer(("127.0.0.1", 0), _AuthServer)
     server.credentials, server.body, server.seen = f"reader:{password}", demo_zip.read_bytes(), []
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -212,7 +214,7 @@ def test_password_and_token_in_the_url_download_and_appear_nowhere(tmp_path, cli
     written = [path for folder in (project, Path(cli_env["PREFECT_HOME"])) for path in folder.rglob("*")
                if path.is_file() and ".git" not in path.relative_to(folder).parts]  # fmt: skip
     assert any(path.name.endswith(".db") for path in written), "Prefect's database is among the files searched"
-    for secret in (*password.split("@"), token):
+    for secret in (*re.split("[@ ]", password), token):
         assert secret not in result.stdout + result.stderr
         leaked = [str(path) for path in written if secret.encode() in path.read_bytes()]
         assert not leaked, f"{secret} found in {leaked}"
@@ -224,11 +226,13 @@ def test_secrets_in_overrides_are_hidden_from_prefect_and_dvc_in_a_whole_section
     from tasks.redact import hide_secrets, redact_texts, reveal
 
     url = "https://reader:pw-planted@host/x.zip?X-Amz-Signature=tok-planted"
-    overrides = {"data.url": url, "data": {"url": url, "sha256": ""}, "train.epochs": 2}
+    spaced = "https://reader:pw planted\tto@host/x.zip#tok-planted"  # a space, a tab; a token in the fragment
+    overrides = {"data.url": url, "data": {"url": url, "sha256": ""}, "train.epochs": 2, "s3.endpoint_url": spaced}
     hidden = hide_secrets(overrides)
-    assert isinstance(hidden["data.url"], SecretStr) and isinstance(hidden["data"]["url"], SecretStr)
+    assert all(isinstance(value, SecretStr) for value in (hidden["data.url"], hidden["data"]["url"], hidden["s3.endpoint_url"]))
     written = json.dumps(redact_texts(overrides))  # what the run's params file for DVC holds
     assert "planted" not in written and written.count("https://***@host/x.zip?***") == 2
+    assert "https://***@host/x.zip#***" in written
     assert reveal(hidden) == overrides
 
 
@@ -404,6 +408,38 @@ def test_predict_takes_what_validate_takes_by_the_projects_max_pixels(tmp_path, 
     assert said.out.splitlines()[1].endswith(",")
     assert "imgclf: warning: params.yaml: train.lr: unknown key; predict judges files by validate.max_pixels' default " \
            "(50,000,000)" in said.err
+
+
+def test_predict_refuses_to_write_over_what_it_reads_and_a_file_too_large_for_any_image_is_a_row(tmp_path,
+                                                                                                monkeypatch, capsys):
+    from PIL import Image
+
+    from flows.cli import main
+
+    model = tiny_model(tmp_path / "models", 8)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.png").write_bytes(encode(Image.fromarray(noise(16, 16)), "PNG"))
+    (tmp_path / "alias.csv").symlink_to(tmp_path / "in" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    before = {path: path.read_bytes() for path in (tmp_path / "in" / "a.png", model, model.parent / "model.json")}
+    for out in ("in/a.png", "alias.csv", str(model), str(model.parent / "model.json")):
+        assert main(["predict", "--model", str(model), "in", "--out", out]) == 1
+        assert capsys.readouterr().err.splitlines() == [f"imgclf: error: --out {out}: predict reads this file (an input, "
+                                                        "or the model's); name another to write"]  # fmt: skip
+    (tmp_path / "overlays").write_text("a file")
+    assert main(["predict", "--model", str(model), "in", "--out", "new.csv", "--explain", "overlays"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == ("imgclf: error: --explain overlays: a file; name a folder to "
+                                                        "write the overlays into")  # fmt: skip
+    assert not (tmp_path / "new.csv").exists()
+    assert {path: path.read_bytes() for path in before} == before
+    # More bytes than any image within max_pixels takes: a row, without reading the file.
+    (tmp_path / "params.yaml").write_text("validate:\n  max_pixels: 100\n")
+    with open(tmp_path / "in" / "huge.png", "wb") as handle:
+        handle.write(before[tmp_path / "in" / "a.png"])
+        handle.truncate(100 * 16 + 2**20 + 1)
+    assert main(["predict", "--model", str(model), "in/huge.png"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == ("in/huge.png,,,\"too_large: 1,050,177 bytes, more than an image "
+                                                       "within validate.max_pixels takes\"")  # fmt: skip
 
 
 def test_predict_piped_into_a_reader_that_leaves_early_stops_without_an_error(tmp_path, cli_env):
