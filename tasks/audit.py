@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -53,8 +54,10 @@ def fold_of(labels: list[str], blocks: list[str], folds: int, seed: int) -> np.n
                          f"{count} images; lower audit.folds")  # fmt: skip
     assigned = np.empty(len(labels), dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, blocks)):
-        assigned[held_out] = fold
+    with warnings.catch_warnings():  # a class with fewer images than folds: the stage says it once (audit())
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, blocks)):
+            assigned[held_out] = fold
     return assigned
 
 
@@ -94,6 +97,10 @@ def audit(params: AuditParams, train_params: TrainParams, augment: AugmentParams
     labels = [row["label"] for row in rows]
     blocks = [row.get("block") or row["path"] for row in rows]  # a split.csv from before blocks: each image alone
     folds = fold_of(labels, blocks, params.folds, params.seed)
+    smallest, count = min(Counter(labels).items(), key=lambda item: item[1])
+    if count < params.folds:
+        log.warning("audit: class %r has %d train+val images, fewer than audit.folds=%d: some folds hold none of it",
+                    smallest, count, params.folds)  # fmt: skip
     val_share = sum(row["split"] == "val" for row in rows) / len(rows)
     predicted: dict[int, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="imgclf-audit-") as scratch:
