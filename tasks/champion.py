@@ -167,6 +167,8 @@ class LocalStore:
             body = (self.root / name).read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:  # a folder where the file goes, a file where the store's folder goes, no permission
+            raise StoreError(f"{self.root / name}: cannot be read ({exc.strerror or exc})") from None
         return body, hashlib.sha256(body).hexdigest()
 
     def replace_if(self, name: str, body: bytes, expected: str | None) -> bool:

@@ -8,6 +8,7 @@ any work starts.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import warnings
 from urllib.parse import urlparse
@@ -38,6 +39,16 @@ class ParamsError(StageError, ValueError):
 
 # An optional text setting: left empty in params.yaml (or given as "") it is unset.
 OptionalText = Annotated[str | None, BeforeValidator(lambda value: value or None)]
+
+
+def _home(value: Any) -> Any:
+    # A local path as a shell takes it: YAML and `--set KEY=~/...` leave the ~ as it is.
+    return os.path.expanduser(value.strip()) if isinstance(value, str) and value.strip().startswith("~") else value
+
+
+# A local path: `~` is the user's home.
+LocalPath = Annotated[str, BeforeValidator(_home)]
+OptionalPath = Annotated[str | None, BeforeValidator(lambda value: _home(value) or None)]
 # A class: a folder name, which YAML reads as a number when it is digits (`positive_class: 1`, classes 0 and 1).
 OptionalClass = Annotated[str | None, BeforeValidator(
     lambda value: str(value) if isinstance(value, int) and not isinstance(value, bool) else value or None)]
@@ -88,7 +99,7 @@ def _check_bucket(uri: str) -> None:
 
 
 class DataParams(_Section):
-    url: str = MALARIA_URL
+    url: LocalPath = MALARIA_URL
     sha256: str | None = None
     max_extract_bytes: int = Field(default=2_000_000_000, gt=0)
     retries: int = Field(default=5, ge=0)
@@ -244,7 +255,7 @@ class TrainParams(_Section):
     min_steps: int = Field(default=1000, ge=0)
     restore_best: bool = True  # end with the best val-loss epoch's weights; false: the last epoch's
     # Transfer models: imagenet, none, or the path of a local weights file (include_top=False).
-    weights: str = "imagenet"
+    weights: LocalPath = "imagenet"
     fine_tune_layers: int = Field(default=0, ge=0)  # top base layers unfrozen in phase two; 0 skips it
     fine_tune_epochs: int = Field(default=5, ge=0, le=1000)
     fine_tune_lr: float = Field(default=1e-5, gt=0)
@@ -257,7 +268,7 @@ class TrainParams(_Section):
     cnn: CnnParams = CnnParams()
     # A CSV with a `path` column (e.g. the rows of data/label_issues.csv you agree with): those images
     # are dropped from the train and val splits. Its sha256 goes into models/model.json.
-    exclude: OptionalText = None
+    exclude: OptionalPath = None
 
     @field_validator("jit_compile", mode="before")
     @classmethod
@@ -341,7 +352,7 @@ class S3Params(_Section):
 
 class PublishParams(_Section):
     s3_uri: str | None = None  # s3://bucket/prefix for each run's model, metrics, plots; empty: local_dir
-    local_dir: str = "models/champion"  # with s3_uri empty: the champion folder the gate compares against
+    local_dir: LocalPath = "models/champion"  # with s3_uri empty: the champion folder the gate compares against
 
     @field_validator("s3_uri", mode="before")
     @classmethod

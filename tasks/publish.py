@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tasks.calibration import CALIBRATION_JSON
 from tasks.champion import LATEST, Store, StoreError, open_store
-from tasks.errors import StageError
+from tasks.errors import Interrupted, StageError, stop_requested
 from tasks.files import atomic_file, made_for_another_model, model_json, sha256_file, write_csv, write_json
 from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set, trained_on
 from tasks.layout import Layout
@@ -97,6 +97,10 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
         }
         if decision.promoted:
             latest["reference"] = _put_reference(store, run, test, Path(scratch))
+            # Ctrl-C during the gate or the uploads: the run stops before the promotion, which cannot be undone.
+            if stop_requested.is_set():
+                raise Interrupted(f"publish: interrupted before the promotion: {store.where(LATEST)} is unchanged "
+                                  f"({store.where(run)} holds this run's files, champion of nothing)")  # fmt: skip
             # Last, once every object of the run is in place; only over the champion the gate compared against.
             if not store.replace_if(LATEST, json.dumps(latest, indent=2).encode(), pointer[1] if pointer else None):
                 decision = _lost_race(store, decision)

@@ -86,9 +86,10 @@ def gate_markdown(gate: dict) -> str:
 
 def _markdown_text(text: str) -> str:
     # Class and file names are the archive's: `<img onerror=...>`, `[x](javascript:...)` and `![](http:...)`
-    # must stay text (no tag, link or image starts without `<` or `[`), and `|` must not split a cell.
+    # must stay text (no tag, link or image starts without `<` or `[`), `**`, `_` and `~~` must not
+    # emphasise, `&lt;` must not become `<`, and `|` or a line break must not split a cell or a row.
     # Markdown takes a backslash before any of them as the character itself.
-    return re.sub(r"([\\`\[\]<>|])", r"\\\1", text)
+    return re.sub(r"([\\`*_~&\[\]<>|])", r"\\\1", " ".join(text.splitlines()))
 
 
 def _score(value: float | None, sign: str = "") -> str:

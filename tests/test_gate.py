@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import re
 import tempfile
 import threading
 import uuid
@@ -92,6 +93,17 @@ def test_a_first_run_that_always_answers_one_class_is_not_promoted_unless_forced
     forced = published(where, make_run(tmp_path / "forced", calibration=ONE_CLASS), force=True)
     assert forced["promoted"] and forced["gate"]["forced"]
     assert json.loads(latest_bytes(where, tmp_path))["run_id"] == forced["run_id"]
+
+
+def test_a_test_split_of_one_class_is_not_taken_for_a_model_that_learned_nothing(local, tmp_path):
+    # A perfect model ties always answering that class there: the split, not the model, is what cannot show more.
+    run = make_run(tmp_path / "one-class")
+    header, *rows = run.split_csv.read_text().splitlines()
+    run.split_csv.write_text("\n".join([header, *(row for row in rows if row.split(",")[1] == "bright")]) + "\n")
+    record = published(local, run)
+    assert not record["promoted"] and open_store(*local, tmp_path).read(LATEST) is None
+    assert record["gate"]["reason"] == ("not promoted: this run's test split holds only bright: it cannot show the model "
+                                        "does better than always answering one class (gate.force=true promotes)")  # fmt: skip
 
 
 def test_a_challenger_always_answering_the_positive_class_is_not_promoted_for_its_full_sensitivity(local, tmp_path):
@@ -223,23 +235,40 @@ def test_reference_names_leading_out_of_the_store_are_refused_and_nothing_is_wri
     assert latest_bytes(where, tmp_path) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated_image", "no_rows"])
+@pytest.mark.parametrize("damage", ["truncated_image", "no_rows", "a_row_without_its_label"])
 def test_a_damaged_reference_set_is_a_champion_that_cannot_be_read(local, tmp_path, damage):
     champion = published(local, make_run(tmp_path / "champion"))
     reference = tmp_path / "champion" / "runs" / champion["run_id"] / "reference"
     if damage == "truncated_image":
         image = reference / "images" / "dark" / "cell_001.png"
         image.write_bytes(image.read_bytes()[:60])
-    else:
+    elif damage == "no_rows":
         (reference / "labels.csv").write_text("path,label\n")
+    else:  # read as the label None: "classes this run lacks: [None]", a verdict on a store that is damaged
+        (reference / "labels.csv").write_text("path,label\ndark/cell_001.png,dark\nbright/cell_000.png\n")
     before = latest_bytes(local, tmp_path)
     record = published_against_an_unreadable_champion(local, make_run(tmp_path / "next"))
     reason = record["gate"]["reason"]
     assert not record["promoted"] and "\n" not in reason
     assert reason.startswith("not promoted: the champion") and "cannot be read" in reason
-    assert ("cell_001.png" if damage == "truncated_image" else "labels.csv: no rows of path,label") in reason
+    assert {"truncated_image": "cell_001.png", "no_rows": "labels.csv: no rows of path,label",
+            "a_row_without_its_label": "labels.csv: line 3 lacks its path or its label"}[damage] in reason
     assert latest_bytes(local, tmp_path) == before
     assert open_store(*local, tmp_path).read(f"runs/{record['run_id']}/models/model.keras") is not None
+
+
+@pytest.mark.parametrize("damage", ["a folder for latest.json", "a file for the store's folder"])
+def test_a_store_whose_latest_json_cannot_be_read_stops_publish_in_one_line(local, tmp_path, damage):
+    from tasks.champion import StoreError
+
+    store = tmp_path / "champion"
+    if damage == "a folder for latest.json":
+        (store / "latest.json").mkdir(parents=True)
+    else:
+        store.write_text("")
+    said = "Is a directory" if damage == "a folder for latest.json" else "Not a directory"
+    with pytest.raises(StoreError, match=rf"^{re.escape(str(store / 'latest.json'))}: cannot be read \({said}\)$"):
+        published(local, make_run(tmp_path / "run"))
 
 
 def test_reference_images_this_run_trained_on_are_left_out_of_the_comparison(local, tmp_path):
@@ -266,13 +295,15 @@ def test_a_reference_set_without_positives_says_the_sensitivity_is_undefined(loc
 def test_the_published_report_keeps_class_names_as_text(local, tmp_path):
     from markdown_it import MarkdownIt  # a CommonMark renderer with tables, as Prefect's UI and GitHub are
 
-    for pair in (("<img src=x onerror=alert(1)>", "a|b"), ("[x](javascript:alert(1))", "![](http:evil.example)")):
+    for pair in (("<img src=x onerror=alert(1)>", "a|b"), ("[x](javascript:alert(1))", "![](http:evil.example)"),
+                 ("**bold** _em_", "&lt;b&gt; ~~gone~~")):
         record = published(local, make_run(tmp_path / str(len(pair[0])), classes=pair))
         report = open_store(*local, tmp_path).read(f"runs/{record['run_id']}/report.md")[0].decode()
         page = MarkdownIt("commonmark").enable("table").render(report)
         for name in pair:
             assert f"<td>{html.escape(name, quote=False)}</td>" in page, name  # each name a cell of plain text
         assert "<img" not in page and "<a " not in page
+        assert not any(tag in page for tag in ("<strong>bold", "<em>em", "<s>gone", "<del>gone"))
 
 
 def test_a_publish_record_of_an_earlier_model_is_not_this_models(local, tmp_path):
@@ -359,6 +390,27 @@ def test_two_publishes_racing_against_one_champion_move_latest_once(where, tmp_p
     assert losers[0]["gate"]["reason"] == (f"not promoted: lost the race: latest.json moved to {winners[0]['run_id']} while this run "
                                            f"was gated against {losers[0]['gate']['champion']}; left on {winners[0]['run_id']}")  # fmt: skip
     assert json.loads(latest_bytes(where, tmp_path))["run_id"] == winners[0]["run_id"]
+
+
+def test_an_interrupt_during_the_uploads_stops_publish_before_the_promotion(local, tmp_path, monkeypatch):
+    from tasks.errors import Interrupted, stop_requested
+
+    put_reference = tasks.publish._put_reference
+
+    def interrupted_meanwhile(*args):
+        stop_requested.set()  # Ctrl-C reaches the flow while the stage uploads
+        return put_reference(*args)
+
+    monkeypatch.setattr(tasks.publish, "_put_reference", interrupted_meanwhile)
+    try:
+        with pytest.raises(Interrupted, match=r"^publish: interrupted before the promotion: .*latest.json is unchanged"):
+            published(local, make_run(tmp_path / "first"))
+    finally:
+        stop_requested.clear()
+    assert open_store(*local, tmp_path).read(LATEST) is None
+    assert not (tmp_path / "first" / "metrics" / "publish.json").exists()  # not done: the stage runs again
+    monkeypatch.undo()
+    assert published(local, make_run(tmp_path / "again"))["promoted"]
 
 
 def test_bootstrap_scores_count_as_sklearn_does():

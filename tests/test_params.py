@@ -164,6 +164,17 @@ def test_empty_override_clears_an_optional_value(tmp_path):
     assert load_params(write(tmp_path, {}), {key: value}).data.sha256 is None
 
 
+def test_a_local_path_starting_with_a_tilde_is_in_the_users_home_as_a_shell_reads_it(tmp_path, monkeypatch):
+    # Neither YAML nor `--set KEY=~/...` expand it: a `~` folder appeared in the project, a champion store unseen.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write(tmp_path, {"publish": {"local_dir": "~/champion"}, "train": {"weights": "~/vgg16.h5"}})
+    params = load_params(path, dict(parse_override(text) for text in ("data.url=~/cells.zip", "train.exclude=~/x.csv")))
+    home = tmp_path / "home"
+    assert (params.publish.local_dir, params.train.weights) == (f"{home}/champion", f"{home}/vgg16.h5")
+    assert (params.data.url, params.train.exclude) == (f"{home}/cells.zip", f"{home}/x.csv")
+    assert load_params(path, {"data.url": "https://host/~/cells.zip"}).data.url == "https://host/~/cells.zip"
+
+
 def test_params_are_frozen():
     params = load_params(REPO / "params.yaml")
     with pytest.raises(Exception):
