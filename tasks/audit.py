@@ -53,11 +53,13 @@ def fold_of(labels: list[str], blocks: list[str], folds: int, seed: int) -> np.n
         raise AuditError(f"audit: audit.folds={folds}, but the largest class in train+val, {largest!r}, has only "
                          f"{count} images; lower audit.folds")  # fmt: skip
     assigned = np.empty(len(labels), dtype=np.int64)
+    # scikit-learn warns at each split (each fold's inner one too) of a class with fewer images than folds,
+    # naming its own file; the stage says it once, in its words (audit()). A filter added for good, not
+    # `catch_warnings`, which swaps the process's filters while audit runs beside train in the flow's threads.
+    warnings.filterwarnings("ignore", "The least populated class", UserWarning)  # once: it replaces its duplicate
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():  # a class with fewer images than folds: the stage says it once (audit())
-        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
-        for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, blocks)):
-            assigned[held_out] = fold
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels, blocks)):
+        assigned[held_out] = fold
     return assigned
 
 
@@ -97,10 +99,9 @@ def audit(params: AuditParams, train_params: TrainParams, augment: AugmentParams
     labels = [row["label"] for row in rows]
     blocks = [row.get("block") or row["path"] for row in rows]  # a split.csv from before blocks: each image alone
     folds = fold_of(labels, blocks, params.folds, params.seed)
-    smallest, count = min(Counter(labels).items(), key=lambda item: item[1])
-    if count < params.folds:
-        log.warning("audit: class %r has %d train+val images, fewer than audit.folds=%d: some folds hold none of it",
-                    smallest, count, params.folds)  # fmt: skip
+    if few := {label: count for label, count in sorted(Counter(labels).items()) if count < params.folds}:
+        log.warning("audit: fewer train+val images than audit.folds=%d of %s: some folds hold none of them, and "
+                    "some folds' val splits neither", params.folds, ", ".join(f"{label!r} ({n})" for label, n in few.items()))
     val_share = sum(row["split"] == "val" for row in rows) / len(rows)
     predicted: dict[int, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="imgclf-audit-") as scratch:

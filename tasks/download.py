@@ -469,7 +469,8 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
                              if response.headers.get(name))  # fmt: skip
             problem = f"{problem}: {got} bytes{', ' if sent else ''}{sent}, starting {head!r}"
         if total is not None:  # every byte announced came: the file at the source is so, and another try fetches it again
-            raise DownloadError(f"{shown}: the server sent its whole reply: {problem}; it was discarded")
+            raise DownloadError(f"{shown}: every byte the server announced came, and they are no whole archive: "
+                                f"{problem}; it was discarded")  # fmt: skip
         raise _Transient(f"the body (no Content-Length) ended after {got} bytes: {problem}")
     return source
 

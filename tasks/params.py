@@ -121,6 +121,10 @@ class DataParams(_Section):
             if not urlparse(url).path.strip("/"):
                 raise ValueError("an s3:// URL names an object: s3://bucket/key")
         elif scheme in ("http", "https"):
+            parts = urlparse(url)
+            # The request cannot carry it, and the redaction of logs reads a URL to its first space.
+            if re.search(r"\s", parts.path + parts.params + parts.query + parts.fragment):
+                raise ValueError("a space in the URL's path or query: write it as %20")
             try:
                 urlparse(url).port  # noqa: B018 (raises on a port beyond 65535 or not a number)
             except ValueError:

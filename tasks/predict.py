@@ -51,20 +51,23 @@ def check_outputs(model_path: Path, paths: Iterable[Path], out: Path | None, exp
     (an input, the model, its description or calibration), `explain` a file where a folder goes."""
     if explain is not None and explain.exists() and not explain.is_dir():
         raise PredictError(f"--explain {explain}: a file; name a folder to write the overlays into")
-    if out is None or not out.exists():
+    if out is None or not out.is_file() or _ours(out):  # its own CSV of an earlier run, in a folder it reads
         return
     read = [model_path, model_json(model_path.parent), model_path.parent / CALIBRATION_JSON, *expand(paths)]
     if any(path.exists() and path.samefile(out) for path in read):
         raise PredictError(f"--out {out}: predict reads this file (an input, or the model's); name another to write")
 
 
+def _ours(path: Path) -> bool:
+    """Whether the file is a CSV predict wrote."""
+    header = ",".join(COLUMNS).encode()
+    with open(path, "rb") as handle:
+        return handle.read(len(header) + 2).rstrip(b"\r\n") == header
+
+
 def prepare_file(path: Path, described: dict, max_pixels: int) -> np.ndarray:
     if not path.is_file():  # a FIFO or a device would block or never end
         raise ValueError("not a regular file" if path.exists() else "no such file")
-    # No image within max_pixels takes more bytes (16 a pixel: four float32 channels, uncompressed, and
-    # 1 MiB of headers): refused before it is read, a huge file named like an image costs no memory.
-    if (length := path.stat().st_size) > max_pixels * 16 + 2**20:
-        raise ValueError(f"too_large: {length:,} bytes, more than an image within validate.max_pixels takes")
     size = tuple(described["image_size"])
     pixels = decode(path.read_bytes(), described["channels"], draft_size=max(size), max_pixels=max_pixels)
     return resize(pixels, size, described["resize"])

@@ -78,6 +78,7 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
         decision = _gate(gate, store, pointer, layout.model_dir / "model.keras", test, seen, max_pixels, Path(scratch))
         if gate.force:
             decision = decision.forced_through()
+        _stop_if_asked(store, "before uploading this run")
         report = Path(scratch) / "report.md"
         _write_report(report, layout, decision.as_json(gate))
         objects: dict[str, str] = {}
@@ -97,10 +98,8 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
         }
         if decision.promoted:
             latest["reference"] = _put_reference(store, run, test, Path(scratch))
-            # Ctrl-C during the gate or the uploads: the run stops before the promotion, which cannot be undone.
-            if stop_requested.is_set():
-                raise Interrupted(f"publish: interrupted before the promotion: {store.where(LATEST)} is unchanged "
-                                  f"({store.where(run)} holds this run's files, champion of nothing)")  # fmt: skip
+            _stop_if_asked(store, f"before the promotion ({store.where(run)} holds this run's files, "
+                                  "champion of nothing)")  # fmt: skip
             # Last, once every object of the run is in place; only over the champion the gate compared against.
             if not store.replace_if(LATEST, json.dumps(latest, indent=2).encode(), pointer[1] if pointer else None):
                 decision = _lost_race(store, decision)
@@ -115,6 +114,13 @@ def publish(params: PublishParams, gate: GateParams, s3: S3Params, layout: Layou
         raise PublishError(f"publish: {decision.reason}; mend the store and run again (the stage re-runs), or "
                            "promote this run with gate.force=true")  # fmt: skip
     return record
+
+
+def _stop_if_asked(store: Store, when: str) -> None:
+    # Ctrl-C during the gate or the uploads: the stage stops at these safe points, before the promotion,
+    # which cannot be undone.
+    if stop_requested.is_set():
+        raise Interrupted(f"publish: interrupted {when}: {store.where(LATEST)} is unchanged")
 
 
 def _gate(gate: GateParams, store: Store, pointer: tuple[bytes, str] | None, model_path: Path, test: LabelledFiles,

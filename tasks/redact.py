@@ -17,14 +17,14 @@ from pydantic import SecretStr
 # scheme://[userinfo@]host/path[?query][#fragment]. The userinfo runs to the authority's last @, as
 # urllib splits it for the download: a password may hold a raw @ (`user:p@ss@host`), and spaces,
 # which the download sends as they are. In running text that may hide words up to an @ further
-# on the line: hiding too much is the safe side. The query and the fragment are hidden whole.
+# on the line: hiding too much is the safe side. (A space in the path or query: data.url refuses it.)
 _URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\r\n]*@)?(?P<rest>[^\s?#'\"]*)"
-                  r"(?P<query>[?#][^\s'\"]*)?")  # fmt: skip
+                  r"(?P<query>\?[^\s#'\"]*)?")  # fmt: skip
 
 
 def _redacted(match: re.Match) -> str:
     userinfo = "***@" if match["userinfo"] else ""
-    query = f"{match['query'][0]}***" if match["query"] else ""
+    query = "?***" if match["query"] else ""
     return f"{match['head']}{userinfo}{match['rest']}{query}"
 
 

@@ -118,7 +118,7 @@ def report_markdown(layout: Layout, outcome: dict[str, str] | None = None, gate:
               for label in labels]  # fmt: skip
     if evaluation:
         lines += ["", "## Model", "",
-                  f"{_sentence(score_line(evaluation))}.",
+                  f"{_sentence(_markdown_text(score_line(evaluation)))}.",  # it names untested classes
                   f"Trained: {training.get('model')} on {training.get('device')}, {training.get('epochs_run')} epochs, "
                   f"{training.get('images_per_second')} images/s.",
                   # Relative: the published copy describes the run folder, not the machine that trained it.

@@ -251,9 +251,9 @@ def split(params: SplitParams, manifest_csv: Path, split_csv: Path, near_duplica
         if has_archive_split:
             log.info("split: the archive's own split is ignored (split.archive_split: ignore); all images are re-split")
         assigned = _assign(params, rows, together, _fractions(params))
-    # groups[index:index + 1]: the row's group, in the group column there is when groups are on
-    write_csv(split_csv, columns + ["block"], ([row["path"], row["label"], assigned[index], *groups[index:index + 1],
-                                               blocks[index]] for index, row in enumerate(rows)))  # fmt: skip
+    write_csv(split_csv, columns + ["block"], ([row["path"], row["label"], assigned[index],
+                                               *([groups[index]] if groups else []), blocks[index]]
+                                              for index, row in enumerate(rows)))  # fmt: skip
     log.info("%s", summary(rows, assigned))
     _warn_of_absent_classes(rows, assigned, {row["archive_split"] for row in rows} if kept else set())
     _log_clusters(rows, clusters)

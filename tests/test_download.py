@@ -288,9 +288,9 @@ def test_a_whole_reply_that_is_no_archive_fails_at_once_saying_what_came(server,
     server.files["/cells.zip"] = b"<!DOCTYPE html><html><body>Quota exceeded</body></html>"
     with pytest.raises(DownloadError) as raised:
         download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json")
-    assert str(raised.value) == (f"{server.url('/cells.zip')}: the server sent its whole reply: not a zip or tar archive: 55 "
-                                 "bytes, Content-Type application/octet-stream, starting "
-                                 "b'<!DOCTYPE html><html><body>Quota'; it was discarded")  # fmt: skip
+    assert str(raised.value) == (f"{server.url('/cells.zip')}: every byte the server announced came, and they are no "
+                                 "whole archive: not a zip or tar archive: 55 bytes, Content-Type application/octet-stream, "
+                                 "starting b'<!DOCTYPE html><html><body>Quota'; it was discarded")  # fmt: skip
     assert len(server.requests) == 1 and list(tmp_path.iterdir()) == []
     # Without a length, a cut archive may look like that too: retried, and what came is said.
     server.plans["/cells.zip"] = ["unsized"]
@@ -302,7 +302,7 @@ def test_a_whole_reply_that_is_no_archive_fails_at_once_saying_what_came(server,
 def test_a_whole_reply_that_is_a_cut_archive_fails_at_once(server, tmp_path):
     # The file at the source is cut short, its length announced truly: retrying fetches the same bytes.
     server.files["/cells.zip"] = PAYLOAD[: len(PAYLOAD) // 2]
-    with pytest.raises(DownloadError, match=r"cells.zip: the server sent its whole reply: (damaged or )?truncated"):
+    with pytest.raises(DownloadError, match=r"cells.zip: every byte the server announced came, and they are no whole archive: (damaged or )?truncated"):
         download(params(server.url("/cells.zip")), tmp_path, tmp_path / "source.json")
     assert len(server.requests) == 1 and list(tmp_path.iterdir()) == []
 

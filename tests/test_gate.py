@@ -252,7 +252,7 @@ def test_a_damaged_reference_set_is_a_champion_that_cannot_be_read(local, tmp_pa
     assert not record["promoted"] and "\n" not in reason
     assert reason.startswith("not promoted: the champion") and "cannot be read" in reason
     assert {"truncated_image": "cell_001.png", "no_rows": "labels.csv: no rows of path,label",
-            "a_row_without_its_label": "labels.csv: line 3 lacks its path or its label"}[damage] in reason
+            "a_row_without_its_label": "labels.csv: row 2 of 2 lacks its path or its label"}[damage] in reason
     assert latest_bytes(local, tmp_path) == before
     assert open_store(*local, tmp_path).read(f"runs/{record['run_id']}/models/model.keras") is not None
 
@@ -297,9 +297,12 @@ def test_the_published_report_keeps_class_names_as_text(local, tmp_path):
 
     for pair in (("<img src=x onerror=alert(1)>", "a|b"), ("[x](javascript:alert(1))", "![](http:evil.example)"),
                  ("**bold** _em_", "&lt;b&gt; ~~gone~~")):
-        record = published(local, make_run(tmp_path / str(len(pair[0])), classes=pair))
+        run = make_run(tmp_path / str(len(pair[0])), classes=pair)
+        evaluation = json.loads((run.metrics_dir / "eval.json").read_text())
+        (run.metrics_dir / "eval.json").write_text(json.dumps(evaluation | {"untested_classes": list(pair)}))
+        record = published(local, run)
         report = open_store(*local, tmp_path).read(f"runs/{record['run_id']}/report.md")[0].decode()
-        page = MarkdownIt("commonmark").enable("table").render(report)
+        page = MarkdownIt("commonmark").enable(["table", "strikethrough"]).render(report)
         for name in pair:
             assert f"<td>{html.escape(name, quote=False)}</td>" in page, name  # each name a cell of plain text
         assert "<img" not in page and "<a " not in page
@@ -392,7 +395,7 @@ def test_two_publishes_racing_against_one_champion_move_latest_once(where, tmp_p
     assert json.loads(latest_bytes(where, tmp_path))["run_id"] == winners[0]["run_id"]
 
 
-def test_an_interrupt_during_the_uploads_stops_publish_before_the_promotion(local, tmp_path, monkeypatch):
+def test_an_interrupt_during_the_gate_or_the_uploads_stops_publish_before_the_promotion(local, tmp_path, monkeypatch):
     from tasks.errors import Interrupted, stop_requested
 
     put_reference = tasks.publish._put_reference
@@ -403,13 +406,23 @@ def test_an_interrupt_during_the_uploads_stops_publish_before_the_promotion(loca
 
     monkeypatch.setattr(tasks.publish, "_put_reference", interrupted_meanwhile)
     try:
-        with pytest.raises(Interrupted, match=r"^publish: interrupted before the promotion: .*latest.json is unchanged"):
+        with pytest.raises(Interrupted, match=r"^publish: interrupted before the promotion \(.*\): .*latest.json is "
+                                              r"unchanged$"):  # fmt: skip
             published(local, make_run(tmp_path / "first"))
     finally:
         stop_requested.clear()
     assert open_store(*local, tmp_path).read(LATEST) is None
     assert not (tmp_path / "first" / "metrics" / "publish.json").exists()  # not done: the stage runs again
+    runs = list((tmp_path / "champion" / "runs").iterdir())
     monkeypatch.undo()
+    stop_requested.set()  # during the gate: nothing is uploaded
+    try:
+        with pytest.raises(Interrupted, match=r"^publish: interrupted before uploading this run: .*latest.json is "
+                                              r"unchanged$"):  # fmt: skip
+            published(local, make_run(tmp_path / "gated"))
+    finally:
+        stop_requested.clear()
+    assert [path.name for path in (tmp_path / "champion" / "runs").iterdir()] == [path.name for path in runs]
     assert published(local, make_run(tmp_path / "again"))["promoted"]
 
 

@@ -77,6 +77,8 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"data": {"url": "s3://u:Pw5/ecret@data/cells.zip"}}, "data.url: an s3:// URL holds no credentials"),
         ({"data": {"url": "s3://bucket/"}}, "data.url: an s3:// URL names an object: s3://bucket/key"),
         ({"data": {"url": "http://u:pw@127.0.0.1:99999/x.zip"}}, "data.url: the URL's port is not a number from 1"),
+        ({"data": {"url": "https://u:pw@host/my cells.zip?Pw5ecret"}}, "data.url: a space in the URL's path or query: "
+                                                                        "write it as %20"),
         ({"s3": {"endpoint_url": "127.0.0.1:5055"}}, "s3.endpoint_url: must be http(s)://HOST[:PORT]"),
         ({"prepare": {"channels": True}}, "prepare.channels: a number, not true or false"),
         ({"train": {"epochs": True}}, "train.epochs: a number, not true or false"),
