@@ -398,6 +398,13 @@ def test_two_publishes_racing_against_one_champion_move_latest_once(where, tmp_p
 def test_an_interrupt_during_the_gate_or_the_uploads_stops_publish_before_the_promotion(local, tmp_path, monkeypatch):
     from tasks.errors import Interrupted, stop_requested
 
+    def interrupted(run: Layout, when: str) -> None:
+        try:
+            with pytest.raises(Interrupted, match=rf"^publish: interrupted {when}: .*latest.json is unchanged$"):
+                published(local, run)
+        finally:
+            stop_requested.clear()
+
     put_reference = tasks.publish._put_reference
 
     def interrupted_meanwhile(*args):
@@ -405,23 +412,13 @@ def test_an_interrupt_during_the_gate_or_the_uploads_stops_publish_before_the_pr
         return put_reference(*args)
 
     monkeypatch.setattr(tasks.publish, "_put_reference", interrupted_meanwhile)
-    try:
-        with pytest.raises(Interrupted, match=r"^publish: interrupted before the promotion \(.*\): .*latest.json is "
-                                              r"unchanged$"):  # fmt: skip
-            published(local, make_run(tmp_path / "first"))
-    finally:
-        stop_requested.clear()
+    interrupted(make_run(tmp_path / "first"), r"before the promotion \(.*\)")
     assert open_store(*local, tmp_path).read(LATEST) is None
     assert not (tmp_path / "first" / "metrics" / "publish.json").exists()  # not done: the stage runs again
     runs = list((tmp_path / "champion" / "runs").iterdir())
     monkeypatch.undo()
     stop_requested.set()  # during the gate: nothing is uploaded
-    try:
-        with pytest.raises(Interrupted, match=r"^publish: interrupted before uploading this run: .*latest.json is "
-                                              r"unchanged$"):  # fmt: skip
-            published(local, make_run(tmp_path / "gated"))
-    finally:
-        stop_requested.clear()
+    interrupted(make_run(tmp_path / "gated"), "before uploading this run")
     assert [path.name for path in (tmp_path / "champion" / "runs").iterdir()] == [path.name for path in runs]
     assert published(local, make_run(tmp_path / "again"))["promoted"]
 
