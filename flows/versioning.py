@@ -14,6 +14,7 @@ import yaml
 from flows.dvc_project import is_dvc_project
 from tasks.errors import StageError
 from tasks.params import OrchestrationParams, ParamsError, S3Params, params_tree
+from tasks.redact import has_secret, redact
 from tasks.s3 import parse_uri
 from tasks.layout import Layout
 
@@ -52,9 +53,14 @@ def configure_remote(layout: Layout, uri: str, s3: S3Params) -> list[str]:
     parse_uri(uri)
     if not is_dvc_project(layout.root):
         raise VersioningError(f"{layout.root.resolve()}: not a DVC project (run `dvc init` first)")
+    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")  # s3.endpoint_url holds none: params refuse it
+    for name, value in (("the remote", uri), ("AWS_ENDPOINT_URL", endpoint)):
+        if value and has_secret(value):
+            raise VersioningError(f"{name}: {redact(value)} holds credentials (user:password@ or a query string), "
+                                  "which .dvc/config, tracked by git, would keep: give them through boto3's chain "
+                                  "(environment, profile, role)")  # fmt: skip
     _run(_dvc("remote", "add", "--default", "--force", REMOTE, uri), layout)
     done = [f"DVC remote {REMOTE!r} -> {uri} (default)"]
-    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
     for option, value in (("endpointurl", endpoint), ("region", s3.region)):
         if value:
             _run(_dvc("remote", "modify", REMOTE, option, value), layout)

@@ -80,6 +80,7 @@ def test_image_size_takes_an_int_or_height_width(tmp_path):
         ({"data": {"url": "https://u:pw@host/my cells.zip?Pw5ecret"}}, "data.url: a space in the URL's path or query: "
                                                                         "write it as %20"),
         ({"s3": {"endpoint_url": "127.0.0.1:5055"}}, "s3.endpoint_url: must be http(s)://HOST[:PORT]"),
+        ({"s3": {"endpoint_url": "http://u:Pw5ecret@127.0.0.1:5055"}}, "s3.endpoint_url: holds credentials"),
         ({"prepare": {"channels": True}}, "prepare.channels: a number, not true or false"),
         ({"train": {"epochs": True}}, "train.epochs: a number, not true or false"),
         ({"train": {"learning_rate": True}}, "train.learning_rate: a number, not true or false"),

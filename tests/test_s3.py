@@ -155,6 +155,23 @@ def latest(endpoint: str, bucket: str, prefix: str) -> dict:
     return json.loads(s3c(endpoint).get_object(Bucket=bucket, Key=f"{prefix}/latest.json")["Body"].read())
 
 
+def test_imgclf_remote_refuses_credentials_it_would_write_into_dvc_config(tmp_path, cli_env, monkeypatch):
+    from flows.versioning import VersioningError, configure_remote
+
+    root = dvc_project(tmp_path / "project", cli_env, {})
+    before = (root / ".dvc" / "config").read_bytes()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://AKIAPLANTED:pw-planted@127.0.0.1:9000")
+    with pytest.raises(VersioningError) as endpoint:
+        configure_remote(Layout(root), "s3://bucket/store", S3Params())
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    with pytest.raises(VersioningError) as uri:
+        configure_remote(Layout(root), "s3://bucket/store?X-Amz-Signature=tok-planted", S3Params())
+    assert str(endpoint.value).startswith("AWS_ENDPOINT_URL: http://***@127.0.0.1:9000 holds credentials")
+    assert str(uri.value).startswith("the remote: s3://bucket/store?*** holds credentials")
+    assert "planted" not in str(endpoint.value) + str(uri.value)
+    assert (root / ".dvc" / "config").read_bytes() == before
+
+
 def test_publish_uploads_the_run_then_points_latest_at_it(moto, bucket, tmp_path):
     layout = run_dir(tmp_path, 0.9)
     record = publish(PublishParams(s3_uri=f"s3://{bucket}/models"), GateParams(), S3Params(endpoint_url=moto), layout,
