@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 
 import tasks.images
 import tasks.png
+from tasks.errors import StageError
 from tasks.files import CHUNK, read_csv, write_csv
 from tasks.images import Verdict, read_image, resize
 from tasks.params import PrepareParams
@@ -148,12 +150,21 @@ class StoredRows:
             self._file.close()
 
 
+class CacheTooLarge(StageError):
+    """The rows would not fit on the disk; the message says how much they need."""
+
+
 class RowWriter:
     """A new images.npy of `shape` (zero-filled, sparse), written a row at a time with pwrite:
     the pages go to the OS's file cache, not this process's memory as a memory map's would.
     A context manager: the file is closed on leaving it."""
 
     def __init__(self, folder: Path, shape: tuple[int, ...]):
+        # Sparse, the file is made at any size: a typo (6400 for 64) would fill the disk row by row first.
+        needed, free = int(np.prod(shape)), shutil.disk_usage(folder).free
+        if needed > free:
+            raise CacheTooLarge(f"prepare.image_size: {shape[0]:,} images of {'x'.join(map(str, shape[1:]))} "
+                                f"take {needed / 2**30:,.1f} GiB, and {folder.parent} has {free / 2**30:,.1f} GiB free")
         header = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=shape)
         self._offset, self._shape, self._size = header.offset, shape, int(np.prod(shape[1:]))
         del header

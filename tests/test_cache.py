@@ -190,6 +190,19 @@ def test_a_failed_run_keeps_the_previous_cache_and_leaves_no_temp(validated_demo
     assert sorted(p.name for p in validated_demo.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_cache_larger_than_the_free_disk_is_refused_naming_the_size_before_any_row_is_written(validated_demo):
+    from tasks.rows import CacheTooLarge
+
+    manifest, extracted, cache_dir = validated_demo / "manifest.csv", validated_demo / "extracted", validated_demo / "cache"
+    cache(PrepareParams(image_size=16), manifest, extracted, cache_dir, in_process)
+    before = read_bytes(cache_dir)
+    with pytest.raises(CacheTooLarge, match=rf"^prepare.image_size: {2 * PER_CLASS} images of 100000x100000x3 take "
+                                            rf"[\d,.]+ GiB, and {validated_demo} has [\d,.]+ GiB free$"):  # fmt: skip
+        cache(PrepareParams(image_size=100_000), manifest, extracted, cache_dir, in_process)
+    assert read_bytes(cache_dir) == before
+    assert sorted(p.name for p in validated_demo.iterdir() if p.name.startswith(".")) == []
+
+
 # --- rows validate staged ------------------------------------------------------------------
 
 
