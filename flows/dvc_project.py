@@ -55,7 +55,10 @@ def one_run_at_a_time(root: Path, what: str, shared: bool = False, for_the_flow:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "an imgclf stage"  # only a run writes its name
+            holder = handle.read().strip()  # only a run writes its name
+            if not holder:  # an `imgclf stage`: the `dvc repro` running it, when one is
+                _refuse_beside_a_dvc_stage(root, _ancestors() if shared else frozenset())
+                holder = "an imgclf stage"
             raise ProjectError(f"{root.resolve()}: {holder} is running in this project; wait for it to end") from None
         if shared:
             # Holding it shared, no run holds it: a name there is a killed run's (SIGKILL skips the truncate).

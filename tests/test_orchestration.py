@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -383,6 +384,12 @@ def test_a_run_started_while_dvc_repro_runs_a_stage_command_is_refused_naming_it
     try:
         with pytest.raises(ProjectError, match=rf": dvc repro \(pid {repro.pid}\) is running a stage in this project"):
             flow(root)
+        # Also once the stage's command holds the run lock, shared, as an `imgclf stage` does.
+        (root / ".imgclf").mkdir(exist_ok=True)
+        with open(root / ".imgclf" / "run.lock", "a+") as stage:
+            fcntl.flock(stage, fcntl.LOCK_SH)
+            with pytest.raises(ProjectError, match=rf": dvc repro \(pid {repro.pid}\) is running a stage in this project"):
+                flow(root)
         # So is a stage typed by hand (a second trainer on the same models/), though the stage that
         # `dvc repro` runs, its descendant, goes ahead: dvc repro in tests/test_dvc.py.
         monkeypatch.chdir(root)
