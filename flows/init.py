@@ -23,7 +23,7 @@ import yaml
 import flows
 from tasks.errors import StageError
 from tasks.params import ParamsError, load_params, url_scheme
-from tasks.redact import has_secret, redact
+from tasks.redact import HOLDS_CREDENTIALS, has_secret, redact
 
 # The templates are this source tree's own files: `imgclf` is installed editable (pip install -e .),
 # so the package's parent folder is the checkout. A wheel would not carry them (see _templates).
@@ -136,7 +136,7 @@ def _project_url(url: str, folder: Path) -> str:
     """
     url = url.strip()
     if has_secret(url):  # params.yaml is committed and dvc.lock records it: a password would be in git
-        raise ParamsError(f"--url: {redact(url)} holds credentials (user:password@ or a query string), which "
+        raise ParamsError(f"--url: {redact(url)} {HOLDS_CREDENTIALS}, which "
                           "params.yaml and dvc.lock would keep in git: give the URL without them and put the "
                           "password in ~/.netrc, or pass a signed URL per run: imgclf run --set data.url=URL")
     try:

@@ -14,7 +14,7 @@ import yaml
 from flows.dvc_project import is_dvc_project
 from tasks.errors import StageError
 from tasks.params import OrchestrationParams, ParamsError, S3Params, params_tree
-from tasks.redact import has_secret, redact
+from tasks.redact import HOLDS_CREDENTIALS, has_secret, redact
 from tasks.s3 import parse_uri
 from tasks.layout import Layout
 
@@ -56,7 +56,7 @@ def configure_remote(layout: Layout, uri: str, s3: S3Params) -> list[str]:
     endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")  # s3.endpoint_url holds none: params refuse it
     for name, value in (("the remote", uri), ("AWS_ENDPOINT_URL", endpoint)):
         if value and has_secret(value):
-            raise VersioningError(f"{name}: {redact(value)} holds credentials (user:password@ or a query string), "
+            raise VersioningError(f"{name}: {redact(value)} {HOLDS_CREDENTIALS}, "
                                   "which .dvc/config, tracked by git, would keep: give them through boto3's chain "
                                   "(environment, profile, role)")  # fmt: skip
     _run(_dvc("remote", "add", "--default", "--force", REMOTE, uri), layout)

@@ -22,7 +22,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       model_validator)
 
 from tasks.errors import StageError
-from tasks.redact import has_secret
+from tasks.redact import HOLDS_CREDENTIALS, has_secret
 
 MALARIA_URL = "https://data.lhncbc.nlm.nih.gov/public/Malaria/cell_images.zip"
 URL_SCHEMES = ("http", "https", "s3", "file", "")  # "": a local path
@@ -353,7 +353,7 @@ class S3Params(_Section):
         if url is not None and (url_scheme(url) not in ("http", "https") or not urlparse(url).hostname):
             raise ValueError("must be http(s)://HOST[:PORT], e.g. http://127.0.0.1:9000")
         if url is not None and has_secret(url):  # `imgclf remote` writes it into .dvc/config, which git tracks
-            raise ValueError("holds credentials (user:password@ or a query string): boto3's chain gives them")
+            raise ValueError(f"{HOLDS_CREDENTIALS}: boto3's chain gives them")
         return url
 
 

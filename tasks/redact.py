@@ -38,6 +38,10 @@ def has_secret(text: str) -> bool:
     return any(match["userinfo"] or match["query"] for match in _URL.finditer(text))
 
 
+# Why a URL that would be written down (params.yaml, .dvc/config: files git keeps) is refused.
+HOLDS_CREDENTIALS = "holds credentials (user:password@ or a query string)"
+
+
 class RedactingFilter(logging.Filter):
     """Rewrites each record's message with every URL redacted, before any handler sees it."""
 
