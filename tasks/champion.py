@@ -13,6 +13,7 @@ against the same champion: exactly one moves the pointer.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import mimetypes
@@ -151,8 +152,16 @@ class LocalStore:
     def where(self, name: str) -> str:
         return str(self.root / name)
 
+    @contextlib.contextmanager
+    def _explained(self, name: str, doing: str) -> Iterator[None]:
+        # A folder where a file goes, a file where the store's folder goes, no permission, a full disk: one line.
+        try:
+            yield
+        except OSError as exc:
+            raise StoreError(f"{self.root / name}: cannot be {doing} ({exc.strerror or exc})") from None
+
     def put(self, path: Path, name: str) -> str:
-        with atomic_path(self.root / name) as temp:
+        with self._explained(name, "written"), atomic_path(self.root / name) as temp:
             shutil.copyfile(path, temp)
         return name
 
@@ -163,15 +172,18 @@ class LocalStore:
         return path
 
     def read(self, name: str) -> tuple[bytes, str] | None:
-        try:
-            body = (self.root / name).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:  # a folder where the file goes, a file where the store's folder goes, no permission
-            raise StoreError(f"{self.root / name}: cannot be read ({exc.strerror or exc})") from None
+        with self._explained(name, "read"):
+            try:
+                body = (self.root / name).read_bytes()
+            except FileNotFoundError:
+                return None
         return body, hashlib.sha256(body).hexdigest()
 
     def replace_if(self, name: str, body: bytes, expected: str | None) -> bool:
+        with self._explained(name, "written"):
+            return self._replace_if(name, body, expected)
+
+    def _replace_if(self, name: str, body: bytes, expected: str | None) -> bool:
         self.root.mkdir(parents=True, exist_ok=True)
         # flock, not a lock file made with O_EXCL: the kernel lets go when a killed run's process
         # dies, so no stale lock ever blocks the next publish. Held for a read and a rename only.

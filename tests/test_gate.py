@@ -257,17 +257,23 @@ def test_a_damaged_reference_set_is_a_champion_that_cannot_be_read(local, tmp_pa
     assert open_store(*local, tmp_path).read(f"runs/{record['run_id']}/models/model.keras") is not None
 
 
-@pytest.mark.parametrize("damage", ["a folder for latest.json", "a file for the store's folder"])
-def test_a_store_whose_latest_json_cannot_be_read_stops_publish_in_one_line(local, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["a folder for latest.json", "a file for the store's folder",
+                                    "a file for its runs folder"])
+def test_a_store_that_cannot_be_read_or_written_stops_publish_in_one_line(local, tmp_path, damage):
     from tasks.champion import StoreError
 
     store = tmp_path / "champion"
     if damage == "a folder for latest.json":
         (store / "latest.json").mkdir(parents=True)
-    else:
+        said = rf"{re.escape(str(store / 'latest.json'))}: cannot be read \(Is a directory\)"
+    elif damage == "a file for the store's folder":
         store.write_text("")
-    said = "Is a directory" if damage == "a folder for latest.json" else "Not a directory"
-    with pytest.raises(StoreError, match=rf"^{re.escape(str(store / 'latest.json'))}: cannot be read \({said}\)$"):
+        said = rf"{re.escape(str(store / 'latest.json'))}: cannot be read \(Not a directory\)"
+    else:
+        (store / "runs").parent.mkdir()
+        (store / "runs").write_text("")
+        said = rf"{re.escape(str(store / 'runs'))}/[^ ]+: cannot be written \([^)]+\)"
+    with pytest.raises(StoreError, match=rf"^{said}$"):
         published(local, make_run(tmp_path / "run"))
 
 
