@@ -84,11 +84,6 @@ def download(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Par
     part = target.with_name(target.name + ".part")
     raw_dir.mkdir(parents=True, exist_ok=True)
     source = fetch(data, part, s3)
-    # An HTTP body is checked as it arrives (whether to try again hangs on it); a copied file or object is
-    # checked here: one cut at its source is refused now, not recorded as this stage's output.
-    if fetch is not _fetch_http and (problem := completeness_problem(part)):
-        _discard(part)
-        raise DownloadError(f"{redact(data.url)}: {problem}; nothing was kept")
     digest = sha256_file(part)
     if data.sha256 and digest != data.sha256:
         _discard(part)
@@ -245,7 +240,16 @@ def _fetch_local(data: DataParams, part: Path, s3: S3Params) -> dict:
             writer.write(chunk)
             progress.update(len(chunk))
     progress.close()
+    _refuse_cut(data, part)
     return {"mtime_ns": stat.st_mtime_ns}
+
+
+def _refuse_cut(data: DataParams, part: Path) -> None:
+    # A copied file or object cut at its source is refused now, not recorded as this stage's output.
+    # (An HTTP body is checked as it arrives: whether to try again hangs on it.)
+    if problem := completeness_problem(part):
+        _discard(part)
+        raise DownloadError(f"{redact(data.url)}: {problem}; nothing was kept")
 
 
 def _probe_local(data: DataParams, s3: S3Params) -> dict:
@@ -266,7 +270,9 @@ def _fetch_http(data: DataParams, part: Path, s3: S3Params) -> dict:
 
 
 def _fetch_s3(data: DataParams, part: Path, s3: S3Params) -> dict:
-    return _retrying(data, lambda: _s3_transfer(parse_uri(data.url), part, s3))
+    source = _retrying(data, lambda: _s3_transfer(parse_uri(data.url), part, s3))
+    _refuse_cut(data, part)
+    return source
 
 
 def _probe_s3(data: DataParams, s3: S3Params) -> dict:
