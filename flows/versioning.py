@@ -9,8 +9,6 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 from flows.dvc_project import is_dvc_project
 from tasks.errors import StageError
 from tasks.params import OrchestrationParams, ParamsError, S3Params, params_tree
@@ -149,8 +147,8 @@ def _git_commit_lock(layout: Layout, run_params: Path | None) -> str:
 def _differ(run_params: Path, params_file: Path) -> bool:
     """Whether the params a run used are not params.yaml's (now)."""
     try:
-        return yaml.safe_load(run_params.read_text()) != params_tree(params_file)
-    except (OSError, yaml.YAMLError, ParamsError):
+        return params_tree(run_params) != params_tree(params_file)
+    except ParamsError:
         return True
 
 

@@ -12,12 +12,13 @@ import os
 import re
 import warnings
 from urllib.parse import urlparse
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
-import yaml
 from croniter import croniter
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.error import MarkedYAMLError
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
@@ -447,8 +448,8 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ParamsError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.epochs=5")
     try:
-        return key.strip(), (yaml.load(raw, _UniqueKeysLoader) if raw.strip() else None)
-    except yaml.YAMLError as exc:
+        return key.strip(), (_read_yaml(raw) if raw.strip() else None)
+    except YAMLError as exc:
         raise ParamsError(f"--set {key.strip()}: not a valid YAML value: {_yaml_problem(exc)}") from None
 
 
@@ -503,29 +504,19 @@ def _culprits(path: str | Path, overrides: Mapping[str, Any], error: ValidationE
     return found
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """Returns what is wrong, and on which line: PyYAML's first line is often only its context."""
-    if not isinstance(exc, yaml.MarkedYAMLError) or not exc.problem:
+def _read_yaml(text: str) -> Any:
+    # As DVC reads params.yaml (ruamel, YAML 1.2), so a run uses the values dvc.lock records: PyYAML's
+    # YAML 1.1 reads `seed: 017` as 15 and `yes` as True where DVC reads 17 and "yes". A key written
+    # twice in one mapping is refused, as DVC refuses it.
+    return YAML(typ="safe").load(text)
+
+
+def _yaml_problem(exc: YAMLError) -> str:
+    """Returns what is wrong, and on which line: the YAML reader's first line is often only its context."""
+    if not isinstance(exc, MarkedYAMLError) or not exc.problem:
         return str(exc).splitlines()[0]
     mark = exc.problem_mark
     return exc.problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
-
-
-class _UniqueKeysLoader(yaml.SafeLoader):
-    """YAML that refuses a key written twice in one mapping: PyYAML keeps the last, DVC refuses the file."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *defaults`: the keys after it may override merged ones, as YAML means
-            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
-            if not isinstance(key, Hashable):
-                continue  # SafeLoader's own check says it: "found unhashable key"
-            if key in seen:
-                raise yaml.MarkedYAMLError(problem=f"key {key!r} on line {line} was given on line {seen[key]} already")
-            seen[key] = line
-        return super().construct_mapping(node, deep)
 
 
 def read_params_text(path: Path) -> str:
@@ -544,8 +535,8 @@ def params_tree(path: str | Path, overrides: Mapping[str, Any] | None = None, te
     `text`: the file's content, read already."""
     path = Path(path)
     try:
-        tree: Any = yaml.load(read_params_text(path) if text is None else text, _UniqueKeysLoader) or {}
-    except yaml.YAMLError as exc:
+        tree: Any = _read_yaml(read_params_text(path) if text is None else text) or {}
+    except YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(tree, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
