@@ -58,10 +58,13 @@ IN_GRAPH_SCALING = {
     "mobilenet_v3_small": "MobileNetV3's built-in rescaling of 0-255 input to [-1, 1]",
     "efficientnet_b0": "EfficientNet's built-in rescaling and normalisation of 0-255 input",
 }
+# How tasks/images.py's resize() places an (h0, w0) image in (height, width), rounding included.
 RESIZE_MODES = {
-    "stretch": "resized to height x width ignoring the aspect ratio",
-    "pad": "scaled to fit inside height x width, aspect kept, the rest filled with black (letterbox)",
-    "crop": "scaled to cover height x width, aspect kept, then centre-cropped",
+    "stretch": "the whole image resized to (height, width), the aspect ratio not kept",
+    "pad": "resized to (round(h0 s), round(w0 s)), s = min(height / h0, width / w0), and placed on black at "
+           "row (height - its height) // 2, column (width - its width) // 2 (letterbox)",
+    "crop": "the centre (min(h0, max(1, round(height / s))), min(w0, max(1, round(width / s)))), s = max(height / "
+            "h0, width / w0), cut at row (h0 - its height) // 2, column (w0 - its width) // 2, resized to (height, width)",
 }
 
 
@@ -219,6 +222,25 @@ def _near_decision(probabilities: np.ndarray, calibration: Calibration) -> np.nd
     return top_two[:, 1] - top_two[:, 0] <= 2 * PARITY_TOLERANCE
 
 
+def client_preparation(size: tuple[int, int], channels: int, resize: str) -> str:
+    """Returns the steps that turn an image file into the pixels training saw (tasks/images.py's read_image
+    and resize, as imgclf predict runs them), for a client without imgclf: each changes the pixels."""
+    height, width = size
+    side = max(size)
+    steps = [
+        "decode to RGB uint8 (0-255, no scaling), upright per the EXIF orientation (PIL.ImageOps.exif_transpose; "
+        "tf.io.decode_image and OpenCV's IMREAD_UNCHANGED ignore it), alpha dropped, 16-bit values by their high byte",
+        f"a JPEG at the smallest DCT scale (1/2, 1/4 or 1/8) that keeps both sides at least {side} pixels, as "
+        f"Pillow's Image.draft('RGB', ({side}, {side})) picks it before loading",
+        *(["then gray = 0.299 R + 0.587 G + 0.114 B (OpenCV's COLOR_RGB2GRAY of those RGB pixels, not a "
+           "decoder's own gray)"] if channels == 1 else []),  # fmt: skip
+        f"then, with (h0, w0) its size and (height, width) = ({height}, {width}): {RESIZE_MODES[resize]}",
+        "each resize from (h0, w0) to (h, w) with OpenCV: f = min(h0 // h, w0 // w); f >= 2: cv2.resize "
+        "INTER_LINEAR to (f h, f w), then INTER_AREA to (h, w); else INTER_LINEAR",
+    ]
+    return "; ".join(steps) + " (imgclf predict does exactly this)"
+
+
 def _description(described: dict, calibration: Calibration, version: int, shape: tuple[int, int, int]) -> dict:
     """Returns the export's model.json: train's description, plus all a serving client needs."""
     height, width, channels = shape
@@ -236,9 +258,7 @@ def _description(described: dict, calibration: Calibration, version: int, shape:
                         "class_label": {"dtype": "string", "shape": [-1], "meaning": "its name"}},  # fmt: skip
         },
         "preprocessing": {
-            "client": f"decode to {'RGB' if channels == 3 else 'grayscale'} uint8 (0-255, no scaling), upright per the "
-                      "EXIF orientation (tf.io.decode_image and OpenCV's IMREAD_UNCHANGED ignore it), alpha dropped; "
-                      f"{RESIZE_MODES[described['resize']]} ({height}x{width})",
+            "client": client_preparation((height, width), channels, described["resize"]),
             "in_graph": f"uint8 -> float32, then {IN_GRAPH_SCALING[described.get('train', {}).get('model', 'cnn')]}",
         },
         "calibration": {

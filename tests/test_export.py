@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from tasks.extract import extract
 from tasks.params import AugmentParams, DataParams, EvaluateParams, PrepareParams, SplitParams, TrainParams, ValidateParams
 from tasks.split import split
 from tasks.validate import validate
+from tasks.rows import read_row
 from tests.conftest import in_process, noise
 
 tf = pytest.importorskip("tensorflow")
@@ -25,7 +27,7 @@ keras = pytest.importorskip("keras")
 from tasks import export as export_module  # noqa: E402
 from tasks.dataset import load_cached_set  # noqa: E402
 from tasks.evaluate import evaluate  # noqa: E402
-from tasks.export import PARITY_TOLERANCE, ExportError, export, model_version  # noqa: E402
+from tasks.export import PARITY_TOLERANCE, ExportError, client_preparation, export, model_version  # noqa: E402
 from tasks.model import build_model, class_probabilities  # noqa: E402
 from tasks.predict import load_inference_model, predict  # noqa: E402
 from tasks.train import train  # noqa: E402
@@ -108,6 +110,59 @@ def test_the_description_in_the_export_is_all_a_client_needs(cells):
     assert described["calibration"]["temperature"] == calibration.temperature
     assert (described["calibration"]["positive_class"], described["calibration"]["threshold"]) == (
         "Parasitized", calibration.threshold)
+
+
+def _as_the_description_says(data: bytes, size: tuple[int, int], channels: int, mode: str) -> np.ndarray:
+    """A client's preparation, written from the export's preprocessing.client text, not from tasks/images.py."""
+    from PIL import Image, ImageOps
+
+    image, height, width = Image.open(io.BytesIO(data)), *size
+    if image.format == "JPEG":
+        image.draft("RGB", (max(size), max(size)))
+    pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)[:, :, None] if channels == 1 else pixels
+    h0, w0 = pixels.shape[:2]
+
+    def resized(image: np.ndarray, h: int, w: int) -> np.ndarray:
+        f = min(image.shape[0] // h, image.shape[1] // w)
+        if f >= 2:
+            image = cv2.resize(image, (f * w, f * h), interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if f >= 2 else cv2.INTER_LINEAR).reshape(h, w, -1)
+
+    if mode == "stretch":
+        return resized(pixels, height, width)
+    if mode == "pad":
+        s = min(height / h0, width / w0)
+        inner = resized(pixels, round(h0 * s), round(w0 * s))
+        out = np.zeros((height, width, pixels.shape[2]), np.uint8)
+        top, left = (height - inner.shape[0]) // 2, (width - inner.shape[1]) // 2
+        out[top : top + inner.shape[0], left : left + inner.shape[1]] = inner
+        return out
+    s = max(height / h0, width / w0)
+    crop_h, crop_w = min(h0, max(1, round(height / s))), min(w0, max(1, round(width / s)))
+    top, left = (h0 - crop_h) // 2, (w0 - crop_w) // 2
+    return resized(np.ascontiguousarray(pixels[top : top + crop_h, left : left + crop_w]), height, width)
+
+
+@pytest.mark.parametrize("mode", ["stretch", "pad", "crop"])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_client_following_the_description_gets_the_pixels_training_saw(mode, channels):
+    # A JPEG decoded whole, or turned gray by its decoder, differs from the cache by up to ~40 grey levels:
+    # the description must say every step (the reduced-scale decode, the two-step resize, the gray weights).
+    from PIL import Image
+
+    size = (40, 56)
+    text = client_preparation(size, channels, mode)
+    assert "Image.draft('RGB', (56, 56))" in text and "INTER_AREA" in text and ("0.299" in text) == (channels == 1)
+    photo = cv2.GaussianBlur(noise(300, 410), (0, 0), 3)  # smooth enough for JPEG to keep detail
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned a quarter
+    files = {"jpeg": Image.fromarray(photo), "png with alpha": Image.fromarray(np.dstack([photo, noise(300, 410, 1)]))}
+    for name, image in files.items():
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG" if name == "jpeg" else "PNG", exif=exif, quality=90)
+        _, row = read_row(buffer.getvalue(), PrepareParams(image_size=size, resize=mode, channels=channels))
+        assert np.array_equal(_as_the_description_says(buffer.getvalue(), size, channels, mode), row), name
 
 
 def test_predict_with_a_threshold_labels_files_as_the_saved_model_does(cells, tmp_path):
