@@ -27,6 +27,7 @@ import yaml
 
 from tasks.errors import StageError
 from tasks.files import atomic_file, atomic_path, retrying
+from tasks.layout import BACKUP_FOLDER, Layout
 from tasks.params import PublishParams, S3Params
 from tasks.s3 import MISSING_KEY, S3Error, S3Transient, S3Uri, client, error_code, explain_error, parse_uri
 
@@ -203,7 +204,10 @@ class LocalStore:
 def check_store_folder(params: PublishParams, root: Path) -> None:
     """Refuses a `publish.local_dir` (with `publish.s3_uri` empty) that is the project's own folder,
     whose root the store's runs/ and latest.json would share, or lies in an output of dvc.yaml,
-    which DVC deletes before its stage re-runs (and the stage replaces whole): the champion with it."""
+    which DVC deletes before its stage re-runs (and the stage replaces whole), or in a folder the
+    pipeline empties or the tools keep for themselves: the champion would go with it."""
+    from tasks.rows import staging_dir
+
     if params.s3_uri:
         return
     folder = (root / params.local_dir).resolve()
@@ -214,6 +218,14 @@ def check_store_folder(params: PublishParams, root: Path) -> None:
         if folder.is_relative_to((root / output).resolve()):
             raise StoreError(f"publish.local_dir: {params.local_dir} lies in {output}, an output of dvc.yaml's stage "
                              f"{stage}: DVC deletes it before that stage re-runs, and the champion store with it")  # fmt: skip
+    layout = Layout(root)
+    for scratch, what in ((staging_dir(layout.cache_dir), "validate's rows for the cache stage, which empties it"),
+                          (layout.model_dir / BACKUP_FOLDER, "train's backup, removed when training ends"),
+                          (root / ".imgclf", "imgclf's own run files"), (root / ".dvc", "DVC's own folder"),
+                          (root / ".git", "git's own folder")):  # fmt: skip
+        if folder.is_relative_to(scratch.resolve()):
+            raise StoreError(f"publish.local_dir: {params.local_dir} lies in {scratch.relative_to(root)}, {what}: "
+                             "the champion store would go with it; name a folder of its own (default models/champion)")
 
 
 def _outputs(root: Path) -> Iterator[tuple[str, str]]:

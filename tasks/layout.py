@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+# Train's resumable state, below the model folder: removed when training ends.
+BACKUP_FOLDER = ".backup"
+
+
 def _below_root(relative: str) -> property:
     return property(lambda layout: layout.root / relative, doc=f"<root>/{relative}")
 

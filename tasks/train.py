@@ -39,6 +39,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from tasks.errors import Interrupted, StageError, stop_requested
 from tasks.dataset import CachedSet, load_cached_set, make_dataset, without
 from tasks.files import MODEL_JSON, atomic_file, atomic_path, write_json
+from tasks.layout import BACKUP_FOLDER
 from tasks.model import Head, build_model, unfreeze_top
 from tasks.multi_worker import fit_multi_worker, local_scores
 from tasks.params import AugmentParams, TrainParams, recipe_settings
@@ -161,7 +162,7 @@ def train(
     log.info("train: recipe %s, %s on %s, %s, %d train / %d val images, batch %d",
              params.recipe, params.model, devices.description, devices.precision, len(data.rows["train"]), len(data.rows["val"]), batch)  # fmt: skip
 
-    backup_root = model_dir / ".backup"
+    backup_root = model_dir / BACKUP_FOLDER
     if not devices.multi_worker:  # (no backups there: its loop does not resume)
         _open_backup(backup_root, _fingerprint(params, augment, cache_dir, split_csv) | {"exclude": exclusion.sha256})
     # One dvclive log for the whole run: every epoch of both phases, the backed-up ones replayed.

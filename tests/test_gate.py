@@ -470,6 +470,10 @@ def test_every_deployment_runs_one_at_a_time_and_queues_the_next():
     ("{root}", "is the project's own folder"), ("models/serving", "lies in models/serving, an output of dvc.yaml's stage export"),
     ("data/extracted/champion", "lies in data/extracted, an output of dvc.yaml's stage extract"),
     ("reports", "lies in reports, an output of dvc.yaml's stage report"),
+    # the folders the pipeline empties by itself, beside DVC's outputs
+    ("data/cache-staging", "lies in data/cache-staging, validate's rows for the cache stage, which empties it"),
+    ("models/.backup/champion", "lies in models/.backup, train's backup, removed when training ends"),
+    (".dvc/champion", r"lies in .dvc, DVC's own folder"),
 ])  # fmt: skip
 def test_a_champion_folder_dvc_would_delete_or_the_project_root_is_refused_before_any_stage_works(tmp_path, local_dir, said):
     import shutil
