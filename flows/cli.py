@@ -195,7 +195,7 @@ def _command(args: argparse.Namespace) -> None:
             print(line)
     elif args.command == "predict":
         from tasks.params import ValidateParams
-        from tasks.predict import check_outputs, predict, write_rows
+        from tasks.predict import check_outputs, expand, predict, write_rows
 
         # What validate accepts: the project's validate.max_pixels (outside a project, its default).
         validate = ValidateParams()
@@ -205,12 +205,13 @@ def _command(args: argparse.Namespace) -> None:
             except ParamsError as exc:  # another tool's params.yaml, say: predict needs one key of it, not the file
                 print(f"imgclf: warning: {exc}; predict judges files by validate.max_pixels' default "
                       f"({validate.max_pixels:,})", file=sys.stderr)  # fmt: skip
-        check_outputs(args.model, args.paths, args.out, args.explain)
-        write_rows(predict(args.model, args.paths, validate.max_pixels), args.out)
+        files = expand(args.paths, args.out, args.explain)
+        check_outputs(args.model, files, args.out, args.explain)
+        write_rows(predict(args.model, files, validate.max_pixels), args.out)
         if args.explain:
             from tasks.gradcam import explain_files
 
-            written = explain_files(args.model, args.paths, args.explain, validate.max_pixels)
+            written = explain_files(args.model, files, args.explain, validate.max_pixels)
             print(f"imgclf: {len(written)} Grad-CAM overlays in {args.explain}", file=sys.stderr)
     elif args.command == "init":
         from flows.init import init_project

@@ -149,18 +149,18 @@ def write_overlay(path: Path, image: np.ndarray, heatmap: np.ndarray) -> Path:
     return path
 
 
-def explain_files(model_path: Path, paths: Iterable[Path], out_dir: Path,
+def explain_files(model_path: Path, files: Iterable[Path], out_dir: Path,
                   max_pixels: int = ValidateParams().max_pixels) -> list[Path]:  # fmt: skip
-    """Returns the overlays written to `out_dir`: one `<name>.gradcam.png` per readable image file, for
-    the label `imgclf predict` gives it (calibration and threshold included), at the file's place
-    below the inputs' common folder."""
+    """Returns the overlays written to `out_dir`: one `<name>.gradcam.png` per readable image file (as `expand`
+    lists them), for the label `imgclf predict` gives it (calibration and threshold included), at the file's
+    place below the inputs' common folder."""
     from tasks.calibration import calibrated_probabilities, predicted_indices
     from tasks.model import class_probabilities
-    from tasks.predict import prepare_file, expand, load_described_model, load_model_calibration
+    from tasks.predict import OVERLAY_SUFFIX, load_described_model, load_model_calibration, prepare_file
 
     described, model = load_described_model(model_path)
     calibration = load_model_calibration(model_path, described["classes"])
-    files = [Path(os.path.abspath(file)) for file in expand(paths)]  # not resolve(): a broken link points anywhere
+    files = [Path(os.path.abspath(file)) for file in files]  # not resolve(): a broken link points anywhere
     common = Path(os.path.commonpath([file.parent for file in files])) if files else out_dir
     written = []
     for batch in chunked(files, BATCH):
@@ -175,5 +175,5 @@ def explain_files(model_path: Path, paths: Iterable[Path], out_dir: Path,
             labels = predicted_indices(calibrated_probabilities(class_probabilities(model, images), calibration), calibration)
             for (file, image), heatmap in zip(ready, heatmaps(model, images, labels)):
                 relative = file.relative_to(common)
-                written.append(write_overlay(out_dir / relative.with_name(relative.name + ".gradcam.png"), image, heatmap))
+                written.append(write_overlay(out_dir / relative.with_name(relative.name + OVERLAY_SUFFIX), image, heatmap))
     return written

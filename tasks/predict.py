@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,30 +31,41 @@ log = logging.getLogger("imgclf")
 
 COLUMNS = ["path", "label", "probability", "error"]
 BATCH = 64
+OVERLAY_SUFFIX = ".gradcam.png"  # predict --explain's overlay of <name>: <name>.gradcam.png
 
 
 class PredictError(StageError, ValueError):
     """The model or its description cannot be used; the message names the file."""
 
 
-def expand(paths: Iterable[Path]) -> list[Path]:
+def expand(paths: Iterable[Path], out: Path | None = None, explain: Path | None = None) -> list[Path]:
     """Returns the paths named, with each folder replaced by everything below it but folders, sorted: broken
-    links, FIFOs and links to folders (not followed) too, so each gets a row saying why it has no label."""
+    links, FIFOs and links to folders (not followed) too, so each gets a row saying why it has no label.
+    Below a folder, what an earlier predict wrote there is left out, or a second run would read it as images:
+    the CSV at `out` (when predict wrote it) and the overlays in the `explain` folder."""
+    ours = Path(os.path.realpath(out)) if out is not None and out.is_file() and _ours(out) else None
+    overlays = Path(os.path.realpath(explain)) if explain is not None else None
+
+    def written_by_predict(path: Path) -> bool:
+        where = Path(os.path.realpath(path.parent)) / path.name  # the entry itself not followed: a link is its own
+        return where == ours or (overlays is not None and where.name.endswith(OVERLAY_SUFFIX)
+                                 and where.is_relative_to(overlays))  # fmt: skip
+
     found: list[Path] = []
     for path in paths:
-        below = (p for p in path.rglob("*") if p.is_symlink() or not p.is_dir())
+        below = (p for p in path.rglob("*") if (p.is_symlink() or not p.is_dir()) and not written_by_predict(p))
         found.extend(sorted(below) if path.is_dir() else [path])
     return found
 
 
-def check_outputs(model_path: Path, paths: Iterable[Path], out: Path | None, explain: Path | None) -> None:
+def check_outputs(model_path: Path, files: Iterable[Path], out: Path | None, explain: Path | None) -> None:
     """Raises PredictError, before any work, when writing would replace a file: `out` one that predict reads
     (an input, the model, its description or calibration), `explain` a file where a folder goes."""
     if explain is not None and explain.exists() and not explain.is_dir():
         raise PredictError(f"--explain {explain}: a file; name a folder to write the overlays into")
     if out is None or not out.is_file() or _ours(out):  # its own CSV of an earlier run, in a folder it reads
         return
-    read = [model_path, model_json(model_path.parent), model_path.parent / CALIBRATION_JSON, *expand(paths)]
+    read = [model_path, model_json(model_path.parent), model_path.parent / CALIBRATION_JSON, *files]
     if any(path.exists() and path.samefile(out) for path in read):
         raise PredictError(f"--out {out}: predict reads this file (an input, or the model's); name another to write")
 
@@ -73,12 +85,12 @@ def prepare_file(path: Path, described: dict, max_pixels: int) -> np.ndarray:
     return resize(pixels, size, described["resize"])
 
 
-def predict(model_path: Path, paths: Iterable[Path], max_pixels: int = ValidateParams().max_pixels) -> list[dict]:
-    """Returns one row per file: the predicted label and its probability, or the error."""
+def predict(model_path: Path, files: Iterable[Path], max_pixels: int = ValidateParams().max_pixels) -> list[dict]:
+    """Returns one row per file (as `expand` lists them): the predicted label and its probability, or the error."""
     described, model = load_described_model(model_path)
     calibration = load_model_calibration(model_path, described["classes"])
     rows: list[dict] = []
-    for batch in chunked(expand(paths), BATCH):
+    for batch in chunked(files, BATCH):
         images, ready = [], []
         for path in batch:
             row = {"path": str(path), "label": "", "probability": "", "error": ""}

@@ -431,11 +431,12 @@ def test_predict_refuses_to_write_over_what_it_reads_but_its_own_earlier_csv(tmp
                                                         "write the overlays into")  # fmt: skip
     assert not (tmp_path / "new.csv").exists()
     assert {path: path.read_bytes() for path in before} == before
-    # Its own CSV of an earlier run, in a folder it reads: the same command again writes it anew.
+    # Its own CSV of an earlier run, in a folder it reads: the same command again writes it anew, and does not
+    # read it as an input.
     for _ in range(2):
         assert main(["predict", "--model", str(model), "in", "--out", "in/predictions.csv"]) == 0
     rows = [line.split(",") for line in (tmp_path / "in" / "predictions.csv").read_text().splitlines()[1:]]
-    assert [(row[0], row[-1]) for row in rows] == [("in/a.png", ""), ("in/predictions.csv", "not_an_image")]
+    assert [(row[0], row[-1]) for row in rows] == [("in/a.png", "")]
 
 
 def test_predict_piped_into_a_reader_that_leaves_early_stops_without_an_error(tmp_path, cli_env):

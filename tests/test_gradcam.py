@@ -105,3 +105,12 @@ def test_predict_explain_writes_one_overlay_per_readable_file_in_the_inputs_layo
     overlay = cv2.imread(str(out / "a" / "1.png.gradcam.png"))
     assert overlay.shape == (OVERLAY_SIDE, OVERLAY_SIDE, 3)
     assert "3 Grad-CAM overlays" in capsys.readouterr().err
+    # Its outputs inside the folder it reads: a second run reads neither as images.
+    command = ["predict", "--model", str(model_dir / "model.keras"), "--explain", str(inputs / "explained"),
+               "--out", str(inputs / "predictions.csv"), str(inputs)]  # fmt: skip
+    assert main(command) == 0
+    first = ((inputs / "predictions.csv").read_text(), sorted((inputs / "explained").rglob("*")))
+    assert main(command) == 0
+    assert ((inputs / "predictions.csv").read_text(), sorted((inputs / "explained").rglob("*"))) == first
+    assert [line.split(",")[0] for line in first[0].splitlines()[1:]] == [
+        str(inputs / relative) for relative in ("a/1.png", "a/2.png", "b/1.png", "b/broken.png", "b/gone.png")]
