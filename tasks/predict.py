@@ -10,6 +10,7 @@ row with an error, not a crash.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -79,10 +80,19 @@ def _ours(path: Path) -> bool:
 
 def prepare_file(path: Path, described: dict, max_pixels: int) -> np.ndarray:
     if not path.is_file():  # a FIFO or a device would block or never end
-        raise ValueError("not a regular file" if path.exists() else "no such file")
+        raise ValueError("not a regular file" if path.exists() else _why_missing(path))
     size = tuple(described["image_size"])
     pixels = decode(path.read_bytes(), described["channels"], draft_size=max(size), max_pixels=max_pixels)
     return resize(pixels, size, described["resize"])
+
+
+def _why_missing(path: Path) -> str:
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+    return "no such file"
 
 
 def predict(model_path: Path, files: Iterable[Path], max_pixels: int = ValidateParams().max_pixels) -> list[dict]:

@@ -380,12 +380,14 @@ def test_predict_gives_a_fifo_an_error_row_instead_of_hanging_and_so_to_all_in_a
     os.mkfifo(tmp_path / "in" / "pipe.png")
     (tmp_path / "in" / "broken.png").symlink_to("nowhere.png")
     (tmp_path / "in" / "linked").symlink_to(tmp_path / "models", target_is_directory=True)
+    (tmp_path / "in" / "loop.png").symlink_to("loop.png")
     result = imgclf(["predict", "--model", str(model), "pipe.png", "in"], tmp_path, cli_env, timeout=120)
     assert result.returncode == 0, result.stderr
     # A model evaluate has not seen predicts uncalibrated, and says so.
     assert f"{tmp_path / 'models' / 'calibration.json'}: no calibration beside the model" in result.stderr
     assert result.stdout.splitlines()[1:] == ["pipe.png,,,not a regular file", "in/broken.png,,,no such file",
-                                              "in/linked,,,not a regular file", "in/pipe.png,,,not a regular file"]  # fmt: skip
+                                              "in/linked,,,not a regular file", "in/loop.png,,,a loop of symbolic links",
+                                              "in/pipe.png,,,not a regular file"]  # fmt: skip
 
 
 def test_predict_takes_what_validate_takes_by_the_projects_max_pixels(tmp_path, monkeypatch, capsys):
