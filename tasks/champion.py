@@ -201,6 +201,9 @@ class LocalStore:
             os.close(descriptor)  # releases the lock
 
 
+_OWN_FOLDER = "name a folder of its own (default models/champion)"
+
+
 def check_store_folder(params: PublishParams, root: Path) -> None:
     """Refuses a `publish.local_dir` (with `publish.s3_uri` empty) that is the project's own folder,
     whose root the store's runs/ and latest.json would share, or lies in an output of dvc.yaml,
@@ -212,8 +215,7 @@ def check_store_folder(params: PublishParams, root: Path) -> None:
         return
     folder = (root / params.local_dir).resolve()
     if folder == root.resolve():
-        raise StoreError(f"publish.local_dir: {params.local_dir or repr('')} is the project's own folder; "
-                         "name a folder of its own (default models/champion)")  # fmt: skip
+        raise StoreError(f"publish.local_dir: {params.local_dir or repr('')} is the project's own folder; {_OWN_FOLDER}")
     for stage, output in _outputs(root):
         if folder.is_relative_to((root / output).resolve()):
             raise StoreError(f"publish.local_dir: {params.local_dir} lies in {output}, an output of dvc.yaml's stage "
@@ -221,11 +223,14 @@ def check_store_folder(params: PublishParams, root: Path) -> None:
     layout = Layout(root)
     for scratch, what in ((staging_dir(layout.cache_dir), "validate's rows for the cache stage, which empties it"),
                           (layout.model_dir / BACKUP_FOLDER, "train's backup, removed when training ends"),
-                          (root / ".imgclf", "imgclf's own run files"), (root / ".dvc", "DVC's own folder"),
-                          (root / ".git", "git's own folder")):  # fmt: skip
+                          (root / ".imgclf", "imgclf's own run files")):  # fmt: skip
         if folder.is_relative_to(scratch.resolve()):
             raise StoreError(f"publish.local_dir: {params.local_dir} lies in {scratch.relative_to(root)}, {what}: "
-                             "the champion store would go with it; name a folder of its own (default models/champion)")
+                             f"the champion store would go with it; {_OWN_FOLDER}")
+    # The project's or any repository's above it (a DVC project in a subfolder of a git repository).
+    if tool := next((part for part in folder.parts if part in (".git", ".dvc")), None):
+        raise StoreError(f"publish.local_dir: {params.local_dir} lies in a {tool} folder, kept by {tool[1:]} for "
+                         f"itself; {_OWN_FOLDER}")
 
 
 def _outputs(root: Path) -> Iterator[tuple[str, str]]:

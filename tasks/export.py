@@ -61,7 +61,7 @@ IN_GRAPH_SCALING = {
 # How tasks/images.py's resize() places an (h0, w0) image in (height, width), rounding included.
 RESIZE_MODES = {
     "stretch": "the whole image resized to (height, width), the aspect ratio not kept",
-    "pad": "resized to (round(h0 s), round(w0 s)), s = min(height / h0, width / w0), and placed on black at "
+    "pad": "resized to (max(1, round(h0 s)), max(1, round(w0 s))), s = min(height / h0, width / w0), and placed on black at "
            "row (height - its height) // 2, column (width - its width) // 2 (letterbox)",
     "crop": "the centre (min(h0, max(1, round(height / s))), min(w0, max(1, round(width / s)))), s = max(height / "
             "h0, width / w0), cut at row (h0 - its height) // 2, column (w0 - its width) // 2, resized to (height, width)",

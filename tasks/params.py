@@ -18,7 +18,8 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from croniter import croniter
 from ruamel.yaml import YAML, YAMLError
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.constructor import DuplicateKeyError
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
@@ -79,7 +80,7 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # YAML reads yes and true as booleans, which Python counts as 1: `channels: yes` cached gray images.
+        # YAML reads true as a boolean, which Python counts as 1: `channels: true` cached gray images.
         if _holds_bool(value) and _numeric(cls.model_fields[info.field_name].annotation):
             raise ValueError("a number, not true or false")
         return value
@@ -508,7 +509,12 @@ def _read_yaml(text: str) -> Any:
     # As DVC reads params.yaml (ruamel, YAML 1.2), so a run uses the values dvc.lock records: PyYAML's
     # YAML 1.1 reads `seed: 017` as 15 and `yes` as True where DVC reads 17 and "yes". A key written
     # twice in one mapping is refused, as DVC refuses it.
-    return YAML(typ="safe").load(text)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReusedAnchorWarning)  # an anchor defined again: YAML 1.2 allows it
+        try:
+            return YAML(typ="safe").load(text)
+        except (TypeError, ValueError, AssertionError) as exc:  # ruamel's own checks, for a list as a key, say
+            raise YAMLError(f"cannot be read ({type(exc).__name__}{': ' if str(exc) else ''}{exc})") from None
 
 
 def _yaml_problem(exc: YAMLError) -> str:
@@ -516,7 +522,11 @@ def _yaml_problem(exc: YAMLError) -> str:
     if not isinstance(exc, MarkedYAMLError) or not exc.problem:
         return str(exc).splitlines()[0]
     mark = exc.problem_mark
-    return exc.problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+    if isinstance(exc, DuplicateKeyError):  # its values are shown as {} for sections: the key and line say it
+        key = re.match(r'found duplicate key "(.*)" with value', exc.problem)
+        return f"key {key.group(1) if key else ''!r} given twice in one mapping, again on line {mark.line + 1}"
+    return exc.problem + where
 
 
 def read_params_text(path: Path) -> str:

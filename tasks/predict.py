@@ -44,7 +44,7 @@ def expand(paths: Iterable[Path], out: Path | None = None, explain: Path | None 
     links, FIFOs and links to folders (not followed) too, so each gets a row saying why it has no label.
     Below a folder, what an earlier predict wrote there is left out, or a second run would read it as images:
     the CSV at `out` (when predict wrote it) and the overlays in the `explain` folder."""
-    ours = Path(os.path.realpath(out)) if out is not None and out.is_file() and _ours(out) else None
+    ours = Path(os.path.realpath(out)) if _ours(out) else None
     overlays = Path(os.path.realpath(explain)) if explain is not None else None
 
     def written_by_predict(path: Path) -> bool:
@@ -71,8 +71,10 @@ def check_outputs(model_path: Path, files: Iterable[Path], out: Path | None, exp
         raise PredictError(f"--out {out}: predict reads this file (an input, or the model's); name another to write")
 
 
-def _ours(path: Path) -> bool:
+def _ours(path: Path | None) -> bool:
     """Whether the file is a CSV predict wrote."""
+    if path is None or not path.is_file():
+        return False
     header = ",".join(COLUMNS).encode()
     with open(path, "rb") as handle:
         return handle.read(len(header) + 2).rstrip(b"\r\n") == header

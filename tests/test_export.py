@@ -133,7 +133,7 @@ def _as_the_description_says(data: bytes, size: tuple[int, int], channels: int, 
         return resized(pixels, height, width)
     if mode == "pad":
         s = min(height / h0, width / w0)
-        inner = resized(pixels, round(h0 * s), round(w0 * s))
+        inner = resized(pixels, max(1, round(h0 * s)), max(1, round(w0 * s)))
         out = np.zeros((height, width, pixels.shape[2]), np.uint8)
         top, left = (height - inner.shape[0]) // 2, (width - inner.shape[1]) // 2
         out[top : top + inner.shape[0], left : left + inner.shape[1]] = inner
@@ -157,10 +157,11 @@ def test_a_client_following_the_description_gets_the_pixels_training_saw(mode, c
     photo = cv2.GaussianBlur(noise(300, 410), (0, 0), 3)  # smooth enough for JPEG to keep detail
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: shown turned a quarter
-    files = {"jpeg": Image.fromarray(photo), "png with alpha": Image.fromarray(np.dstack([photo, noise(300, 410, 1)]))}
+    files = {"jpeg": Image.fromarray(photo), "png with alpha": Image.fromarray(np.dstack([photo, noise(300, 410, 1)])),
+             "a strip": Image.fromarray(photo[:1])}  # padded, its height rounds to 0 rows
     for name, image in files.items():
         buffer = io.BytesIO()
-        image.save(buffer, "JPEG" if name == "jpeg" else "PNG", exif=exif, quality=90)
+        image.save(buffer, "JPEG" if name == "jpeg" else "PNG", exif=exif if name != "a strip" else None, quality=90)
         _, row = read_row(buffer.getvalue(), PrepareParams(image_size=size, resize=mode, channels=channels))
         assert np.array_equal(_as_the_description_says(buffer.getvalue(), size, channels, mode), row), name
 

@@ -473,7 +473,8 @@ def test_every_deployment_runs_one_at_a_time_and_queues_the_next():
     # the folders the pipeline empties by itself, beside DVC's outputs
     ("data/cache-staging", "lies in data/cache-staging, validate's rows for the cache stage, which empties it"),
     ("models/.backup/champion", "lies in models/.backup, train's backup, removed when training ends"),
-    (".dvc/champion", r"lies in .dvc, DVC's own folder"),
+    (".dvc/champion", r"lies in a .dvc folder, kept by dvc for itself"),
+    ("{root}/../.git/champion", r"lies in a .git folder, kept by git for itself"),  # a repository above the project
 ])  # fmt: skip
 def test_a_champion_folder_dvc_would_delete_or_the_project_root_is_refused_before_any_stage_works(tmp_path, local_dir, said):
     import shutil
