@@ -39,7 +39,7 @@ def has_secret(text: str) -> bool:
 
 
 # Why a URL that would be written down (params.yaml, .dvc/config: files git keeps) is refused.
-HOLDS_CREDENTIALS = "holds credentials (user:password@ or a query string)"
+HOLDS_CREDENTIALS = "holds credentials (a user and password before the host, or a query string)"
 
 
 class RedactingFilter(logging.Filter):

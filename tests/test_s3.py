@@ -155,7 +155,8 @@ def latest(endpoint: str, bucket: str, prefix: str) -> dict:
     return json.loads(s3c(endpoint).get_object(Bucket=bucket, Key=f"{prefix}/latest.json")["Body"].read())
 
 
-def test_imgclf_remote_refuses_credentials_it_would_write_into_dvc_config(tmp_path, cli_env, monkeypatch):
+def test_imgclf_remote_refuses_credentials_it_would_write_into_dvc_config(tmp_path, cli_env, monkeypatch, capsys):
+    from flows.cli import main
     from flows.versioning import VersioningError, configure_remote
 
     root = dvc_project(tmp_path / "project", cli_env, {})
@@ -163,6 +164,11 @@ def test_imgclf_remote_refuses_credentials_it_would_write_into_dvc_config(tmp_pa
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://AKIAPLANTED:pw-planted@127.0.0.1:9000")
     with pytest.raises(VersioningError) as endpoint:
         configure_remote(Layout(root), "s3://bucket/store", S3Params())
+    # As the command prints it: the line is redacted again on its way out, and must stay whole.
+    monkeypatch.chdir(root)
+    assert main(["remote", "s3://bucket/store"]) == 1
+    assert capsys.readouterr().err.startswith("imgclf: error: AWS_ENDPOINT_URL: http://***@127.0.0.1:9000 holds "
+                                              "credentials (a user and password before the host")
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     with pytest.raises(VersioningError) as uri:
         configure_remote(Layout(root), "s3://bucket/store?X-Amz-Signature=tok-planted", S3Params())
