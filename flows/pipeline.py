@@ -47,7 +47,7 @@ from tasks.params import (  # noqa: E402
     OrchestrationParams, Params, ParamsError, apply_overrides, load_params, read_params_text)
 from tasks.redact import plain_secrets, redact, redact_texts, reveal  # noqa: E402
 from tasks.report import REPORT_HTML, gate_line  # noqa: E402
-from tasks.stages import Layout, run_stage  # noqa: E402
+from tasks.stages import Layout, exclusion_edited, run_stage  # noqa: E402
 
 
 log = logging.getLogger("imgclf")
@@ -202,6 +202,8 @@ def stage_task(name: str, params: Params, layout: Layout, project: DvcProject, m
         except SourceGone as exc:  # offline, the host down, the file moved: what dvc.lock holds still stands
             logger.warning("download: cannot ask the source whether it changed (%s); the archive downloaded "
                            "before is used", redact(str(exc)))  # fmt: skip
+    if reason is None and name == "train":
+        reason = exclusion_edited(params, layout)
     if reason is None:
         logger.info("%s: up to date in dvc.lock, skipped", name)
         return Completed(name="Skipped", message="up to date in dvc.lock")

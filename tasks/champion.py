@@ -23,11 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-import yaml
-
 from tasks.errors import StageError
 from tasks.files import atomic_file, atomic_path, retrying
-from tasks.layout import BACKUP_FOLDER, Layout
+from tasks.layout import BACKUP_FOLDER, Layout, output_holding
 from tasks.params import PublishParams, S3Params
 from tasks.s3 import MISSING_KEY, S3Error, S3Transient, S3Uri, client, error_code, explain_error, parse_uri
 
@@ -216,10 +214,10 @@ def check_store_folder(params: PublishParams, root: Path) -> None:
     folder = (root / params.local_dir).resolve()
     if folder == root.resolve():
         raise StoreError(f"publish.local_dir: {params.local_dir or repr('')} is the project's own folder; {_OWN_FOLDER}")
-    for stage, output in _outputs(root):
-        if folder.is_relative_to((root / output).resolve()):
-            raise StoreError(f"publish.local_dir: {params.local_dir} lies in {output}, an output of dvc.yaml's stage "
-                             f"{stage}: DVC deletes it before that stage re-runs, and the champion store with it")  # fmt: skip
+    if holder := output_holding(root, folder):
+        stage, output = holder
+        raise StoreError(f"publish.local_dir: {params.local_dir} lies in {output}, an output of dvc.yaml's stage "
+                         f"{stage}: DVC deletes it before that stage re-runs, and the champion store with it")  # fmt: skip
     layout = Layout(root)
     for scratch, what in ((staging_dir(layout.cache_dir), "validate's rows for the cache stage, which empties it"),
                           (layout.model_dir / BACKUP_FOLDER, "train's backup, removed when training ends"),
@@ -231,18 +229,6 @@ def check_store_folder(params: PublishParams, root: Path) -> None:
     if tool := next((part for part in folder.parts if part in (".git", ".dvc")), None):
         raise StoreError(f"publish.local_dir: {params.local_dir} lies in a {tool} folder, kept by {tool[1:]} for "
                          f"itself; {_OWN_FOLDER}")
-
-
-def _outputs(root: Path) -> Iterator[tuple[str, str]]:
-    """Yields (stage, path) of each output dvc.yaml declares (outs, metrics, plots)."""
-    try:
-        stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    except (OSError, KeyError, TypeError):
-        return  # no pipeline here (a test, a stage run by hand): no outputs to keep clear of
-    for name, stage in stages.items():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind) or []:
-                yield name, next(iter(entry)) if isinstance(entry, dict) else entry
 
 
 def open_store(params: PublishParams, s3: S3Params, root: Path) -> Store:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 
 # Train's resumable state, below the model folder: removed when training ends.
 BACKUP_FOLDER = ".backup"
@@ -37,3 +39,20 @@ class Layout:
     def output_folders(self) -> tuple[Path, ...]:
         """Returns every folder a stage writes into: where an interrupted run's temporaries lie."""
         return (self.root / "data", self.raw_dir, self.model_dir, self.metrics_dir, self.plots_dir, self.root / "reports")
+
+
+def output_holding(root: Path, path: Path) -> tuple[str, str] | None:
+    """Returns (stage, output) of the output of `root`'s dvc.yaml (outs, metrics, plots) that is `path` or
+    holds it, which DVC deletes before that stage re-runs; None when there is none."""
+    try:
+        stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    except (OSError, KeyError, TypeError):
+        return None  # no pipeline here (a test, a stage run by hand): no outputs to keep clear of
+    where = (root / path).resolve()
+    for name, stage in stages.items():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                output = next(iter(entry)) if isinstance(entry, dict) else entry
+                if where.is_relative_to((root / output).resolve()):
+                    return name, output
+    return None

@@ -8,6 +8,8 @@ through those files, as DVC sees them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,10 +17,10 @@ from tasks.cache import cache
 from tasks.champion import check_store_folder
 from tasks.download import archive_path, download
 from tasks.extract import extract
-from tasks.files import ShardMap, process_pool_map
-from tasks.layout import Layout
+from tasks.files import MODEL_JSON, ShardMap, process_pool_map, sha256_file
+from tasks.layout import Layout, output_holding
 from tasks.near_duplicates import near_duplicates
-from tasks.params import Params
+from tasks.params import Params, ParamsError
 from tasks.rows import Staging, staging_dir
 from tasks.split import split
 from tasks.validate import validate
@@ -114,4 +116,24 @@ STAGES: dict[str, Stage] = {
 def run_stage(name: str, params: Params, layout: Layout, map_shards: ShardMap = process_pool_map) -> object:
     """Runs one stage by name and returns its output path."""
     check_store_folder(params.publish, layout.root)  # before any stage's work, not after training
+    if params.train.exclude and (holder := output_holding(layout.root, Path(params.train.exclude))):
+        # audit rewrites data/label_issues.csv after train read it: the model would not be the list's
+        raise ParamsError(f"train.exclude: {params.train.exclude} lies in {holder[1]}, an output of dvc.yaml's stage "
+                          f"{holder[0]}, which the pipeline rewrites: copy the rows you agree with to a file of "
+                          "your own (e.g. label_review/exclude.csv)")  # fmt: skip
     return STAGES[name](params, layout, map_shards)
+
+
+def exclusion_edited(params: Params, layout: Layout) -> str | None:
+    """Returns why train must run though dvc.lock finds it up to date: train.exclude names the list the model
+    was trained without, edited in place since (DVC sees the name, not the content); else None."""
+    recorded = {}
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads((layout.model_dir / MODEL_JSON).read_text()).get("exclude") or {}
+    if not params.train.exclude or not isinstance(recorded, dict) or recorded.get("file") != params.train.exclude:
+        return None
+    try:
+        edited = sha256_file(layout.root / params.train.exclude) != recorded.get("sha256")
+    except OSError:
+        return None  # gone: train says so in one line when it runs
+    return f"train.exclude {params.train.exclude} edited since the model was trained without it" if edited else None

@@ -246,3 +246,41 @@ def test_an_exclude_list_whose_paths_differ_only_in_unicode_form_says_so(tmp_pat
     with pytest.raises(TrainError, match=r"1 of its 1 paths are not images of this data set \(e.g. 'gru\\u0308n/0.png'\)"
                                          r".*differ from the set's paths only in Unicode form"):  # fmt: skip
         _load(data / "cache", data / "split.csv", Exclusion("list.csv", "0" * 64, frozenset({decomposed})))
+
+
+def test_an_exclude_list_among_the_pipelines_outputs_is_refused_before_any_stage_works(tmp_path):
+    # audit rewrites data/label_issues.csv after train read it: the model would not be the list's.
+    import shutil
+
+    from tasks.layout import Layout
+    from tasks.params import Params, ParamsError
+    from tasks.stages import run_stage
+
+    shutil.copy(Path(__file__).parents[1] / "dvc.yaml", tmp_path / "dvc.yaml")
+    params = Params(data={"url": str(tmp_path / "cells.zip")}, train={"exclude": "data/label_issues.csv"})
+    with pytest.raises(ParamsError, match=r"^train.exclude: data/label_issues.csv lies in data/label_issues.csv, an "
+                                          r"output of dvc.yaml's stage audit, which the pipeline rewrites"):
+        run_stage("download", params, Layout(tmp_path))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dvc.yaml"]
+
+
+def test_a_list_edited_in_place_since_training_makes_the_flow_train_again(tmp_path):
+    # DVC sees train.exclude's name only; model.json's sha256 says which content the model was trained without.
+    from tasks.files import sha256_file
+    from tasks.layout import Layout
+    from tasks.params import Params
+    from tasks.stages import exclusion_edited
+
+    layout = Layout(tmp_path)
+    (tmp_path / "review").mkdir()
+    (tmp_path / "review" / "ex.csv").write_text("path\nParasitized/1.png\n")
+    params = Params(train={"exclude": "review/ex.csv"})
+    assert exclusion_edited(params, layout) is None  # no model yet: DVC's say alone
+    layout.model_dir.mkdir()
+    recorded = {"file": "review/ex.csv", "sha256": sha256_file(tmp_path / "review" / "ex.csv"), "paths": 1}
+    (layout.model_dir / "model.json").write_text(json.dumps({"classes": ["a", "b"], "exclude": recorded}))
+    assert exclusion_edited(params, layout) is None
+    (tmp_path / "review" / "ex.csv").write_text("path\nParasitized/1.png\nUninfected/2.png\n")
+    assert exclusion_edited(params, layout) == "train.exclude review/ex.csv edited since the model was trained without it"
+    # Another name: the param itself changed, and DVC says so.
+    assert exclusion_edited(Params(train={"exclude": "review/other.csv"}), layout) is None
