@@ -18,8 +18,10 @@ from pydantic import SecretStr
 # urllib splits it for the download: a password may hold a raw @ (`user:p@ss@host`), and spaces,
 # which the download sends as they are. In running text that may hide words up to an @ further
 # on the line: hiding too much is the safe side. (A space in the path or query: data.url refuses it.)
-_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#\r\n]*@)?(?P<rest>[^\s?#'\"]*)"
-                  r"(?P<query>\?[^\s#'\"]*)?")  # fmt: skip
+# A userinfo redacted already (`***@`, no @ after it in the host) stays as it is: a line is redacted
+# again on its way out (the CLI's error line, the log filter), and would lose words up to a later @.
+_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>\*\*\*@(?![^/?#\s]*@)|[^/?#\r\n]*@)?"
+                  r"(?P<rest>[^\s?#'\"]*)(?P<query>\?[^\s#'\"]*)?")  # fmt: skip
 
 
 def _redacted(match: re.Match) -> str:

@@ -236,6 +236,16 @@ def test_secrets_in_overrides_are_hidden_from_prefect_and_dvc_in_a_whole_section
     assert reveal(hidden) == overrides
 
 
+def test_a_line_redacted_twice_keeps_its_words():
+    # The CLI's error line and the log filter redact what may be redacted already: words up to a later @ stay.
+    from tasks.redact import redact
+
+    once = redact("http://u:p@s@host:9000") + " holds it (user:password@ or a token)"  # as the refusals write it
+    assert once == "http://***@host:9000 holds it (user:password@ or a token)"
+    assert redact(once) == once
+    assert redact("https://***@x@h2/a?b") == "https://***@h2/a?***"  # a raw @ after it: still a userinfo to hide
+
+
 def _run_in_background(project: Path, env: dict, archive: Path) -> subprocess.Popen:
     args = ["run", "--set", f"data.url={archive}", "--set", "data.sha256=", "--set", "prepare.image_size=24",
             "--set", "train.epochs=200", "--set", "train.patience=0"]  # fmt: skip
