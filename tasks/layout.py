@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 
 # Train's resumable state, below the model folder: removed when training ends.
 BACKUP_FOLDER = ".backup"
@@ -44,6 +42,8 @@ class Layout:
 def output_holding(root: Path, path: Path) -> tuple[str, str] | None:
     """Returns (stage, output) of the output of `root`'s dvc.yaml (outs, metrics, plots) that is `path` or
     holds it, which DVC deletes before that stage re-runs; None when there is none."""
+    import yaml  # here, not at start-up: `imgclf --help` and predict never read dvc.yaml
+
     try:
         stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
     except (OSError, KeyError, TypeError):

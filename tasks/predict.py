@@ -48,6 +48,8 @@ def expand(paths: Iterable[Path], out: Path | None = None, explain: Path | None 
     overlays = Path(os.path.realpath(explain)) if explain is not None else None
 
     def written_by_predict(path: Path) -> bool:
+        if not (ours and path.name == ours.name or overlays and path.name.endswith(OVERLAY_SUFFIX)):
+            return False  # the name alone rules most files out, before the folder is resolved
         where = Path(os.path.realpath(path.parent)) / path.name  # the entry itself not followed: a link is its own
         return where == ours or (overlays is not None and where.name.endswith(OVERLAY_SUFFIX)
                                  and where.is_relative_to(overlays))  # fmt: skip
