@@ -144,13 +144,16 @@ def _read_with_pillow(data: bytes, max_pixels: int | None, draft_size: int | Non
     if image.format in ("JPEG", "MPO") and (damage := _jpeg_damage(data, image.mode)):
         return Verdict(*damage, **header), None
     try:
-        return Verdict("", **header), _decode_with_pillow(image, draft_size)
+        pixels = _decode_with_pillow(image, draft_size)
     except _NoEightBitMapping as exc:
         return Verdict("unsupported_format", str(exc), **header), None
     except OSError as exc:
         return Verdict(_damage(exc), str(exc), **header), None
     except Exception as exc:
         return Verdict("corrupt", str(exc), **header), None
+    if pixels.shape[1] != image.width:  # turned a quarter by its EXIF orientation: the sides as decoded
+        header |= dict(width=header["height"], height=header["width"])
+    return Verdict("", **header), pixels
 
 
 def _damage(exc: Exception) -> str:

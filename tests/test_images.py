@@ -158,6 +158,17 @@ def test_png_with_exif_orientation_before_idat_is_decoded_upright():
     assert decode(data, 3).shape == (30, 20, 3)
 
 
+@pytest.mark.parametrize("orientation, shape", [(6, (30, 20)), (8, (30, 20)), (3, (20, 30)), (1, (20, 30))])
+@pytest.mark.parametrize("format, draft", [("JPEG", None), ("JPEG", 4), ("PNG", None)])
+def test_the_verdict_gives_the_sides_of_the_upright_image(orientation, shape, format, draft):
+    # The manifest's width and height are the cached image's, not the stored one's.
+    data = encode(Image.fromarray(noise(20, 30, seed=2)), format, exif=orientation_exif(orientation))
+    verdict, pixels = read_image(data, MAX_PIXELS, 3, draft)
+    assert (verdict.height, verdict.width) == shape
+    if draft is None:
+        assert pixels.shape[:2] == shape
+
+
 def test_png_with_exif_orientation_after_idat_is_decoded_upright():
     plain = encode(Image.fromarray(noise(20, 30, seed=2)), "PNG")
     assert plain.endswith(png_chunk(b"IEND", b""))
