@@ -15,6 +15,7 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -37,6 +38,7 @@ _OTHER_IMAGE_SIGNATURES = (
     (4, b"ftypheic"), (4, b"ftypheix"), (4, b"ftypmif1"), (4, b"ftypavif"),
     (0, b"\xff\x0a"), (0, b"\x00\x00\x00\x0cJXL "), (0, b"8BPS"), (0, b"<svg"), (0, b"<?xml"),
 )  # fmt: skip
+_HEAD_BYTES = 64 * 2**20
 
 # A JPEG whose entropy-coded data ends early (cut, then an end marker; or a header claiming
 # more pixels than the data holds) only makes libjpeg warn and fill the rest with grey: Pillow
@@ -85,6 +87,20 @@ def decode(data: bytes, channels: int, draft_size: int | None = None, max_pixels
     if pixels is None:
         raise ValueError(verdict.reason + (f": {verdict.detail}" if verdict.detail else ""))
     return pixels
+
+
+def read_image_file(path: Path) -> bytes:
+    """Returns a file's bytes to judge or decode: all of them, but for a file over 64 MiB that starts
+    as no supported format does: its first 64 MiB, where the verdict is found, so a large file that
+    is no image (a video among the photos) is ruled out without being read into memory whole."""
+    with open(path, "rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+        return head + handle.read() if _may_be_supported(head) else head
+
+
+def _may_be_supported(head: bytes) -> bool:
+    Image.init()  # the plugins' own tests of a file's first bytes, as Image.open applies them
+    return any(accept is None or accept(head) for name, (_, accept) in Image.OPEN.items() if name in SUPPORTED_FORMATS)
 
 
 def read_image(data: bytes, max_pixels: int | None, channels: int,

@@ -24,7 +24,7 @@ import numpy as np
 from tasks.calibration import CALIBRATION_JSON, Calibration, calibrated_probabilities, load_calibration, predicted_indices, uncalibrated
 from tasks.errors import StageError
 from tasks.files import atomic_file, chunked, made_for_another_model, model_json, sha256_file
-from tasks.images import decode, resize
+from tasks.images import decode, read_image_file, resize
 from tasks.model import class_probabilities
 from tasks.params import ValidateParams
 
@@ -86,7 +86,7 @@ def prepare_file(path: Path, described: dict, max_pixels: int) -> np.ndarray:
     if not path.is_file():  # a FIFO or a device would block or never end
         raise ValueError("not a regular file" if path.exists() else _why_missing(path))
     size = tuple(described["image_size"])
-    pixels = decode(path.read_bytes(), described["channels"], draft_size=max(size), max_pixels=max_pixels)
+    pixels = decode(read_image_file(path), described["channels"], draft_size=max(size), max_pixels=max_pixels)
     return resize(pixels, size, described["resize"])
 
 

@@ -11,7 +11,7 @@ import pytest
 import simplejpeg
 from PIL import Image, ImageOps, PngImagePlugin
 
-from tasks.images import decode, judge, read_image, resize
+from tasks.images import decode, judge, read_image, read_image_file, resize
 from tasks.png import decode_plain_png
 from tests.conftest import encode, noise, png_chunk
 
@@ -527,3 +527,29 @@ def test_crop_of_an_extreme_strip_cuts_before_it_scales():
     image = np.full((1, 4_000_000, 3), 77, dtype=np.uint8)
     out = resize(image, (64, 64), "crop")
     assert out.shape == (64, 64, 3) and (out == 77).all()
+
+
+# --- read_image_file: what is read of a file --------------------------------------------------
+
+def test_a_large_image_is_read_whole(tmp_path):
+    path = tmp_path / "poster.bmp"  # uncompressed: past the first 64 MiB
+    Image.new("RGB", (4800, 4800), (200, 30, 90)).save(path)
+    assert path.stat().st_size > 64 * 2**20
+    assert read_image_file(path) == path.read_bytes()
+
+
+def test_a_large_file_that_is_no_image_is_judged_without_being_read_into_memory(tmp_path):
+    import tracemalloc
+
+    movie = tmp_path / "holiday.mp4"
+    with open(movie, "wb") as handle:
+        handle.write(b"\x00\x00\x00\x18ftypmp42")
+        handle.truncate(2**30)  # sparse: 1 GiB on disk costs nothing
+    tracemalloc.start()
+    try:
+        verdict = judge(read_image_file(movie), MAX_PIXELS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert verdict.reason == "not_an_image"
+    assert peak < 100 * 2**20
