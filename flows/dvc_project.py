@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tasks.errors import StageError
 from tasks.files import alive_elsewhere
+from tasks.layout import OWN_FOLDER
 
 
 class ProjectError(StageError):
@@ -48,7 +49,7 @@ def one_run_at_a_time(root: Path, what: str, shared: bool = False, for_the_flow:
     if not shared and root.resolve() in _HANDED_TO_THE_FLOW:
         yield
         return
-    lock_path = root / ".imgclf" / "run.lock"
+    lock_path = root / OWN_FOLDER / "run.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
         try:

@@ -22,6 +22,7 @@ import yaml
 
 import flows
 from tasks.errors import StageError
+from tasks.layout import OWN_FOLDER
 from tasks.params import ParamsError, load_params, url_scheme
 from tasks.redact import HOLDS_CREDENTIALS, has_secret, redact
 
@@ -246,7 +247,7 @@ def _output_ignores(template: str, pipeline: str) -> list[str]:
 def _pipeline_folders(pipeline: str) -> set[str]:
     """Returns the top folders of every path dvc.yaml names, .imgclf/ (the run's lock and params) and
     dvc_plots/ (the page `dvc plots show` writes)."""
-    folders = {".imgclf", "dvc_plots"}
+    folders = {OWN_FOLDER, "dvc_plots"}
     for stage in yaml.safe_load(pipeline)["stages"].values():
         for key in ("deps", "outs", "metrics", "plots"):
             for item in stage.get(key) or []:

@@ -309,7 +309,7 @@ def params_for_dvc(layout: Layout, params_file: Path, text: str, overrides: dict
     It lives only while the run does; URLs given as overrides are redacted, so dvc.lock never holds them.
     """
     # One name: one run at a time holds the project, and a killed run's copy is overwritten by the next.
-    path = layout.root / ".imgclf" / "run-params.yaml"
+    path = layout.own_dir / "run-params.yaml"
     if overrides:
         from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
 

@@ -199,7 +199,7 @@ class LocalStore:
             os.close(descriptor)  # releases the lock
 
 
-_OWN_FOLDER = "name a folder of its own (default models/champion)"
+_NAME_ANOTHER = "name a folder of its own (default models/champion)"
 
 
 def check_store_folder(params: PublishParams, root: Path) -> None:
@@ -213,7 +213,7 @@ def check_store_folder(params: PublishParams, root: Path) -> None:
         return
     folder = (root / params.local_dir).resolve()
     if folder == root.resolve():
-        raise StoreError(f"publish.local_dir: {params.local_dir or repr('')} is the project's own folder; {_OWN_FOLDER}")
+        raise StoreError(f"publish.local_dir: {params.local_dir or repr('')} is the project's own folder; {_NAME_ANOTHER}")
     if holder := output_holding(root, folder):
         stage, output = holder
         raise StoreError(f"publish.local_dir: {params.local_dir} lies in {output}, an output of dvc.yaml's stage "
@@ -221,14 +221,14 @@ def check_store_folder(params: PublishParams, root: Path) -> None:
     layout = Layout(root)
     for scratch, what in ((staging_dir(layout.cache_dir), "validate's rows for the cache stage, which empties it"),
                           (layout.model_dir / BACKUP_FOLDER, "train's backup, removed when training ends"),
-                          (root / ".imgclf", "imgclf's own run files")):  # fmt: skip
+                          (layout.own_dir, "imgclf's own run files")):  # fmt: skip
         if folder.is_relative_to(scratch.resolve()):
             raise StoreError(f"publish.local_dir: {params.local_dir} lies in {scratch.relative_to(root)}, {what}: "
-                             f"the champion store would go with it; {_OWN_FOLDER}")
+                             f"the champion store would go with it; {_NAME_ANOTHER}")
     # The project's or any repository's above it (a DVC project in a subfolder of a git repository).
     if tool := next((part for part in folder.parts if part in (".git", ".dvc")), None):
         raise StoreError(f"publish.local_dir: {params.local_dir} lies in a {tool} folder, kept by {tool[1:]} for "
-                         f"itself; {_OWN_FOLDER}")
+                         f"itself; {_NAME_ANOTHER}")
 
 
 def open_store(params: PublishParams, s3: S3Params, root: Path) -> Store:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 # Train's resumable state, below the model folder: removed when training ends.
 BACKUP_FOLDER = ".backup"
+# imgclf's own files below the project root (the run's lock and params), in no stage's outputs.
+OWN_FOLDER = ".imgclf"
 
 
 def _below_root(relative: str) -> property:
@@ -33,6 +35,7 @@ class Layout:
     model_dir = _below_root("models")
     metrics_dir = _below_root("metrics")
     plots_dir = _below_root("plots")
+    own_dir = _below_root(OWN_FOLDER)
 
     def output_folders(self) -> tuple[Path, ...]:
         """Returns every folder a stage writes into: where an interrupted run's temporaries lie."""
