@@ -130,11 +130,12 @@ def _write_fold_split(path: Path, rows: list[dict], folds: np.ndarray, fold: int
     training = np.flatnonzero(folds != fold)
     role = np.where(folds == fold, "test", "train").astype(object)
     if val_share > 0:
-        inner = round(1 / val_share)  # the number of inner folds whose one is val's share
+        inner = max(round(1 / val_share), 2)  # the number of inner folds whose one is val's share
         labels = [rows[i]["label"] for i in training]
         blocks = [rows[i].get("block") or rows[i]["path"] for i in training]
-        if len(set(blocks)) >= max(inner, 2):
-            role[training[fold_of(labels, blocks, max(inner, 2), (seed + fold) % 2**32) == 0]] = "val"
+        # Too few to carve val from (split.val's share, not audit.folds): the fold trains without one.
+        if len(set(blocks)) >= inner and Counter(labels).most_common(1)[0][1] >= inner:
+            role[training[fold_of(labels, blocks, inner, (seed + fold) % 2**32) == 0]] = "val"
     write_csv(path, ["path", "label", "split"], ((row["path"], row["label"], name) for row, name in zip(rows, role)))
     return path
 

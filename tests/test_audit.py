@@ -284,3 +284,14 @@ def test_a_list_edited_in_place_since_training_makes_the_flow_train_again(tmp_pa
     assert exclusion_edited(params, layout) == "train.exclude review/ex.csv edited since the model was trained without it"
     # Another name: the param itself changed, and DVC says so.
     assert exclusion_edited(Params(train={"exclude": "review/other.csv"}), layout) is None
+
+
+def test_a_fold_too_small_to_carve_val_from_trains_without_one(tmp_path):
+    # 14 images, val 2 of them: val's share asks for 7 inner folds, which 7 images a class cannot fill.
+    from tasks.audit import _write_fold_split
+
+    rows = [{"path": f"{c}/{i}.png", "label": c, "split": "val" if i == 0 else "train"} for c in "ab" for i in range(7)]
+    folds = fold_of([row["label"] for row in rows], [row["path"] for row in rows], 2, 42)
+    written = read_rows(_write_fold_split(tmp_path / "fold.csv", rows, folds, 0, 2 / 14, 42))
+    assert {row["split"] for row in written} == {"train", "test"}
+    assert [row["split"] == "test" for row in written] == list(folds == 0)
