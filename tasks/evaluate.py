@@ -44,6 +44,8 @@ from tasks.predict import load_described_model
 from tasks.train import Exclusion
 
 matplotlib.use("Agg")  # files only, no display
+# Class names and paths are drawn as they are: two $ in one (tier_$1_to_$5) would be read as TeX.
+matplotlib.rcParams["text.parse_math"] = False
 import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger("imgclf")

@@ -266,3 +266,14 @@ def test_calibration_round_trips_and_a_bad_file_is_named(tmp_path):
     (tmp_path / "zero.json").write_text(json.dumps({"temperature": 0, "classes": ["a", "b"]}))
     with pytest.raises(CalibrationError, match=r"zero.json: temperature must be a positive number"):
         load_calibration(tmp_path / "zero.json")
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_they_are(tmp_path):
+    # Two $ in a name are TeX to matplotlib by default: the plot raised, and evaluate wrote nothing.
+    from tasks.evaluate import _confusion, _roc
+
+    classes = ["tier_$1_to_$5", "tier_$5_to_$10"]
+    truth, predicted = np.array([0, 1, 1]), np.array([0, 1, 0])
+    _confusion(truth, predicted, np.array([[1, 0], [1, 1]]), classes, tmp_path)
+    _roc(truth == 1, np.array([0.2, 0.9, 0.4]), f"positive: {classes[1]}", tmp_path)
+    assert (tmp_path / "confusion_matrix.png").stat().st_size and (tmp_path / "roc.png").stat().st_size
