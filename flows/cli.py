@@ -128,15 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as exc:  # a bug or an environment problem: still one line, the traceback on request
-        _fail(f"{type(exc).__name__}: {exc}" + ("" if args.verbose else " (--verbose shows the traceback)"), args.verbose)
+        _fail(str(exc), args.verbose, kind=type(exc).__name__)
         return 1
     return 0
 
 
-def _fail(message: str, verbose: bool) -> None:
+def _fail(message: str, verbose: bool, kind: str = "") -> None:
+    """Prints the message's first line that says something; an unexpected error's `kind` (its type) before it,
+    and where its traceback is."""
     if verbose:
         traceback.print_exc()
-    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "failed")
+    if kind:
+        first = f"{kind}: {first}" + ("" if verbose else " (--verbose shows the traceback)")
     print(f"imgclf: error: {redact(first)}", file=sys.stderr)
 
 

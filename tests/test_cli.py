@@ -136,6 +136,22 @@ def test_a_stage_run_before_the_stages_it_reads_from_says_to_run_them(tmp_path, 
                     "(`imgclf run near_duplicates` or `dvc repro near_duplicates`)"]  # fmt: skip
 
 
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_error_says_its_first_line_with_words(monkeypatch, capsys, verbose):
+    # matplotlib's TeX parser, say: its message starts on a new line, below it a caret under the text.
+    import flows.cli
+
+    def broken(args):
+        raise ValueError("\ntier_$1_to_$5\n     ^\nParseSyntaxException: Expected end of text")
+
+    monkeypatch.setattr(flows.cli, "_command", broken)
+    assert flows.cli.main([*(["--verbose"] if verbose else []), "stage", "evaluate"]) == 1
+    said = capsys.readouterr().err.strip().splitlines()
+    hint = "" if verbose else " (--verbose shows the traceback)"
+    assert said[-1] == f"imgclf: error: ValueError: tier_$1_to_$5{hint}"
+    assert ("Traceback (most recent call last):" in said) == verbose
+
+
 def test_predict_out_naming_a_folder_is_refused_as_an_argument_before_any_work(tmp_path, capsys):
     from flows.cli import main
 
