@@ -16,10 +16,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from flows.console import native_noise_filtered, quiet_prefect_console
 from flows.dvc_project import DvcProject, one_run_at_a_time
 from tasks.errors import StageError
-from tasks.files import remove_stale_temporaries
+from tasks.files import read_json, remove_stale_temporaries
 from tasks.params import ParamsError, load_params, parse_override
 from tasks.redact import RedactingFilter, hide_secrets, redact
-from tasks.report import gate_line, read_json, score_line
+from tasks.report import gate_line, score_line
 from tasks.stages import STAGES, Layout, run_stage
 
 # Errors whose message already says what is wrong: printed as one line, no traceback.

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from tasks.files import read_json
 from tasks.layout import Layout
-from tasks.report import (REPORT_HTML, gate_markdown, published_report, read_json, read_rows, report_markdown,
-                          this_models_publish)
+from tasks.report import REPORT_HTML, gate_markdown, published_report, read_rows, report_markdown, this_models_publish
 
 
 def publish_artifacts(layout: Layout, outcome: dict[str, str]) -> None:

@@ -14,7 +14,6 @@ The model is reloaded from its file as `imgclf predict` loads it (in float32).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from tasks.calibration import (
 )
 from tasks.dataset import CachedSet, DatasetError, load_cached_set, make_dataset, without
 from tasks.errors import StageError
-from tasks.files import atomic_file, atomic_path, sha256_file, write_csv, write_json
+from tasks.files import atomic_file, atomic_path, read_json, sha256_file, write_csv, write_json
 from tasks.model import class_probabilities
 from tasks.params import EvaluateParams
 from tasks.predict import load_described_model
@@ -131,7 +130,7 @@ def evaluate(model_path: Path, cache_dir: Path, split_csv: Path, train_json: Pat
     _reliability(raw, probabilities, truth, calibration.temperature, plots_dir / "reliability.png")
     _misclassified(data, rows, truth, predicted, probabilities, plots_dir / "misclassified.png")
     if train_json.exists():
-        _training_curves(json.loads(train_json.read_text()).get("history", {}), plots_dir / "training_curves.png")
+        _training_curves(read_json(train_json).get("history", {}), plots_dir / "training_curves.png")
     _model_diagram(model, plots_dir / "model.png")
     # Stamped with the model file's sha256 (eval.json is not: `dvc repro` and the flow must write it byte for byte
     # alike, and a .keras file carries its save time): predict, export and publish check they go together.

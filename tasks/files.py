@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from tasks.errors import Interrupted, stop_requested
+from tasks.errors import Interrupted, StageError, stop_requested
 
 log = logging.getLogger("imgclf")
 
@@ -79,6 +79,16 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> No
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+def read_json(path: Path) -> Any:
+    """Returns a JSON file's value; {} when there is no file (the stage that writes it has not run)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError as exc:  # cut short or edited by hand: say which file
+        raise StageError(f"{path}: not readable JSON ({exc}); re-run the stage that writes it") from None
 
 
 def write_json(path: Path, value: Any, indent: int | None = 2) -> None:

@@ -24,11 +24,11 @@ from pathlib import Path
 from tasks.calibration import CALIBRATION_JSON
 from tasks.champion import LATEST, Store, StoreError, open_store
 from tasks.errors import Interrupted, StageError, stop_requested
-from tasks.files import atomic_file, made_for_another_model, model_json, sha256_file, write_csv, write_json
+from tasks.files import atomic_file, made_for_another_model, model_json, read_json, sha256_file, write_csv, write_json
 from tasks.gate import Champion, Decision, LabelledFiles, judge, reference_set, run_test_set, trained_on
 from tasks.layout import Layout
 from tasks.params import GateParams, PublishParams, S3Params, ValidateParams
-from tasks.report import read_json, report_markdown
+from tasks.report import report_markdown
 
 log = logging.getLogger("imgclf")
 

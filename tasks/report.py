@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 from tasks.audit import OFF as AUDIT_OFF
-from tasks.files import atomic_file, model_json, read_csv, sha256_file
+from tasks.files import atomic_file, model_json, read_csv, read_json, sha256_file
 from tasks.images import read_image
 from tasks.layout import Layout
 from tasks.params import DataParams, Params
@@ -42,10 +42,6 @@ SPLITS = ("train", "val", "test")
 
 def read_rows(path: Path) -> list[dict]:
     return read_csv(path) if path.exists() else []
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def score_line(evaluation: dict) -> str:

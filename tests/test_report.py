@@ -141,6 +141,16 @@ def test_the_archive_section_shows_the_download_s_record_of_this_archive_only(tm
     assert "example.org" not in page and "Tue, 01 Sep 2026" not in page and "ab" * 32 not in page
 
 
+def test_a_record_cut_short_is_named_in_one_line(tmp_path, demo_zip):
+    from tasks.errors import StageError
+
+    layout = Layout(tmp_path)
+    layout.source_json.parent.mkdir(parents=True)
+    layout.source_json.write_text('{"url": "https://example.org/cells.zip", "arch')  # persist: true, it outlives runs
+    with pytest.raises(StageError, match=r"^\S*data/source.json: not readable JSON \(.*line 1.*\); re-run the stage"):
+        report(Params(), layout, layout.raw_dir / demo_zip.name, tmp_path / REPORT_HTML)
+
+
 def test_the_page_shows_the_params_dvc_yaml_gives_the_stage():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
     assert tuple(stage["params"]) == SHOWN_PARAMS
