@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.files import atomic_file
+from tasks.files import named_output
 
 CLASSES = ("Parasitized", "Uninfected")
 TOP = "cell_images"
@@ -75,7 +75,7 @@ def make_demo_archive(out: Path, per_class: int = 200, seed: int = 0) -> Path:
         (first_path.replace(".png", "_copy.png"), first_bytes),
         (f"__MACOSX/{TOP}/Parasitized/._{Path(first_path).name}", b"\x00\x05\x16\x07" + bytes(28)),
     ]
-    with atomic_file(out, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
+    with named_output(out, "wb") as handle, zipfile.ZipFile(handle, "w", zipfile.ZIP_STORED) as archive:
         for name, payload in entries:
             info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
             archive.writestr(info, payload)

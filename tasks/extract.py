@@ -27,7 +27,7 @@ from typing import IO
 
 from tasks.archives import BROKEN_ARCHIVE, NOT_AN_ARCHIVE, ZIP_MAGIC, found_a_zip_inside, tar_end_problem, zip_end_missing
 from tasks.errors import StageError
-from tasks.files import CHUNK, atomic_dir, write_csv
+from tasks.files import CHUNK, atomic_dir, shown_name, write_csv
 from tasks.params import DataParams
 
 log = logging.getLogger("imgclf")
@@ -194,17 +194,12 @@ def _refusal(entry: Entry) -> str | None:
         return "path_traversal"
     if not entry.parts:
         return None if entry.kind == "dir" else "empty_name"  # `./`, the root of `tar -C dir .`
-    if not entry.name.isascii() and _shown(entry.name) != entry.name:
+    if not entry.name.isascii() and shown_name(entry.name) != entry.name:
         return "bad_name"  # a tar name that is not UTF-8: no label can be read from it, and DVC cannot hash it
     sizes = [len(part.encode("utf-8", "surrogateescape")) for part in entry.parts]
     if max(sizes) > NAME_MAX or sum(sizes) + len(sizes) > PATH_BYTES_MAX:
         return "name_too_long"
     return None
-
-
-def _shown(name: str) -> str:
-    """Returns `name` with the bytes that are not UTF-8 (tarfile keeps them as surrogates) escaped: \\xff."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _is_junk(parts: tuple[str, ...]) -> bool:
@@ -270,9 +265,9 @@ def _sort_entries(entries: list[Entry]) -> tuple[list[tuple[Entry, tuple[str, ..
         if reason is None:
             files.append(entry)
         else:
-            skipped.append((_shown(entry.name), reason))
+            skipped.append((shown_name(entry.name), reason))
     hidden = _hidden_beside_others([e.parts for e in files])
-    skipped += [(_shown(e.name), "os_junk") for e in files if e.parts in hidden]
+    skipped += [(shown_name(e.name), "os_junk") for e in files if e.parts in hidden]
     files = [e for e in files if e.parts not in hidden]
     root = _class_root([e.parts for e in files])
     # Some mirrors nest a second full copy (cell_images/cell_images/, or one beside the classes).

@@ -67,6 +67,12 @@ def model_json(model_dir: Path) -> Path:
     return old if old.exists() and not path.exists() else path
 
 
+def shown_name(name: str) -> str:
+    """Returns a file name with the bytes that are not UTF-8 (Python keeps them as surrogates) escaped, \\xff,
+    to print or write in a UTF-8 file."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_csv(path: Path) -> list[dict]:
     """Returns a UTF-8 CSV file's rows as dicts keyed by its header."""
     with open(path, newline="", encoding="utf-8") as handle:
@@ -171,6 +177,19 @@ def atomic_file(path: Path, mode: str = "w", **open_kwargs: Any) -> Iterator[Any
         yield handle
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def named_output(path: Path, mode: str = "w", **open_kwargs: Any) -> Iterator[Any]:
+    """Yields a handle to write a file a user named, as a shell's `>` writes it: through a symbolic link to its
+    target (the link stays), into a FIFO or a device (/dev/stdout) as it is; a regular file atomically."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with open(target, mode, **open_kwargs) as handle:
+            yield handle
+        return
+    with atomic_file(target, mode, **open_kwargs) as handle:
+        yield handle
 
 
 @contextlib.contextmanager

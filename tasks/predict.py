@@ -23,7 +23,7 @@ import numpy as np
 
 from tasks.calibration import CALIBRATION_JSON, Calibration, calibrated_probabilities, load_calibration, predicted_indices, uncalibrated
 from tasks.errors import StageError
-from tasks.files import atomic_file, chunked, made_for_another_model, model_json, sha256_file
+from tasks.files import chunked, made_for_another_model, model_json, named_output, sha256_file, shown_name
 from tasks.images import decode, read_image_file, resize
 from tasks.model import class_probabilities
 from tasks.params import ValidateParams
@@ -107,7 +107,7 @@ def predict(model_path: Path, files: Iterable[Path], max_pixels: int = ValidateP
     for batch in chunked(files, BATCH):
         images, ready = [], []
         for path in batch:
-            row = {"path": str(path), "label": "", "probability": "", "error": ""}
+            row = {"path": shown_name(str(path)), "label": "", "probability": "", "error": ""}
             rows.append(row)
             try:
                 images.append(prepare_file(path, described, max_pixels))
@@ -195,11 +195,11 @@ def load_described_model(model_path: Path) -> tuple[dict, keras.Model]:
 
 
 def write_rows(rows: list[dict], out: Path | None) -> None:
-    """Writes the rows as CSV to `out` (atomically) or to stdout."""
+    """Writes the rows as CSV to `out` (as `named_output` writes) or to stdout."""
     if out is None:
         _write(sys.stdout, rows)
         return
-    with atomic_file(out, newline="", encoding="utf-8") as handle:
+    with named_output(out, newline="", encoding="utf-8") as handle:
         _write(handle, rows)
 
 

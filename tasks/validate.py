@@ -33,7 +33,7 @@ import imagecodecs
 import numpy as np
 
 from tasks.errors import StageError
-from tasks.files import Progress, ShardMap, atomic_dir, process_pool_map, shards_of, write_csv
+from tasks.files import Progress, ShardMap, atomic_dir, process_pool_map, shards_of, shown_name, write_csv
 from tasks.images import Verdict, judge
 from tasks.manifest import MANIFEST_COLUMNS
 from tasks.params import PrepareParams, ValidateParams
@@ -107,8 +107,7 @@ def _judge_shard(root: str, max_pixels: int, split_layout: bool, prepare: Prepar
         reason = verdict.reason or ("" if label else "no_label")
         if not _utf8(path):
             # A name no UTF-8 file can hold (from an old archive): shown escaped, not used.
-            path = os.fsencode(path).decode("utf-8", "backslashreplace")
-            label = label.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            path, label = shown_name(path), shown_name(label)
             reason, verdict = "bad_name", Verdict("bad_name", "file name is not valid UTF-8")
         if row is not None and not reason:
             pixels[index], digests[index] = row, pixels_sha256(row)

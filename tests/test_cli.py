@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -465,6 +466,45 @@ def test_predict_refuses_to_write_over_what_it_reads_but_its_own_earlier_csv(tmp
         assert main(["predict", "--model", str(model), "in", "--out", "in/predictions.csv"]) == 0
     rows = [line.split(",") for line in (tmp_path / "in" / "predictions.csv").read_text().splitlines()[1:]]
     assert [(row[0], row[-1]) for row in rows] == [("in/a.png", "")]
+
+
+def test_predict_writes_through_a_link_and_into_a_fifo_as_a_shell_would(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from flows.cli import main
+
+    model = tiny_model(tmp_path / "models", 8)
+    (tmp_path / "a.png").write_bytes(encode(Image.fromarray(noise(16, 16)), "PNG"))
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "one.csv").write_text("an earlier run's\n")
+    (tmp_path / "latest.csv").symlink_to(tmp_path / "runs" / "one.csv")
+    os.mkfifo(tmp_path / "pipe.csv")
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", str(model), "a.png", "--out", "latest.csv"]) == 0
+    assert (tmp_path / "latest.csv").is_symlink()  # the link stays; its target has the rows
+    assert (tmp_path / "runs" / "one.csv").read_text().splitlines()[1].startswith("a.png,")
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.append((tmp_path / "pipe.csv").read_text()))
+    reader.start()
+    assert main(["predict", "--model", str(model), "a.png", "--out", "pipe.csv"]) == 0
+    reader.join(timeout=60)
+    assert read and read[0].splitlines()[1].startswith("a.png,")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe.csv").st_mode)  # still the FIFO, not a file put in its place
+    capsys.readouterr()
+
+
+def test_predict_writes_a_name_that_is_not_utf8_escaped(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from flows.cli import main
+
+    model = tiny_model(tmp_path / "models", 8)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / os.fsdecode(b"caf\xe9.png")).write_bytes(encode(Image.fromarray(noise(16, 16)), "PNG"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", str(model), "in", "--out", "rows.csv"]) == 0
+    rows = (tmp_path / "rows.csv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(rows) == 1 and rows[0].startswith("in/caf\\xe9.png,") and rows[0].endswith(",")
 
 
 def test_predict_piped_into_a_reader_that_leaves_early_stops_without_an_error(tmp_path, cli_env):
