@@ -228,7 +228,7 @@ def task_run_name(name: str, params: Params) -> str:
 def _flow_run_name() -> str:
     overrides = flow_run.parameters.get("overrides") or {}
     targets = flow_run.parameters.get("stages") or []
-    shown = redact(",".join([*targets, *(f"{key}={value}" for key, value in sorted(overrides.items()))]))
+    shown = redact(",".join([*targets, *(f"{key}={'' if value is None else value}" for key, value in sorted(overrides.items()))]))
     return f"imgclf-{shown}" if shown else "imgclf"
 
 

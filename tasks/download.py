@@ -89,7 +89,8 @@ def download(data: DataParams, raw_dir: Path, record: Path, s3: S3Params = S3Par
         _discard(part)
         raise DownloadError(
             f"{redact(data.url)}: sha256 mismatch: expected {data.sha256} (data.sha256), got {digest}; "
-            "the download was discarded"
+            "the download was discarded (if data.url names another archive than the one pinned, set data.sha256 "
+            "to its digest, or empty it to take any)"
         )
     # The old record must not vouch for the new archive if we stop before ours is written.
     record.unlink(missing_ok=True)
