@@ -109,6 +109,9 @@ def _judge_shard(root: str, max_pixels: int, split_layout: bool, prepare: Prepar
             # A name no UTF-8 file can hold (from an old archive): shown escaped, not used.
             path, label = shown_name(path), shown_name(label)
             reason, verdict = "bad_name", Verdict("bad_name", "file name is not valid UTF-8")
+        elif any(unicodedata.category(char) == "Cc" for char in label):
+            # A newline or a tab in a class name splits every log line and table that names the class.
+            reason, verdict = "bad_name", Verdict("bad_name", f"class folder name {label!r} holds a control character")
         if row is not None and not reason:
             pixels[index], digests[index] = row, pixels_sha256(row)
         rows.append(

@@ -260,6 +260,17 @@ def test_file_name_not_utf8_does_not_crash_validate(root, tmp_path):
     assert (rows["cat/caf\\xe9.png"]["status"], rows["cat/caf\\xe9.png"]["reason"]) == ("rejected", "bad_name")
 
 
+def test_a_class_folder_name_holding_a_newline_or_a_tab_is_a_bad_name(root, tmp_path):
+    write(root, "cat/good.png", png_bytes(seed=1))
+    write(root, "a\nb/one.png", png_bytes(seed=2))
+    write(root, "tab\there/two.png", png_bytes(seed=3))
+    rows = run_validate(root, tmp_path)
+    assert rows["cat/good.png"]["status"] == "valid"
+    for path, label in (("a\nb/one.png", "a\nb"), ("tab\there/two.png", "tab\there")):
+        assert (rows[path]["status"], rows[path]["reason"]) == ("rejected", "bad_name")
+        assert rows[path]["detail"] == f"class folder name {label!r} holds a control character"
+
+
 # --- labels ---------------------------------------------------------------------------------
 
 
