@@ -429,6 +429,7 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
         response = _open(url, headers, timeout, passed=(416,) if have else ())
     except HTTPError as exc:  # 416: the part may already hold every byte
         _check_part_complete(exc, have, part)
+        _refuse_broken_body(part, shown, have, exc.headers)  # an earlier run may have stopped while checking it
         return source
     with response:
         length = response.headers.get("Content-Length")
@@ -463,6 +464,11 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
             progress.close()
     if total is not None and part.stat().st_size < total:
         raise _Transient(f"connection closed after {part.stat().st_size} of {total} bytes")
+    _refuse_broken_body(part, shown, total, response.headers)
+    return source
+
+
+def _refuse_broken_body(part: Path, shown: str, total: int | None, headers) -> None:
     # A length only says the bytes arrived; a server's error page, or a body it compressed unasked,
     # arrives whole too. Without a length, only the archive's own structure tells whole from cut short.
     problem = completeness_problem(part)
@@ -472,14 +478,13 @@ def _http_transfer(url: str, part: Path, timeout: float) -> dict:
             head = handle.read(32)
         _discard(part)
         if problem == NOT_AN_ARCHIVE:  # what the server sent instead, an error page perhaps
-            sent = ", ".join(f"{name} {response.headers[name]}" for name in ("Content-Type", "Content-Encoding")
-                             if response.headers.get(name))  # fmt: skip
+            sent = ", ".join(f"{name} {headers[name]}" for name in ("Content-Type", "Content-Encoding")
+                             if headers and headers.get(name))  # fmt: skip
             problem = f"{problem}: {got} bytes{', ' if sent else ''}{sent}, starting {head!r}"
         if total is not None:  # every byte announced came: the file at the source is so, and another try fetches it again
             raise DownloadError(f"{shown}: every byte the server announced came, and they are no whole archive: "
                                 f"{problem}; it was discarded")  # fmt: skip
         raise _Transient(f"the body (no Content-Length) ended after {got} bytes: {problem}")
-    return source
 
 
 def _content_range(response: http.client.HTTPResponse) -> tuple[int | None, int | None]:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from tasks.archives import BROKEN_ARCHIVE, NOT_AN_ARCHIVE, ZIP_MAGIC, found_a_zip_inside, tar_end_problem, zip_end_missing
+from tasks.archives import (ZIP_MAGIC, found_a_zip_inside, is_broken_archive, no_tar_problem, tar_end_problem,
+                            zip_end_missing)
 from tasks.errors import StageError
 from tasks.files import CHUNK, atomic_dir, shown_name, write_csv
 from tasks.params import DataParams
@@ -58,7 +59,9 @@ def extract(data: DataParams, archive: Path, out_dir: Path, skipped_csv: Path) -
     """Returns `out_dir`, filled with the archive's safe regular files; refusals go to `skipped_csv`."""
     try:
         skipped, kept = _extract(data, archive, out_dir)
-    except BROKEN_ARCHIVE as exc:
+    except Exception as exc:
+        if not is_broken_archive(exc):
+            raise
         raise ExtractError(f"{archive}: corrupt archive ({type(exc).__name__}: {exc}); nothing was kept") from None
     write_csv(skipped_csv, ["entry", "reason"], sorted(skipped))
     reasons = dict(Counter(reason for _, reason in skipped))
@@ -133,7 +136,7 @@ def _open_archive(archive: Path) -> Iterator[tuple[list[Entry], object]]:
                 raise ExtractError(f"{archive}: {problem}; nothing was kept")
             yield [_tar_entry(info) for info in members], lambda e: _tar_reader(tf, e)
     else:
-        raise ExtractError(f"{archive}: {NOT_AN_ARCHIVE}")
+        raise ExtractError(f"{archive}: {no_tar_problem(archive)}")
 
 
 def _split(name: str) -> tuple[str, ...]:

@@ -32,7 +32,8 @@ def etag(body: bytes) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     """Serves `state.files`; `state.plans[path]` scripts one step per request (the last one repeats):
-    "serve" (honours `Range: bytes=N-` with a 206, unless an If-Range names another version),
+    "serve" (honours `Range: bytes=N-` with a 206, unless an If-Range names another version; a 416 to
+    one that starts at the end),
     "noifrange" (honours Range, ignores If-Range), "misplaced" / "rangeless" (a 206 to a Range
     that starts 1000 bytes early / names no Content-Range), "cut"
     (full Content-Length, then closes after half the body), "norange" (always the whole body with a
@@ -87,6 +88,13 @@ class _Handler(BaseHTTPRequestHandler):
         start, end = 0, len(body) - 1
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
         same_version = request["if_range"] in (None, *validators.values()) or step == "noifrange"
+        if match and int(match.group(1)) >= len(body) and step == "serve" and same_version:
+            request["status"] = 416  # nothing past the end: as nginx answers a part that holds every byte
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if match and int(match.group(1)) < len(body) and step != "norange" and same_version:
             start, end = int(match.group(1)), min(int(match.group(2) or end), end)
             start = max(0, start - 1000) if step == "misplaced" else start
@@ -297,6 +305,26 @@ def test_a_whole_reply_that_is_no_archive_fails_at_once_saying_what_came(server,
     with pytest.raises(DownloadError, match="ended after 55 bytes: not a zip or tar archive: 55 bytes, Content-Type "
                                             "application/octet-stream, starting b'<!DOCTYPE"):  # fmt: skip
         download(params(server.url("/cells.zip"), retries=1), tmp_path, tmp_path / "source.json")
+
+
+@pytest.mark.parametrize("held", ["whole", "cut"])
+def test_a_part_holding_every_byte_is_checked_before_it_is_kept(server, tmp_path, held):
+    # A run stopped while it checked the archive it had fetched leaves the part; the next one's resume is answered
+    # 416 (nothing past its end), and the part is checked all the same: a cut file at the source is not kept.
+    body = PAYLOAD if held == "whole" else PAYLOAD[: len(PAYLOAD) // 2]
+    server.files["/cells.zip"] = body
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "cells.zip.part").write_bytes(body)
+    (raw / "cells.zip.part.json").write_text(json.dumps({"url": server.url("/cells.zip"), "etag": etag(body),
+                                                         "last_modified": LAST_MODIFIED, "bytes": len(body)}))  # fmt: skip
+    if held == "whole":
+        assert download(params(server.url("/cells.zip")), raw, raw.parent / "source.json").read_bytes() == body
+    else:
+        with pytest.raises(DownloadError, match=r"every byte the server announced came, and they are no whole archive"):
+            download(params(server.url("/cells.zip")), raw, raw.parent / "source.json")
+        assert list(raw.iterdir()) == []
+    assert [request["status"] for request in server.requests if request["method"] == "GET"] == [416]
 
 
 def test_a_whole_reply_that_is_a_cut_archive_fails_at_once(server, tmp_path):

@@ -292,6 +292,26 @@ def test_truncated_tar_gz_leaves_no_out_dir_and_no_temp_dirs(tmp_path, work):
     assert temp_dirs_beside(work) == []
 
 
+@pytest.mark.parametrize("mode", ["w:gz", "w:bz2", "w:xz"])
+@pytest.mark.parametrize("member", [0, 3])
+def test_a_compressed_tar_with_a_damaged_byte_is_refused_by_download_s_check_and_extract(tmp_path, work, mode, member):
+    # Random member data compresses to itself: a byte flipped inside it still decompresses, and only the stream's
+    # checksum, read at its end (gzip) or a block's (bzip2, xz), tells.
+    from tasks.archives import completeness_problem
+
+    members = [(f"Parasitized/{i}.png", os.urandom(300_000)) for i in range(4)]
+    full = make_tar(tmp_path / "in" / f"full.tar.{mode[2:]}", members, mode)
+    damaged = bytearray(full.read_bytes())
+    damaged[len(damaged) * (2 * member + 1) // 8] ^= 0xFF
+    archive = tmp_path / "in" / f"damaged.tar.{mode[2:]}"
+    archive.write_bytes(bytes(damaged))
+    assert completeness_problem(full) is None
+    assert completeness_problem(archive).startswith("damaged or truncated archive (")
+    with pytest.raises(ExtractError, match=r"damaged.tar.\w+: (corrupt|damaged or truncated) archive \(\w+: .+\)"):
+        extract(params(), archive, work, tmp_path / "data" / "skipped.csv")
+    assert not work.exists()
+
+
 def tar_cut(full: Path, where: str) -> bytes:
     """The bytes of an uncompressed tar cut short at `where`, relative to its last member."""
     with tarfile.open(full) as tf:
