@@ -132,6 +132,8 @@ class DataParams(_Section):
                 urlparse(url).port  # noqa: B018 (raises on a port beyond 65535 or not a number)
             except ValueError:
                 raise ValueError("the URL's port is not a number from 1 to 65535") from None
+            if not parts.hostname:  # https:///host/x: a third slash, found only after the retries
+                raise ValueError(f"no host in the URL (after {scheme}://)")
         return url
 
     @field_validator("sha256", mode="before")
@@ -182,6 +184,8 @@ class SplitParams(_Section):
     def _regex_with_group(cls, value: Any) -> str | None:
         if value is None or value == "":
             return None
+        if not isinstance(value, str):  # 123 or [a] from YAML: re.compile's TypeError would stop the split stage
+            raise ValueError(f"a regex in text, not {value!r}")
         try:
             compiled = re.compile(value)
         except re.error as exc:
