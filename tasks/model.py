@@ -130,6 +130,23 @@ class RandomAffine(layers.Layer):
         return input_shape
 
 
+@keras.saving.register_keras_serializable(package="imgclf")
+class RandomContrast(layers.RandomContrast):
+    """Keras' layer, inactive unless training: its own `training` defaults to True, so a saved model called as
+    `model(x)` would change its input."""
+
+    def call(self, inputs, training=None):
+        return super().call(inputs, training=bool(training))
+
+
+@keras.saving.register_keras_serializable(package="imgclf")
+class RandomBrightness(layers.RandomBrightness):
+    """Keras' layer, inactive unless training (as RandomContrast)."""
+
+    def call(self, inputs, training=None):
+        return super().call(inputs, training=bool(training))
+
+
 def augmentation(params: AugmentParams, seed: int) -> list[layers.Layer]:
     """Returns the random-transform layers the params ask for (inactive outside training)."""
     found: list[layers.Layer] = []
@@ -137,9 +154,9 @@ def augmentation(params: AugmentParams, seed: int) -> list[layers.Layer]:
         found.append(RandomAffine(params.flip, params.rotation, params.zoom, params.translation,
                                   params.fill_mode, params.interpolation, seed=seed))  # fmt: skip
     if params.contrast:
-        found.append(layers.RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
+        found.append(RandomContrast(params.contrast, value_range=(0, 255), seed=seed + 4))
     if params.brightness:
-        found.append(layers.RandomBrightness(params.brightness, value_range=(0, 255), seed=seed + 5))
+        found.append(RandomBrightness(params.brightness, value_range=(0, 255), seed=seed + 5))
     return found
 
 

@@ -622,3 +622,20 @@ def test_random_affine_moves_pixels_only_in_training_and_survives_saving(tmp_pat
     keras.Model(inputs, layer(inputs)).save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras").layers[-1]
     assert isinstance(loaded, RandomAffine) and loaded.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("augment", [AugmentParams(flip="none", rotation=0, translation=0, contrast=0.5),
+                                     AugmentParams(flip="none", rotation=0, translation=0, brightness=0.5)])
+def test_a_saved_model_called_directly_does_not_augment_and_trains_augmented(tmp_path, augment):
+    # Keras' RandomContrast and RandomBrightness default to training=True: model(x) changed its input.
+    model, _ = build_model(TrainParams(cnn={"filters": [4]}), augment, (16, 16), 3, 2)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    for used in (model, loaded):
+        assert np.array_equal(np.asarray(used(images)), np.asarray(used(images)))
+        assert np.allclose(np.asarray(used(images)), used.predict(images, verbose=0), atol=1e-6)  # graph vs eager
+    randomised = [layer for layer in loaded.layers if "Random" in type(layer).__name__]
+    assert len(randomised) == 1
+    floats = images.astype("float32")  # as the model's cast hands them on
+    assert not np.array_equal(np.asarray(randomised[0](floats, training=True)), floats)
