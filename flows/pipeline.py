@@ -47,7 +47,7 @@ from tasks.params import (  # noqa: E402
     OrchestrationParams, Params, ParamsError, apply_overrides, load_params, read_params_text)
 from tasks.redact import plain_secrets, redact, redact_texts, reveal  # noqa: E402
 from tasks.report import REPORT_HTML, gate_line  # noqa: E402
-from tasks.stages import Layout, exclusion_edited, run_stage  # noqa: E402
+from tasks.stages import STAGES, Layout, exclusion_edited, run_stage  # noqa: E402
 
 
 log = logging.getLogger("imgclf")
@@ -261,6 +261,10 @@ def pipeline(overrides: dict[str, Any] | None = None, params_path: str = "params
         project = DvcProject(layout.root, run_params)
         with project.held(), shard_map(params.orchestration) as map_shards:
             plan = project.pipeline(stages or [])
+            if foreign := [name for name in plan if name not in STAGES]:  # dvc repro runs them; the flow cannot
+                raise ProjectError(f"{layout.root / 'dvc.yaml'}: stage {', '.join(map(repr, foreign))} is none of "
+                                   f"imgclf's ({', '.join(STAGES)}): `imgclf run` runs only those; run this pipeline "
+                                   "with `dvc repro`")  # fmt: skip
             if missing := project.missing_params(plan):
                 # DVC would stop on them only when it records a stage: after that stage's work (a publish, say).
                 raise ParamsError(f"{params_file}: missing {', '.join(missing)}: dvc.yaml's stages read them "

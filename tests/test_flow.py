@@ -75,6 +75,18 @@ def test_flow_stops_on_bad_params_with_one_line(tmp_path, cli_env):
     assert not (tmp_path / "data").exists()
 
 
+def test_a_stage_added_to_dvc_yaml_without_a_function_stops_the_run_before_any_stage(tmp_path, cli_env):
+    project = dvc_project(tmp_path / "project", cli_env, {})
+    with open(project / "dvc.yaml", "a") as handle:
+        handle.write("  extra:\n    cmd: echo hi > extra.txt\n    deps: [data/split.csv]\n    outs: [extra.txt]\n")
+    result = imgclf(["run"], project, cli_env)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"imgclf: error: dvc.yaml: stage 'extra' is none of imgclf's ({', '.join(STAGES)}): "
+        "`imgclf run` runs only those; run this pipeline with `dvc repro`")  # fmt: skip
+    assert not (project / "data").exists()
+
+
 def test_run_of_an_unknown_stage_stops_before_anything_starts(tmp_path, cli_env):
     (tmp_path / "params.yaml").write_text("{}\n")
     result = imgclf(["run", "trian"], tmp_path, cli_env)
