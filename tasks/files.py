@@ -255,17 +255,26 @@ class Progress:
             self._bar.close()
 
 
+MAX_RETRY_WAIT = 600.0  # seconds: data.retries: 20 would otherwise wait 2**19 s before its last try
+
+
 def retrying(call: Callable[[], R], attempts: int, backoff: float, transient: type[BaseException], what: str) -> R:
-    """Returns `call()`; a `transient` failure waits `backoff` seconds (doubling each time) and tries
-    again, `attempts` tries in all. The last transient failure is raised as it came."""
+    """Returns `call()`; a `transient` failure waits `backoff` seconds (doubling each time, at most
+    MAX_RETRY_WAIT) and tries again, `attempts` tries in all. The last transient failure is raised as
+    it came; a run stopped during a wait raises Interrupted at once."""
 
     def warn(state: tenacity.RetryCallState) -> None:
         log.warning("%s: %s; attempt %d of %d failed, the next in %.1fs", what, state.outcome.exception(),
                     state.attempt_number, attempts, state.next_action.sleep)  # fmt: skip
 
+    def wait_unless_stopped(seconds: float) -> None:
+        # A stage in a task runner's thread: Ctrl-C reaches the main thread, which sets stop_requested.
+        if stop_requested.wait(seconds):
+            raise Interrupted(f"{what}: interrupted while waiting to try again")
+
     return tenacity.Retrying(stop=tenacity.stop_after_attempt(attempts),
-                             wait=tenacity.wait_exponential(multiplier=backoff, exp_base=2),
-                             retry=tenacity.retry_if_exception_type(transient),
+                             wait=tenacity.wait_exponential(multiplier=backoff, exp_base=2, max=MAX_RETRY_WAIT),
+                             retry=tenacity.retry_if_exception_type(transient), sleep=wait_unless_stopped,
                              before_sleep=warn, reraise=True)(call)  # fmt: skip
 
 

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -195,6 +196,33 @@ def test_a_stopped_run_ends_the_transfer_at_once_and_keeps_no_final_file(server,
         stop_requested.clear()
     assert not (raw / "cells.zip").exists() and len(server.requests) == 1  # not retried
     assert download(params(server.url("/cells.zip")), raw, raw.parent / "source.json").read_bytes() == PAYLOAD
+
+
+def test_a_run_stopped_while_waiting_to_retry_ends_at_once(server, tmp_path):
+    server.files["/cells.zip"] = PAYLOAD
+    server.plans["/cells.zip"] = [503]
+    slow = DataParams(url=server.url("/cells.zip"), retries=3, retry_backoff=30, timeout=5)  # waits 30, 60, 120 s
+    ended: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            download(slow, tmp_path / "raw", tmp_path / "source.json")
+        except BaseException as exc:  # noqa: BLE001 (what the stage's thread ends with)
+            ended.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        while not server.requests:
+            time.sleep(0.01)
+        time.sleep(0.2)  # in its first wait
+        stop_requested.set()  # what the flow sets on Ctrl-C while this stage runs in a task runner's thread
+        thread.join(timeout=5)
+    finally:
+        stop_requested.clear()
+    assert not thread.is_alive()
+    assert isinstance(ended[0], Interrupted) and "interrupted while waiting to try again" in str(ended[0])
+    assert len(server.requests) == 1
 
 
 def test_interrupted_transfer_resumes_with_range_and_if_range_on_the_etag(server, tmp_path):
